@@ -1,0 +1,329 @@
+"""The `keras.applications` scaffolding shared by RevNets and ResNets: inputs, stem, head, checks.
+
+Not public API: `tf_revnet.models.RevNet` and `tf_revnet.models.ResNet` call these helpers.
+"""
+
+import textwrap
+
+import keras
+
+from tf_revnet.layers.residual_functions import _default_kernel_initializer
+from tf_revnet.models.architectures import ARCHITECTURES
+
+STEMS = ("cifar", "imagenet")
+RESIDUAL_FUNCTION_NAMES = ("basic", "bottleneck")
+
+
+def check_architecture(units, widths, residual_function, strides, stem):
+    """Validates a generic architecture; returns `(units, widths, strides)` as tuples of int.
+
+    `strides=None` means 1 for the first stage and 2 for the others.
+    """
+
+    def int_tuple(arg, value):
+        try:
+            values = tuple(value)
+        except TypeError:
+            values = None
+        if not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+        ):
+            raise ValueError(
+                f"`{arg}` must be a non-empty sequence of positive integers. "
+                f"Received: {arg}={value!r}"
+            )
+        return values
+
+    units = int_tuple("units", units)
+    widths = int_tuple("widths", widths)
+    if len(widths) != len(units) + 1:
+        raise ValueError(
+            "`widths` must list the stem's channels and then one width per stage "
+            f"(len(units) + 1 = {len(units) + 1} values). Received: widths={widths!r} for "
+            f"units={units!r}"
+        )
+    strides = (1,) + (2,) * (len(units) - 1) if strides is None else int_tuple("strides", strides)
+    if len(strides) != len(units):
+        raise ValueError(
+            f"`strides` must have one value per stage ({len(units)}). Received: strides={strides!r}"
+        )
+    if residual_function not in RESIDUAL_FUNCTION_NAMES:
+        raise ValueError(
+            f"`residual_function` must be one of {RESIDUAL_FUNCTION_NAMES}. "
+            f"Received: residual_function={residual_function!r}"
+        )
+    if stem not in STEMS:
+        raise ValueError(f"`stem` must be one of {STEMS}. Received: stem={stem!r}")
+    return units, widths, strides
+
+
+def check_head_args(include_top, weights, pooling, classes):
+    """Validates the `keras.applications` arguments shared by every builder."""
+    if weights is not None:
+        raise ValueError(
+            "`weights` must be None (random initialization): tf_revnet ships no pretrained "
+            "weights; load your own with `model.load_weights(path)`. "
+            f"Received: weights={weights!r}"
+        )
+    if not isinstance(include_top, bool):
+        raise ValueError(f"`include_top` must be a bool. Received: include_top={include_top!r}")
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"`pooling` must be None, 'avg' or 'max'. Received: pooling={pooling!r}")
+    if include_top and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+        raise ValueError(
+            "`classes` must be a positive integer when `include_top=True`. "
+            f"Received: classes={classes!r}"
+        )
+
+
+def model_input(input_tensor, input_shape, default_shape):
+    """Returns the model's input tensor (NHWC), as `keras.applications` builders do."""
+    if input_tensor is not None and keras.backend.is_keras_tensor(input_tensor):
+        return input_tensor
+    if input_shape is None:
+        input_shape = tuple(input_tensor.shape[1:]) if input_tensor is not None else default_shape
+    try:
+        input_shape = tuple(input_shape)
+    except TypeError:
+        input_shape = None
+    if (
+        input_shape is None
+        or len(input_shape) != 3
+        or not isinstance(input_shape[-1], int)
+        or input_shape[-1] < 1
+    ):
+        raise ValueError(
+            "`input_shape` must be `(height, width, channels)` (NHWC without the batch size; "
+            "height and width may be None) with a known number of channels. "
+            f"Received: input_shape={input_shape!r}"
+        )
+    if input_tensor is None:
+        return keras.Input(shape=input_shape)
+    return keras.Input(tensor=input_tensor, shape=input_shape)
+
+
+def model_inputs(input_tensor, img_input):
+    """The model's inputs: `img_input`, or the sources of a given Keras `input_tensor`."""
+    if input_tensor is None:
+        return img_input
+    return keras.utils.get_source_inputs(input_tensor)
+
+
+def stem(x, filters, kind, name, kernel_regularizer=None, bn_kwargs=None):
+    """CIFAR stem: Conv3x3-BN-ReLU. ImageNet stem: Conv7x7/2-BN-ReLU-MaxPool3x3/2.
+
+    As in the authors' code the stem ends with BatchNorm and ReLU, so the first residual unit skips
+    its pre-activation.
+    """
+    imagenet = kind == "imagenet"
+    x = keras.layers.Conv2D(
+        filters,
+        7 if imagenet else 3,
+        strides=2 if imagenet else 1,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=_default_kernel_initializer(),
+        kernel_regularizer=kernel_regularizer,
+        name=f"{name}_stem_conv",
+    )(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_stem_bn", **(bn_kwargs or {}))(x)
+    x = keras.layers.Activation("relu", name=f"{name}_stem_relu")(x)
+    if imagenet:
+        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name=f"{name}_stem_pool")(x)
+    return x
+
+
+def head(
+    x,
+    include_top,
+    pooling,
+    classes,
+    classifier_activation,
+    name,
+    kernel_regularizer=None,
+    bn_kwargs=None,
+):
+    """Pre-activation head: BN-ReLU, then global average pooling and Dense (or `pooling`)."""
+    x = keras.layers.BatchNormalization(name=f"{name}_post_bn", **(bn_kwargs or {}))(x)
+    x = keras.layers.Activation("relu", name=f"{name}_post_relu")(x)
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(x)
+        x = keras.layers.Dense(
+            classes,
+            activation=classifier_activation,
+            kernel_regularizer=kernel_regularizer,
+            name=f"{name}_predictions",
+        )(x)
+    elif pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name=f"{name}_max_pool")(x)
+    return x
+
+
+_BUILDER_DOC = """Instantiates {title}, {role}.
+
+    Architecture: {units} {residual_function} units per stage, widths {widths} ([stem, stage 1,
+    ...]{expansion_note}), strides {strides}, {stem_text}; {depth} weighted layers.
+    {structure}
+
+    Parameters: {params:,} with {classes} classes (`count_params()`, BatchNorm moving statistics
+    included; {trainable:,} trainable). {paper_params}
+    {paper_result}{note}
+
+    Args:
+        include_top: bool. Whether to include the classifier. Defaults to `True`.
+        weights: must be `None` (random initialization): there are no pretrained weights.
+        input_tensor: optional Keras tensor or tensor to use as the model's input.
+        input_shape: optional `(height, width, channels)`; height and width may be `None`.
+            Defaults to `{input_shape}`.
+        pooling: optional `"avg"` or `"max"` global pooling when `include_top=False`.
+        classes: int. Number of classes. Defaults to `{classes}`.
+        classifier_activation: str or callable; `None` returns logits. Defaults to `"softmax"`.
+        use_custom_gradient: bool. {custom_gradient} Defaults to `True`.
+        name: str. Model name and layer-name prefix. Defaults to `"{default_name}"`.
+        **kwargs: further arguments of `{generic}` (`kernel_regularizer`, `batch_norm_momentum`,
+            `batch_norm_epsilon`).
+
+    Input shape:
+        `(batch_size, height, width, 3)` (NHWC) float images, in the floatx dtype.
+
+    Output shape:
+        `(batch_size, classes)` probabilities with `include_top=True` (see `{generic}`).
+
+    Returns:
+        A functional `keras.Model`.
+
+    Raises:
+        ValueError: if an argument is invalid (see `{generic}`).
+
+    Example:
+
+    >>> model = tf_revnet.models.{name}(input_shape=(None, None, 3))
+    >>> model.count_params()
+    {params}
+
+    References:
+        Gomez et al., "The Reversible Residual Network: Backpropagation Without Storing
+        Activations", NeurIPS 2017 (arXiv:1707.04585), Table 1 and Table {result_table}.
+    """
+
+_REVNET_STRUCTURE = (
+    "The first unit of each stage is the non-reversible two-stream transition of the authors' "
+    "code (see `RevNet`); the stage's other units form one `ReversibleSequence`."
+)
+_RESNET_STRUCTURE = "Every unit is a full-width pre-activation `ResidualBlock` (see `ResNet`)."
+
+
+def _document(arch, generic_name, default_name):
+    imagenet = arch.stem == "imagenet"
+    if arch.paper_params is not None:
+        diff = 100.0 * (arch.params / 1e6 - arch.paper_params) / arch.paper_params
+        trainable_diff = (
+            100.0 * (arch.trainable_params / 1e6 - arch.paper_params) / arch.paper_params
+        )
+        paper_params = (
+            f"The paper's Table 1 gives {arch.paper_params}M: {diff:+.2f}% ({trainable_diff:+.2f}% "
+            "counting trainable weights only; the paper rounds to two decimals and does not say "
+            "whether it counts BatchNorm statistics)."
+        )
+    else:
+        paper_params = "The paper's Table 1 gives no count for this model."
+    if arch.paper_errors:
+        errors = ", ".join(f"{_DATASET_NAMES[k]} {v:.2f}%" for k, v in arch.paper_errors.items())
+        paper_result = f"The paper's error: {errors} (Table {3 if imagenet else 2})."
+    else:
+        paper_result = "The paper reports no result for this model."
+    doc = _BUILDER_DOC.format(
+        title=f"{'RevNet' if arch.reversible else 'ResNet'}-{arch.depth}",
+        role=(
+            f"the paper's {'ImageNet' if imagenet else 'CIFAR'} "
+            + ("RevNet" if arch.reversible else "ResNet baseline")
+            + (" (Table 1)" if arch.paper_params is not None else "")
+        ),
+        note=f" {arch.note}" if arch.note else "",
+        units="-".join(map(str, arch.units)),
+        residual_function=arch.residual_function,
+        widths=list(arch.widths),
+        expansion_note=(
+            "; a stage outputs 4x its width" if arch.residual_function == "bottleneck" else ""
+        ),
+        strides="-".join(map(str, arch.strides)),
+        stem_text=(
+            "a 7x7 stride-2 convolution and max pooling as stem"
+            if imagenet
+            else "a 3x3 convolution as stem"
+        ),
+        depth=arch.depth,
+        structure=_REVNET_STRUCTURE if arch.reversible else _RESNET_STRUCTURE,
+        params=arch.params,
+        trainable=arch.trainable_params,
+        classes=arch.classes,
+        paper_params=paper_params,
+        paper_result=paper_result,
+        input_shape=arch.input_shape,
+        custom_gradient=(
+            "`False` runs ordinary autodiff on the same architecture and weights."
+            if arch.reversible
+            else "Accepted for the same interface as the RevNets; ResNets always use ordinary "
+            "backpropagation."
+        ),
+        default_name=default_name,
+        generic=generic_name,
+        name=arch.name,
+        result_table=3 if imagenet else 2,
+    )
+    # Wrap the generated description (everything before `Args:`) at 100 columns.
+    head, sep, rest = doc.partition("\n    Args:")
+    summary, _, body = head.partition("\n\n")
+    paragraphs = [
+        textwrap.fill(
+            " ".join(p.split()), width=100, initial_indent="    ", subsequent_indent="    "
+        )
+        for p in body.split("\n\n")
+    ]
+    return summary + "\n\n" + "\n\n".join(paragraphs) + "\n" + sep + rest
+
+
+_DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet top-1"}
+
+
+def make_builder(generic, arch_name):
+    """Returns the `keras.applications`-style builder of `ARCHITECTURES[arch_name]`."""
+    arch = ARCHITECTURES[arch_name]
+    default_name = arch_name.lower()
+
+    def builder(
+        include_top=True,
+        weights=None,
+        input_tensor=None,
+        input_shape=None,
+        pooling=None,
+        classes=arch.classes,
+        classifier_activation="softmax",
+        use_custom_gradient=True,
+        name=default_name,
+        **kwargs,
+    ):
+        return generic(
+            arch.units,
+            arch.widths,
+            residual_function=arch.residual_function,
+            strides=arch.strides,
+            stem=arch.stem,
+            include_top=include_top,
+            weights=weights,
+            input_tensor=input_tensor,
+            input_shape=input_shape,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+            use_custom_gradient=use_custom_gradient,
+            name=name,
+            **kwargs,
+        )
+
+    builder.__name__ = builder.__qualname__ = arch_name
+    builder.__module__ = generic.__module__
+    builder.__doc__ = _document(arch, generic.__name__, default_name)
+    return builder

@@ -1,0 +1,129 @@
+"""The paper's architectures as data: units, widths, residual function, stem, and published results.
+
+Every builder in `tf_revnet.models` reads its architecture from `ARCHITECTURES`, and the README's
+model table is generated from it, so the numbers live in one place.
+
+References:
+    Gomez et al., "The Reversible Residual Network: Backpropagation Without Storing Activations",
+    NeurIPS 2017 (arXiv:1707.04585): Table 1 (architectures and parameter counts), Table 2 (CIFAR
+    errors), Table 3 (ImageNet top-1 error); the authors' configurations in
+    github.com/renmengye/revnet-public (`resnet/configs/cifar_configs.py`, `imagenet_configs.py`).
+"""
+
+import dataclasses
+
+CIFAR_STRIDES = (1, 2, 2)
+IMAGENET_STRIDES = (1, 2, 2, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One model of the zoo.
+
+    Attributes:
+        name: str. The builder's name, e.g. `"RevNet38"`.
+        reversible: bool. RevNet (`True`) or its ResNet baseline (`False`).
+        units: tuple of int. Residual units per stage.
+        widths: tuple of int. `[stem, stage 1, stage 2, ...]` channels; a bottleneck stage outputs 4
+        times
+            its width.
+        residual_function: str. `"basic"` or `"bottleneck"`.
+        strides: tuple of int. Stride of the first unit of each stage.
+        stem: str. `"cifar"` (3x3 convolution) or `"imagenet"` (7x7 stride-2 convolution, max
+        pooling).
+        paper_params: float or None. Parameters in the paper's Table 1, in millions.
+        paper_errors: dict. The paper's error (%), keyed by dataset: `"cifar10"`, `"cifar100"`
+        (Table 2)
+            or `"imagenet"` (top-1, Table 3).
+        params: int. `count_params()` of our model with `classes` classes (BatchNorm moving
+            statistics included); the tests check it.
+        trainable_params: int. Its trainable parameters.
+        note: str. A remark for the builder's docstring.
+    """
+
+    name: str
+    reversible: bool
+    units: tuple
+    widths: tuple
+    residual_function: str
+    strides: tuple
+    stem: str
+    paper_params: float = None
+    paper_errors: dict = dataclasses.field(default_factory=dict)
+    params: int = 0
+    trainable_params: int = 0
+    note: str = ""
+
+    @property
+    def classes(self):
+        """Classes of the standard classifier: 10 (CIFAR-10) or 1000 (ImageNet)."""
+        return 10 if self.stem == "cifar" else 1000
+
+    @property
+    def input_shape(self):
+        """The paper's input shape (NHWC without the batch): 32x32 or 224x224 RGB."""
+        return (32, 32, 3) if self.stem == "cifar" else (224, 224, 3)
+
+    @property
+    def depth(self):
+        """Weighted layers: stem, each convolution of each residual function, classifier."""
+        convs = 2 if self.residual_function == "basic" else 3
+        functions_per_unit = 2 if self.reversible else 1
+        return 2 + convs * functions_per_unit * sum(self.units)
+
+
+ARCHITECTURES = {
+    spec.name: spec
+    for spec in [
+        Architecture(
+            "RevNet38", True, (3, 3, 3), (32, 32, 64, 112), "basic", CIFAR_STRIDES, "cifar",
+            paper_params=0.46, paper_errors={"cifar10": 7.24, "cifar100": 28.96},
+            params=467_562, trainable_params=464_890,
+        ),
+        Architecture(
+            "RevNet110", True, (9, 9, 9), (32, 32, 64, 128), "basic", CIFAR_STRIDES, "cifar",
+            paper_params=1.73, paper_errors={"cifar10": 5.76, "cifar100": 25.40},
+            params=1_737_450, trainable_params=1_729_194,
+        ),
+        Architecture(
+            "RevNet164", True, (9, 9, 9), (32, 32, 64, 128), "bottleneck", CIFAR_STRIDES, "cifar",
+            paper_params=1.75, paper_errors={"cifar10": 5.17, "cifar100": 23.69},
+            params=1_773_546, trainable_params=1_748_778,
+        ),
+        Architecture(
+            "RevNet56", True, (2, 2, 3, 2), (128, 128, 256, 512, 832), "bottleneck",
+            IMAGENET_STRIDES, "imagenet",
+            params=27_604_328, trainable_params=27_553_128,
+            note=(
+                "This model is not in the paper's tables: it is the smaller ImageNet RevNet of the "
+                "authors' code (configuration `revnet-54` there; 56 weighted layers counted as for "
+                "the other models)."
+            ),
+        ),
+        Architecture(
+            "RevNet104", True, (2, 2, 11, 2), (128, 128, 256, 512, 832), "bottleneck",
+            IMAGENET_STRIDES, "imagenet", paper_params=45.2, paper_errors={"imagenet": 23.10},
+            params=45_528_424, trainable_params=45_428_072,
+        ),
+        Architecture(
+            "ResNet32", False, (5, 5, 5), (16, 16, 32, 64), "basic", CIFAR_STRIDES, "cifar",
+            paper_params=0.46, paper_errors={"cifar10": 7.14, "cifar100": 29.95},
+            params=466_426, trainable_params=464_154,
+        ),
+        Architecture(
+            "ResNet110", False, (18, 18, 18), (16, 16, 32, 64), "basic", CIFAR_STRIDES, "cifar",
+            paper_params=1.73, paper_errors={"cifar10": 5.74, "cifar100": 26.44},
+            params=1_736_058, trainable_params=1_727_962,
+        ),
+        Architecture(
+            "ResNet164", False, (18, 18, 18), (16, 16, 32, 64), "bottleneck", CIFAR_STRIDES,
+            "cifar", paper_params=1.70, paper_errors={"cifar10": 5.24, "cifar100": 23.37},
+            params=1_727_482, trainable_params=1_703_258,
+        ),
+        Architecture(
+            "ResNet101", False, (3, 4, 23, 3), (64, 64, 128, 256, 512), "bottleneck",
+            IMAGENET_STRIDES, "imagenet", paper_params=44.5, paper_errors={"imagenet": 23.01},
+            params=44_639_144, trainable_params=44_541_480,
+        ),
+    ]
+}  # fmt: skip
