@@ -1,0 +1,510 @@
+"""Tests of tf_revnet/layers/reversible_sequence.py: Algorithm 1 against plain autodiff.
+
+The reference is always ordinary autodiff (`use_custom_gradient=False`) on the same weights and state.
+"""
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.test_case import (
+    assert_all_close_relative,
+    check_layer,
+    copy_state,
+    loss_and_gradients,
+    relative_error,
+)
+from tf_revnet.layers import (
+    BasicResidualFunction,
+    BottleneckResidualFunction,
+    ReversibleBlock,
+    ReversibleSequence,
+)
+
+RTOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+def residual_function(kind, filters, dtype):
+    if kind == "basic":
+        return BasicResidualFunction(filters, dtype=dtype)
+    if kind == "bottleneck":
+        return BottleneckResidualFunction(filters, dtype=dtype)
+    if kind == "dropout":
+        return keras.Sequential(
+            [
+                keras.layers.BatchNormalization(dtype=dtype),
+                keras.layers.ReLU(dtype=dtype),
+                keras.layers.Conv2D(filters, 3, padding="same", dtype=dtype),
+                keras.layers.Dropout(0.3, dtype=dtype),
+            ]
+        )
+    raise ValueError(kind)
+
+
+def make_pair(n_blocks=4, half=4, kind="basic", coupling="additive", dtype="float64",
+              input_shape=(3, 6, 6, 8)):
+    """(reversible, plain) sequences with identical weights, BatchNorm statistics and seed states."""
+
+    def make(use_custom_gradient):
+        size = half if coupling == "additive" else 2 * half
+        blocks = [
+            ReversibleBlock(
+                residual_function(kind, size, dtype),
+                residual_function(kind, size, dtype),
+                coupling=coupling,
+                dtype=dtype,
+            )
+            for _ in range(n_blocks)
+        ]
+        return ReversibleSequence(blocks, use_custom_gradient=use_custom_gradient, dtype=dtype)
+
+    reversible, plain = make(True), make(False)
+    reversible.build(input_shape)
+    plain.build(input_shape)
+    copy_state(reversible, plain)
+    return reversible, plain
+
+
+def random_input(shape=(3, 6, 6, 8), dtype="float64", seed=0):
+    return tf.constant(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
+
+
+# --- gradients equal plain autodiff -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_gradients_equal_plain_autodiff(mode, dtype):
+    reversible, plain = make_pair(dtype=dtype)
+    x = random_input(dtype=dtype)
+    loss_r, grads_r = loss_and_gradients(reversible, x, mode=mode)
+    loss_p, grads_p = loss_and_gradients(plain, x, mode=mode)
+    assert len(grads_r) == 1 + len(reversible.trainable_variables) == 1 + 4 * 2 * 6
+    assert relative_error(loss_r, loss_p) <= RTOL[dtype]
+    assert_all_close_relative(grads_r, grads_p, RTOL[dtype], what="gradient")
+
+
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_gradients_per_coupling_and_residual_function(kind, coupling):
+    reversible, plain = make_pair(kind=kind, coupling=coupling)
+    x = random_input()
+    _, grads_r = loss_and_gradients(reversible, x)
+    _, grads_p = loss_and_gradients(plain, x)
+    assert_all_close_relative(grads_r, grads_p, RTOL["float64"], what="gradient")
+
+
+def test_batchnorm_statistics_updated_once():
+    reversible, plain = make_pair()
+    x = random_input()
+    before = [v.numpy().copy() for v in reversible.non_trainable_variables]
+    loss_and_gradients(reversible, x)
+    loss_and_gradients(plain, x)
+    moving = [v for v in reversible.non_trainable_variables if "moving" in v.path]
+    assert len(moving) == 4 * 2 * 2 * 2  # blocks x (F, G) x BatchNorms x (mean, variance)
+    changed = 0
+    for v_r, v_p, b in zip(reversible.non_trainable_variables, plain.non_trainable_variables,
+                           before):
+        np.testing.assert_allclose(v_r.numpy(), v_p.numpy(), rtol=1e-12, atol=1e-14)
+        changed += not np.array_equal(v_r.numpy(), b)
+    assert changed == len(moving)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_dropout_masks_replayed_in_recompute(mode):
+    reversible, plain = make_pair(kind="dropout")
+    x = random_input()
+    _, grads_r = loss_and_gradients(reversible, x, mode=mode)
+    _, grads_p = loss_and_gradients(plain, x, mode=mode)
+    assert_all_close_relative(grads_r, grads_p, RTOL["float64"], what="gradient")
+    # The seed generators advanced once per forward pass, as in the plain model.
+    seeds = [v for v in reversible.non_trainable_variables if "seed" in v.path]
+    assert len(seeds) == 8
+    for v_r, v_p in zip(reversible.non_trainable_variables, plain.non_trainable_variables):
+        np.testing.assert_array_equal(v_r.numpy(), v_p.numpy())
+
+
+def test_dropout_changes_masks_between_steps():
+    """The replay is not a frozen mask: two steps draw different masks (so the test above can fail)."""
+    reversible, _ = make_pair(kind="dropout")
+    x = random_input()
+    loss_1, _ = loss_and_gradients(reversible, x)
+    loss_2, _ = loss_and_gradients(reversible, x)
+    assert relative_error(loss_1, loss_2) > 1e-6
+
+
+# --- the custom gradient is really used -------------------------------------------------------
+
+
+class CountingTanhConv(keras.layers.Layer):
+    """F = tanh(conv(x)); counts calls and keeps weak references to its tanh outputs."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(filters, 3, padding="same", dtype=self.dtype_policy)
+        self.calls = 0
+        self.outputs = []
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+
+    def call(self, x):
+        self.calls += 1
+        out = tf.tanh(self.conv(x))
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+def counting_sequence(use_custom_gradient, n_blocks=4):
+    fs = [CountingTanhConv(4, dtype="float64") for _ in range(2 * n_blocks)]
+    blocks = [ReversibleBlock(fs[2 * i], fs[2 * i + 1], dtype="float64") for i in range(n_blocks)]
+    seq = ReversibleSequence(blocks, use_custom_gradient=use_custom_gradient, dtype="float64")
+    seq.build((2, 5, 5, 8))
+    for f in fs:  # building traced each F once for its shape check
+        f.calls, f.outputs = 0, []
+    return seq, fs
+
+
+@pytest.mark.parametrize("use_custom_gradient", [True, False])
+def test_backward_rebuilds_instead_of_storing(use_custom_gradient):
+    """Eager: the tape holds no F/G activation, and the backward pass calls F and G again."""
+    seq, fs = counting_sequence(use_custom_gradient)
+    x = random_input((2, 5, 5, 8))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = seq(x, training=True)
+        loss = tf.reduce_sum(y * y)
+    gc.collect()
+    alive = sum(ref() is not None for f in fs for ref in f.outputs)
+    assert [f.calls for f in fs] == [1] * 8
+    tape.gradient(loss, seq.trainable_variables)
+    if use_custom_gradient:
+        assert alive == 0  # nothing kept for the backward pass
+        assert [f.calls for f in fs] == [2] * 8  # each F and G recomputed once (Algorithm 1)
+    else:
+        assert alive == 8  # plain autodiff keeps every tanh output
+        assert [f.calls for f in fs] == [1] * 8
+
+
+def test_inference_mode_runs_plain_blocks():
+    seq, fs = counting_sequence(True)
+    x = random_input((2, 5, 5, 8))
+    for training in (False, None):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(seq(x, training=training))
+        tape.gradient(loss, x)
+    assert [f.calls for f in fs] == [2] * 8  # two forward passes, no recompute
+
+
+def test_graph_contains_the_recompute():
+    """In a tf.function, the gradient graph holds F's ops twice (forward + recompute)."""
+    seq, _ = counting_sequence(True, n_blocks=2)
+    x = random_input((2, 5, 5, 8))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(seq(x, training=True) ** 2)
+        return tape.gradient(loss, x)
+
+    graph = step.get_concrete_function(x).graph
+    tanh_ops = [op for op in graph.get_operations() if op.type == "Tanh"]
+    assert len(tanh_ops) == 2 * 4  # 4 residual functions, each run in forward and in recompute
+
+
+# --- call conventions -------------------------------------------------------------------------
+
+
+def test_training_flags():
+    reversible, plain = make_pair()
+    x = random_input()
+    for training in (True, False, None):
+        _, g_r = loss_and_gradients(reversible, x, training=training)
+        _, g_p = loss_and_gradients(plain, x, training=training)
+        assert_all_close_relative(g_r, g_p, RTOL["float64"], what=f"training={training}")
+
+
+def test_keyword_call():
+    reversible, plain = make_pair()
+    x = random_input()
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(reversible(inputs=x, training=True) ** 2)
+    g_r = tape.gradient(loss, [x] + reversible.trainable_variables)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(plain(inputs=x, training=True) ** 2)
+    g_p = tape.gradient(loss, [x] + plain.trainable_variables)
+    assert_all_close_relative(g_r, g_p, RTOL["float64"])
+
+
+def functional_pair(build_body, dtype="float64", input_shape=(6, 6, 3)):
+    """Two functional models (custom / plain gradient) with the same weights."""
+
+    def make(use_custom_gradient):
+        inputs = keras.Input(input_shape, dtype=dtype)
+        outputs = build_body(inputs, use_custom_gradient)
+        return keras.Model(inputs, outputs)
+
+    a, b = make(True), make(False)
+    copy_state(a, b)
+    return a, b
+
+
+def sequence(use_custom_gradient, n_blocks=2, half=4, dtype="float64"):
+    blocks = [
+        ReversibleBlock(BasicResidualFunction(half, dtype=dtype),
+                        BasicResidualFunction(half, dtype=dtype), dtype=dtype)
+        for _ in range(n_blocks)
+    ]
+    return ReversibleSequence(blocks, use_custom_gradient=use_custom_gradient, dtype=dtype)
+
+
+def conv(filters, dtype="float64"):
+    return keras.layers.Conv2D(filters, 3, padding="same", dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["same_tensor_both_halves", "layers_around", "shared_sequence_twice", "two_sequences"],
+)
+def test_model_gradients_equal_plain(body):
+    def build(inputs, ucg):
+        if body == "same_tensor_both_halves":
+            h = conv(4)(inputs)
+            h = keras.layers.Concatenate(dtype="float64")([h, h])
+            return sequence(ucg)(h)
+        if body == "layers_around":
+            h = keras.layers.Activation("tanh", dtype="float64")(conv(8)(inputs))
+            h = sequence(ucg)(h)
+            return keras.layers.Dense(3, dtype="float64")(
+                keras.layers.GlobalAveragePooling2D(dtype="float64")(keras.ops.tanh(h))
+            )
+        if body == "shared_sequence_twice":
+            shared = sequence(ucg)
+            return shared(keras.layers.Activation("tanh", dtype="float64")(shared(conv(8)(inputs))))
+        h = sequence(ucg)(conv(8)(inputs))
+        return sequence(ucg, half=6)(conv(12)(h))
+
+    a, b = functional_pair(build)
+    x = random_input((2, 6, 6, 3))
+    _, g_a = loss_and_gradients(a, x)
+    _, g_b = loss_and_gradients(b, x)
+    assert_all_close_relative(g_a, g_b, RTOL["float64"], what="gradient")
+
+
+def test_subclassed_model():
+    class Net(keras.Model):
+        def __init__(self, ucg):
+            super().__init__(dtype="float64")
+            self.stem = conv(8)
+            self.body = sequence(ucg)
+            self.head = keras.layers.Dense(2, dtype="float64")
+
+        def call(self, x, training=None):
+            h = self.body(self.stem(x), training=training)
+            return self.head(tf.reduce_mean(h, axis=[1, 2]))
+
+    a, b = Net(True), Net(False)
+    x = random_input((2, 6, 6, 3))
+    a(x), b(x)
+    copy_state(a, b)
+    for mode in ("eager", "function"):
+        _, g_a = loss_and_gradients(a, x, mode=mode)
+        _, g_b = loss_and_gradients(b, x, mode=mode)
+        assert_all_close_relative(g_a, g_b, RTOL["float64"], what=mode)
+
+
+# --- model.fit, predict, evaluate --------------------------------------------------------------
+
+
+def classifier(ucg, dtype="float64"):
+    inputs = keras.Input((6, 6, 3), dtype=dtype)
+    h = sequence(ucg, dtype=dtype)(conv(8, dtype)(inputs))
+    h = keras.layers.GlobalAveragePooling2D(dtype=dtype)(h)
+    return keras.Model(inputs, keras.layers.Dense(3, dtype=dtype)(h))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_step_equals_plain(jit_compile):
+    a, b = classifier(True), classifier(False)
+    copy_state(a, b)
+    x = np.random.default_rng(0).standard_normal((8, 6, 6, 3))
+    y = np.arange(8) % 3
+    start = [w.copy() for w in a.get_weights()]
+    for model in (a, b):
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit_compile,
+        )
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    delta_a = [w - s for w, s in zip(a.get_weights(), start)]
+    delta_b = [w - s for w, s in zip(b.get_weights(), start)]
+    trainable = len(a.trainable_weights)
+    assert sum(np.abs(d).max() > 0 for d in delta_a) >= trainable
+    assert_all_close_relative(delta_a, delta_b, 1e-9, what="update")
+    np.testing.assert_allclose(a.predict(x, verbose=0), b.predict(x, verbose=0), rtol=1e-10)
+    assert a.evaluate(x, y, verbose=0) == pytest.approx(b.evaluate(x, y, verbose=0), rel=1e-10)
+
+
+def test_mirrored_strategy_two_logical_cpus():
+    """MirroredStrategy over two logical CPUs: the fit step equals the plain model's (own process)."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from tests.layers.test_reversible_sequence import classifier
+        from tests.test_case import copy_state, relative_error
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        x = np.random.default_rng(0).standard_normal((8, 6, 6, 3))
+        y = np.arange(8) % 3
+        with strategy.scope():
+            a, b = classifier(True), classifier(False)
+            copy_state(a, b)
+            for m in (a, b):
+                m.compile(keras.optimizers.SGD(0.1),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        start = [w.copy() for w in a.get_weights()]
+        for m in (a, b):
+            m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        errors = [relative_error(wa - s, wb - s)
+                  for wa, wb, s in zip(a.get_weights(), b.get_weights(), start)]
+        print("REPLICAS", strategy.num_replicas_in_sync, "MAXERR", max(errors))
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("REPLICAS")][-1]
+    _, replicas, _, max_error = line.split()
+    assert int(replicas) == 2
+    assert float(max_error) <= 1e-9
+
+
+# --- mixed precision --------------------------------------------------------------------------
+
+
+def test_mixed_bfloat16_gradient_error_close_to_plain_bfloat16():
+    """Reversible bf16 gradients are as close to float32 plain autodiff as plain bf16 ones."""
+
+    def make(policy, ucg):
+        return ReversibleSequence(
+            [
+                ReversibleBlock(BasicResidualFunction(4, dtype=policy),
+                                BasicResidualFunction(4, dtype=policy), dtype=policy)
+                for _ in range(4)
+            ],
+            use_custom_gradient=ucg,
+            dtype=policy,
+        )
+
+    reference, rev_bf16, plain_bf16 = make("float32", False), make("mixed_bfloat16", True), make(
+        "mixed_bfloat16", False)
+    x = random_input(dtype="float32")
+    for m in (reference, rev_bf16, plain_bf16):
+        m.build(x.shape)
+    copy_state(reference, rev_bf16)
+    copy_state(reference, plain_bf16)
+    _, g_ref = loss_and_gradients(reference, x)
+    _, g_rev = loss_and_gradients(rev_bf16, x)
+    _, g_plain = loss_and_gradients(plain_bf16, x)
+    assert all(g.dtype == tf.float32 for g in g_rev)
+    err_rev = max(relative_error(a, b) for a, b in zip(g_rev, g_ref))
+    err_plain = max(relative_error(a, b) for a, b in zip(g_plain, g_ref))
+    assert err_plain > 1e-4  # bf16 really computed F and G
+    assert err_rev <= 2.0 * err_plain
+
+
+def test_mixed_float16_fit_with_loss_scaling():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = classifier(True, dtype=None)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        x = np.random.default_rng(0).standard_normal((16, 6, 6, 3)).astype("float32")
+        y = np.arange(16) % 3
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+
+
+# --- serialization and errors -----------------------------------------------------------------
+
+
+def test_layer_contract(tmp_path):
+    seq = sequence(True, dtype="float32")
+    check_layer(seq, (None, 6, 6, 8), num_trainable_weights=2 * 2 * 6, tmp_path=tmp_path)
+    config = seq.get_config()
+    assert config["use_custom_gradient"] is True
+    assert [b["class_name"] for b in config["blocks"]] == ["ReversibleBlock"] * 2
+
+
+def test_inverse():
+    reversible, _ = make_pair(n_blocks=6)
+    x = random_input()
+    y = reversible(x, training=True)
+    assert relative_error(reversible.inverse(y, training=True), x) <= 1e-12
+
+
+def test_empty_blocks_raise():
+    with pytest.raises(ValueError, match="`blocks` must be a non-empty list"):
+        ReversibleSequence([])
+
+
+def test_non_reversible_block_named_by_index():
+    blocks = [ReversibleBlock(BasicResidualFunction(4), BasicResidualFunction(4)), conv(8)]
+    with pytest.raises(ValueError, match=r"`blocks\[1\]` is not a tf_revnet.layers.ReversibleBlock"):
+        ReversibleSequence(blocks)
+
+
+def test_shape_changing_block_named_by_index():
+    blocks = [
+        ReversibleBlock(BasicResidualFunction(4), BasicResidualFunction(4)),
+        ReversibleBlock(BasicResidualFunction(4, strides=2), BasicResidualFunction(4)),
+    ]
+    with pytest.raises(ValueError, match=r"In `blocks\[1\]`.*Residual function F.*stride"):
+        ReversibleSequence(blocks).build((None, 8, 8, 8))
+
+
+def test_mixed_axes_raise():
+    blocks = [
+        ReversibleBlock(keras.layers.Dense(2), keras.layers.Dense(2)),
+        ReversibleBlock(keras.layers.Dense(2), keras.layers.Dense(2), axis=1),
+    ]
+    with pytest.raises(ValueError, match="same axis"):
+        ReversibleSequence(blocks)
+
+
+def test_odd_channels_raise_with_index():
+    with pytest.raises(ValueError, match=r"In `blocks\[0\]`.*even"):
+        sequence(True).build((None, 6, 6, 9))
+
+
+def test_integer_input_raises():
+    seq = sequence(True, dtype="float32")
+    seq.build((None, 6, 6, 8))
+    with pytest.raises(ValueError, match="Received: dtype=int32"):
+        seq(tf.zeros((1, 6, 6, 8), tf.int32), training=True)
