@@ -40,7 +40,7 @@ class Coupling:
         return half_size if self.name == "additive" else 2 * half_size
 
     def couple(self, x, h):
-        """Forward law: `x + h` (additive) or `x * exp(s) + t` (affine). `x`: any float tensor; same dtype out."""
+        """Forward law: `x + h` (additive) or `x * exp(s) + t` (affine); float `x`, same dtype out."""
         h = tf.cast(h, x.dtype)
         if self.name == "additive":
             return x + h
