@@ -508,3 +508,24 @@ def test_integer_input_raises():
     seq.build((None, 6, 6, 8))
     with pytest.raises(ValueError, match="Received: dtype=int32"):
         seq(tf.zeros((1, 6, 6, 8), tf.int32), training=True)
+
+
+def test_shared_residual_function_for_f_and_g():
+    """F and G the same layer object (shared weights, shared dropout generator)."""
+
+    def make(ucg):
+        blocks = []
+        for _ in range(3):
+            shared = residual_function("dropout", 4, "float64")
+            blocks.append(ReversibleBlock(shared, shared, dtype="float64"))
+        return ReversibleSequence(blocks, use_custom_gradient=ucg, dtype="float64")
+
+    a, b = make(True), make(False)
+    a.build((3, 6, 6, 8))
+    b.build((3, 6, 6, 8))
+    copy_state(a, b)
+    assert len(a.trainable_variables) == 3 * 4
+    x = random_input()
+    _, g_a = loss_and_gradients(a, x)
+    _, g_b = loss_and_gradients(b, x)
+    assert_all_close_relative(g_a, g_b, RTOL["float64"], what="gradient")
