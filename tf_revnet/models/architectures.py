@@ -127,3 +127,39 @@ ARCHITECTURES = {
         ),
     ]
 }  # fmt: skip
+
+
+def markdown_table():
+    """The README's model table (Markdown), generated from `ARCHITECTURES`.
+
+    "Parameters" is `count_params()` of the built model with the standard classifier (BatchNorm
+    moving statistics included), "Trainable" its trainable part; the tests check both against the
+    code.
+    Errors are the paper's (Tables 2 and 3), in percent.
+
+    Returns:
+        str: a Markdown table, one row per model, ending with a newline.
+    """
+
+    def error(arch, key):
+        value = arch.paper_errors.get(key)
+        return "-" if value is None else f"{value:.2f}"
+
+    rows = [
+        "| Model | Depth | Residual function | Units per stage | Widths | Parameters | Trainable | "
+        "Paper (Table 1) | CIFAR-10 error (%) | CIFAR-100 error (%) | ImageNet top-1 error (%) |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arch in ARCHITECTURES.values():
+        paper = "-" if arch.paper_params is None else f"{arch.paper_params:.2f}M"
+        rows.append(
+            f"| `{arch.name}` | {arch.depth} | {arch.residual_function} | "
+            f"{'-'.join(map(str, arch.units))} | {'-'.join(map(str, arch.widths))} | "
+            f"{arch.params:,} | {arch.trainable_params:,} | {paper} | {error(arch, 'cifar10')} | "
+            f"{error(arch, 'cifar100')} | {error(arch, 'imagenet')} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m tf_revnet.models.architectures > table.md
+    print(markdown_table(), end="")
