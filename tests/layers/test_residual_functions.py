@@ -1,5 +1,8 @@
 """Tests of tf_revnet/layers/residual_functions.py."""
 
+import doctest
+import importlib
+
 import keras
 import numpy as np
 import pytest
@@ -126,3 +129,11 @@ def test_bottleneck_needs_channels_divisible_by_four():
 def test_unknown_channels_raise():
     with pytest.raises(ValueError, match="channel dimension.*must be known"):
         BasicResidualFunction().build((None, 4, 4, None))
+
+
+@pytest.mark.parametrize("module", ["tf_revnet.layers.residual_functions", "tf_revnet.layers.residual_block"])
+def test_docstring_examples(module):
+    module = importlib.import_module(module)
+    results = doctest.testmod(module, extraglobs={"keras": keras, **vars(module)})
+    assert results.attempted > 0
+    assert results.failed == 0

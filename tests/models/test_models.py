@@ -1,5 +1,7 @@
 """Tests of tf_revnet/models: the paper's architectures, the builders' interface, training."""
 
+import doctest
+import importlib
 import json
 import pathlib
 
@@ -325,3 +327,33 @@ def test_readme_models_table_is_generated_from_the_code():
     if not README.exists():
         pytest.skip("README.md not found")
     assert markdown_table() in README.read_text()
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    yield
+    keras.config.set_dtype_policy(previous)
+
+
+def test_mixed_bfloat16_fit_step(mixed_bfloat16):
+    """Under mixed precision the classifier computes in float32 and a training step is finite."""
+    model = tf_revnet.models.RevNet38(input_shape=(16, 16, 3))
+    assert model.get_layer("revnet38_stem_conv").compute_dtype == "bfloat16"
+    assert model.get_layer("revnet38_predictions").compute_dtype == "float32"
+    assert model.outputs[0].dtype == "float32"
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", run_eagerly=True)
+    history = model.fit(images((4, 16, 16, 3)), np.arange(4), verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize(
+    "module", ["tf_revnet.models.revnet", "tf_revnet.models.resnet", "tf_revnet.models.registry"]
+)
+def test_docstring_examples(module):
+    module = importlib.import_module(module)
+    globs = {"keras": keras, "tf_revnet": tf_revnet, **vars(module)}
+    results = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0
+    assert results.failed == 0

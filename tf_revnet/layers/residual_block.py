@@ -85,9 +85,9 @@ class ResidualBlock(keras.layers.Layer):
     Example:
 
     >>> block = ResidualBlock(64, strides=2)
-    >>> block(keras.ops.ones((2, 32, 32, 32))).shape
+    >>> keras.ops.shape(block(keras.ops.ones((2, 32, 32, 32))))
     (2, 16, 16, 64)
-    >>> ResidualBlock(128, "bottleneck", split=True)(keras.ops.ones((2, 8, 8, 32))).shape
+    >>> keras.ops.shape(ResidualBlock(128, "bottleneck", split=True)(keras.ops.ones((2, 8, 8, 32))))
     (2, 8, 8, 128)
 
     References:

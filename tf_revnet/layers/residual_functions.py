@@ -223,9 +223,9 @@ class BasicResidualFunction(_PreActivationResidualFunction):
     Example:
 
     >>> f = BasicResidualFunction()
-    >>> f(keras.ops.ones((2, 8, 8, 16))).shape
+    >>> keras.ops.shape(f(keras.ops.ones((2, 8, 8, 16))))
     (2, 8, 8, 16)
-    >>> BasicResidualFunction(filters=32, strides=2)(keras.ops.ones((2, 8, 8, 16))).shape
+    >>> keras.ops.shape(BasicResidualFunction(filters=32, strides=2)(keras.ops.ones((2, 8, 8, 16))))
     (2, 4, 4, 32)
 
     References:
@@ -282,7 +282,7 @@ class BottleneckResidualFunction(_PreActivationResidualFunction):
     Example:
 
     >>> g = BottleneckResidualFunction()
-    >>> g(keras.ops.ones((2, 8, 8, 64))).shape
+    >>> keras.ops.shape(g(keras.ops.ones((2, 8, 8, 64))))
     (2, 8, 8, 64)
 
     References:

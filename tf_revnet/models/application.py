@@ -148,11 +148,15 @@ def head(
     x = keras.layers.Activation("relu", name=f"{name}_post_relu")(x)
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(x)
+        policy = keras.config.dtype_policy()
         x = keras.layers.Dense(
             classes,
             activation=classifier_activation,
             kernel_regularizer=kernel_regularizer,
             name=f"{name}_predictions",
+            # Under mixed precision the classifier (softmax) computes in the variable dtype
+            # (float32), as the Keras mixed-precision guide recommends for the output layer.
+            dtype=policy.variable_dtype if policy.compute_dtype != policy.variable_dtype else None,
         )(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(x)

@@ -78,7 +78,7 @@ def ResNet(
     Example:
 
     >>> model = ResNet(units=[2, 2], widths=[16, 16, 32])
-    >>> model(keras.ops.ones((1, 32, 32, 3))).shape
+    >>> keras.ops.shape(model(keras.ops.ones((1, 32, 32, 3))))
     (1, 10)
 
     References:

@@ -97,7 +97,7 @@ def RevNet(
     Example:
 
     >>> model = RevNet(units=[2, 2], widths=[16, 16, 32], classes=10)
-    >>> model(keras.ops.ones((1, 32, 32, 3))).shape
+    >>> keras.ops.shape(model(keras.ops.ones((1, 32, 32, 3))))
     (1, 10)
 
     References:
