@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -154,6 +155,17 @@ def _to_uint8(image, label):
     return image, tf.cast(label, tf.int32)
 
 
+def _fixed_subset(ds, size, cap, seed):
+    """The same seeded random `cap` of the `size` elements of `ds` on every pass, in `ds`' order."""
+    keep = np.zeros(size, dtype=bool)
+    keep[np.random.default_rng(seed).choice(size, cap, replace=False)] = True
+    keep = tf.constant(keep)
+    ds = ds.enumerate().filter(lambda i, example: tf.gather(keep, i))
+    # Known cardinality: Keras then knows the number of validation steps up front.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(cap))
+    return ds.map(lambda i, example: example)
+
+
 def load_image_folder(data_dir, image_size=32, train_examples=None, test_examples=None, seed=0):
     """Reads `data_dir/train/<class>/*` and `data_dir/test/<class>/*` with Keras.
 
@@ -165,8 +177,9 @@ def load_image_folder(data_dir, image_size=32, train_examples=None, test_example
         data_dir: str or path-like. Root of the tree.
         image_size: int. Side of the square images.
         train_examples: int or None. Cap on training examples (a seeded random subset).
-        test_examples: int or None. Cap on test examples (a seeded random subset).
-        seed: int. Seed of the file-order shuffle.
+        test_examples: int or None. Cap on test examples (a seeded random subset, the same on every
+            pass).
+        seed: int. Seed of the file-order shuffle and of the subsets.
 
     Returns:
         `Datasets`.
@@ -179,6 +192,7 @@ def load_image_folder(data_dir, image_size=32, train_examples=None, test_example
     splits, counts = {}, {}
     class_names = None
     for split, cap in (("train", train_examples), ("test", test_examples)):
+        is_train = split == "train"
         try:
             ds = keras.utils.image_dataset_from_directory(
                 root / split,
@@ -187,9 +201,11 @@ def load_image_folder(data_dir, image_size=32, train_examples=None, test_example
                 color_mode="rgb",
                 batch_size=None,
                 image_size=(image_size, image_size),
-                # Shuffles the file list once (seeded) so a capped subset mixes all classes.
-                shuffle=True,
-                seed=seed,
+                # Train: Keras shuffles the file list once (seeded), then file paths in a
+                # 1024-element buffer every pass, so batches and a capped subset mix all classes.
+                # Test: the sorted file order, identical on every pass.
+                shuffle=is_train,
+                seed=seed if is_train else None,
                 verbose=False,
             )
         except ValueError as e:
@@ -197,9 +213,12 @@ def load_image_folder(data_dir, image_size=32, train_examples=None, test_example
         if class_names is None:
             class_names = list(ds.class_names)
         n = len(ds.file_paths)
-        if cap is not None:
-            n = min(n, cap)
-            ds = ds.take(n)
+        if cap is not None and cap < n:
+            if is_train:
+                ds = ds.take(cap)
+            else:
+                ds = _fixed_subset(ds, n, cap, seed)
+            n = cap
         splits[split] = ds.map(_to_uint8, num_parallel_calls=tf.data.AUTOTUNE)
         counts[split] = n
     return Datasets(
