@@ -36,7 +36,10 @@ def RevNet(
       authors' code it keeps the two-stream form `y1 = P(x1) + F(x2)`, `y2 = P(x2) + G(y1)`, with a
       parameter-free shortcut `P` (average pooling and zero-padded channels) for basic residual
       functions and a 1x1 projection for bottlenecks. It cannot be inverted, so its input is kept
-      for the backward pass (Section 3.3).
+      for the backward pass (Section 3.3). Where neither the stride nor the channels change (stage
+      1 of RevNet-38 and RevNet-110: 32 -> 32 channels, stride 1) the unit is still built as the
+      stage's transition, as in the authors' code, with F skipping its pre-activation; its layout
+      and parameters are those of a reversible block.
     - blocks 2..n: one `ReversibleSequence` of `ReversibleBlock`s, `y1 = x1 + F(x2)`,
       `y2 = x2 + G(y1)` (Eq. 1), F and G being residual functions on half the channels. With
       `use_custom_gradient=True` the sequence backpropagates without storing its activations
