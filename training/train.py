@@ -275,6 +275,26 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
+# Options that must match for a backup in --model-dir to be restorable into the new model.
+RESUME_KEYS = ("model", "image_shape", "class_names", "use_custom_gradient")
+
+
+def _check_resumable(model_dir, config):
+    """Raises `ConfigError` if `model_dir` holds an unfinished run of a different model."""
+    backup = model_dir / "backup" / "training_metadata.json"
+    previous = model_dir / "config.json"
+    if not (backup.exists() and previous.exists()):
+        return
+    old = json.loads(previous.read_text())
+    changed = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+    if changed:
+        raise ConfigError(
+            f"--model-dir {model_dir}: holds an unfinished run with different {', '.join(changed)}; "
+            f"rerun it with its own options ({old.get('command')}), or pick another --model-dir, or "
+            f"delete {backup.parent}"
+        )
+
+
 def _train(config, callbacks):
     recipe = recipes.Recipe(**{**config["recipe"],
                                "decay_boundaries": tuple(config["recipe"]["decay_boundaries"])})
@@ -304,6 +324,7 @@ def _train(config, callbacks):
               "num_test": datasets.num_test, "image_shape": list(datasets.image_shape),
               "class_names": datasets.class_names, "steps_per_epoch": steps_per_epoch,
               "total_steps": total_steps}
+    _check_resumable(model_dir, config)
     _write_json(model_dir / "config.json", config)
 
     train_ds = data_lib.train_pipeline(datasets.train, recipe.batch_size, datasets.num_train,

@@ -279,3 +279,17 @@ def test_help_has_examples(capsys):
                    "--mixed-precision", "--learning-rate", "--recipe"):
         assert option in out
     assert "python -m training.train --data-dir" in out
+
+
+def test_refuses_to_resume_a_different_model(cifar10_small_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model_dir"
+    (model_dir / "backup").mkdir(parents=True)
+    (model_dir / "backup" / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')
+    (model_dir / "config.json").write_text(json.dumps(
+        {"model": "resnet32", "command": "python -m training.train --model resnet32"}
+    ))
+    err, _ = _main_error(["--model", "revnet38", "--data-dir", str(cifar10_small_dir),
+                          "--model-dir", str(model_dir), "--export-dir", str(tmp_path / "e")],
+                         capsys)
+    assert f"--model-dir {model_dir}: holds an unfinished run with different model" in err
+    assert "--model resnet32" in err
