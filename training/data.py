@@ -67,8 +67,10 @@ class Datasets:
     """Train and test splits of one data source.
 
     Attributes:
-        train: `tf.data.Dataset` of `(uint8 (H, W, C), int32 ())`, unbatched, in a fixed order.
-        test: same, for the test split.
+        train: `tf.data.Dataset` of `(uint8 (H, W, C), int32 ())`, unbatched, with classes mixed
+            (the order may change between passes; `train_pipeline` caches the first pass when it
+            fits in memory, so a capped subset stays fixed).
+        test: same for the test split, in the same order (and the same capped subset) every pass.
         num_train: int. Number of training examples (after any cap).
         num_test: int. Number of test examples (after any cap).
         image_shape: tuple `(H, W, C)`.

@@ -299,7 +299,6 @@ def _train(config, callbacks):
     recipe = recipes.Recipe(**{**config["recipe"],
                                "decay_boundaries": tuple(config["recipe"]["decay_boundaries"])})
     model_dir = pathlib.Path(config["model_dir"])
-    model_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config["seed"])
 
     datasets = data_lib.load(
@@ -325,6 +324,7 @@ def _train(config, callbacks):
               "class_names": datasets.class_names, "steps_per_epoch": steps_per_epoch,
               "total_steps": total_steps}
     _check_resumable(model_dir, config)
+    model_dir.mkdir(parents=True, exist_ok=True)
     _write_json(model_dir / "config.json", config)
 
     train_ds = data_lib.train_pipeline(datasets.train, recipe.batch_size, datasets.num_train,
@@ -394,6 +394,9 @@ def _train(config, callbacks):
 
 def run(argv=None, callbacks=()):
     """Parses `argv`, trains, evaluates and exports.
+
+    Calls `keras.backend.clear_session()` first (fresh layer names, so a backup restores into the
+    same structure) and sets the global dtype policy for the duration of the run only.
 
     Args:
         argv: list of str or None (`sys.argv[1:]`).
