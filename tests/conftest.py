@@ -9,7 +9,10 @@ import os
 import pathlib
 import tarfile
 
-import pytest
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = pathlib.Path(
@@ -20,6 +23,12 @@ CIFAR10_ARCHIVE = pathlib.Path(
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same Python, NumPy and TensorFlow seeds: results are repeatable."""
+    keras.utils.set_random_seed(1234)
 
 
 @pytest.fixture(scope="session")

@@ -60,12 +60,14 @@ def test_forward_matches_equation_1():
 
 
 def test_affine_coupling_matches_real_nvp_formula():
+    """y1 = x1 * exp(s) + t with s = 2 tanh(r / 2), where (r, t) = F(x2)."""
     block = make_block("conv", 4, coupling="affine")
     x = np.random.default_rng(3).standard_normal((2, 5, 5, 8))
     y = keras.ops.convert_to_numpy(block(x, training=False))
     x1, x2 = x[..., :4], x[..., 4:]
     h = keras.ops.convert_to_numpy(block.f(x2, training=False))
-    y1 = x1 * np.exp(h[..., :4]) + h[..., 4:]
+    s = 2.0 * np.tanh(h[..., :4] / 2.0)  # soft-clamped log-scale
+    y1 = x1 * np.exp(s) + h[..., 4:]
     np.testing.assert_allclose(y[..., :4], y1, rtol=1e-12, atol=1e-12)
 
 

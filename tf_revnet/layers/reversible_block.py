@@ -44,8 +44,9 @@ class ReversibleBlock(keras.layers.Layer):
         x2 = y2 - G(y1)
         x1 = y1 - F(x2)
 
-    With `coupling="affine"`, `x + h` becomes `x * exp(s) + t` where `s, t = split(h)` (Real NVP), and F
-    and G must return twice the channels of a half.
+    With `coupling="affine"`, `x + h` becomes `x * exp(s) + t` (Real NVP), where `(r, t) = split(h)` and
+    `s = 2 tanh(r / 2)` is soft-clamped (see `tf_revnet.layers.Coupling`); F and G must then return twice
+    the channels of a half.
 
     A block on its own backpropagates with ordinary autodiff; put blocks in a
     `tf_revnet.layers.ReversibleSequence` to backpropagate without storing activations (Algorithm 1).
