@@ -267,42 +267,41 @@ class ReversibleBlock(keras.layers.Layer):
         """
         f_state, g_state = replay if replay is not None else ([], [])
         # Algorithm 1: z1 <- y1; recompute G(z1) and rebuild x2 = y2 - G(z1).
-        with keras.StatelessScope(state_mapping=g_state), tf.GradientTape() as g_tape:
-            g_tape.watch(y1)
-            h_g = self.g(y1, training=training)
-            x2 = tf.stop_gradient(self._coupling.uncouple(y2, h_g))
-            g_tape.watch(x2)
-            y2_recomputed = self._coupling.couple(x2, h_g)
-        g_vars = g_tape.watched_variables()
-        dz1, dx2, *g_grads = g_tape.gradient(
-            y2_recomputed,
-            [y1, x2, *g_vars],
-            output_gradients=dy2,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+        x2, dz1_through_g, dx2, g_grads = self._rebuild_half(self.g, g_state, y1, y2, dy2, training)
         # dL/dz1 = dL/dy1 + (dG/dz1)^T dL/dy2.
-        dz1 = dy1 + dz1
+        dz1 = dy1 + dz1_through_g
         # Algorithm 1: recompute F(x2) and rebuild x1 = z1 - F(x2).
-        with keras.StatelessScope(state_mapping=f_state), tf.GradientTape() as f_tape:
-            f_tape.watch(x2)
-            h_f = self.f(x2, training=training)
-            x1 = tf.stop_gradient(self._coupling.uncouple(y1, h_f))
-            f_tape.watch(x1)
-            y1_recomputed = self._coupling.couple(x1, h_f)
-        f_vars = f_tape.watched_variables()
-        dx1, dx2_through_f, *f_grads = f_tape.gradient(
-            y1_recomputed,
-            [x1, x2, *f_vars],
-            output_gradients=dz1,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+        x1, dx2_through_f, dx1, f_grads = self._rebuild_half(self.f, f_state, x2, y1, dz1, training)
         # dL/dx2 = dL/dy2 (through the coupling of y2) + (dF/dx2)^T dL/dz1.
         dx2 = dx2 + dx2_through_f
-        grads = {}
-        for var, grad in zip((*g_vars, *f_vars), (*g_grads, *f_grads)):
-            key = var.ref()
+        grads = dict(g_grads)
+        for key, grad in f_grads.items():
             grads[key] = grad if key not in grads else grads[key] + grad
         return (x1, x2), (dx1, dx2), grads
+
+    def _rebuild_half(self, residual_function, replay_state, z, y, dy, training):
+        """Half a step of Algorithm 1 for `y = couple(x, R(z))`, R being F or G.
+
+        Recomputes `h = R(z)` under a tape, rebuilds `x = uncouple(y, h)`, and back-propagates `dy`
+        through `couple(x, h)`. Returns `(x, dL/dz through R, dL/dx, {variable ref: dL/dvariable})`.
+        """
+        with keras.StatelessScope(state_mapping=replay_state), tf.GradientTape() as tape:
+            tape.watch(z)
+            h = residual_function(z, training=training)
+            x = tf.stop_gradient(self._coupling.uncouple(y, h))
+            tape.watch(x)
+            y_recomputed = self._coupling.couple(x, h)
+        variables = tape.watched_variables()
+        dz, dx, *var_grads = tape.gradient(
+            y_recomputed,
+            [z, x, *variables],
+            output_gradients=dy,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        grads = {}
+        for var, grad in zip(variables, var_grads):  # a layer used twice in R is watched once
+            grads[var.ref()] = grad
+        return x, dz, dx, grads
 
     def get_config(self):
         config = super().get_config()
