@@ -9,10 +9,8 @@ import os
 import pathlib
 import tarfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
-
-import keras  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = pathlib.Path(
