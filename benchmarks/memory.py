@@ -221,6 +221,7 @@ def run_child(args):
 
     rss_built = _proc_status_bytes("VmRSS")
     warmup_peak = []  # Lifetime peak RSS after the warm-up above the RSS after building the model.
+    warmup_kept = []  # RSS after the warm-up above the RSS after building the model.
     peaks, growth, times = [], [], []
     if args.mode == "fit":
         model.compile(optimizer=optimizer, loss="mse")
@@ -240,6 +241,8 @@ def run_child(args):
                 peak, now = meter.stop()
                 if batch == args.warmup - 1:
                     warmup_peak.append(_proc_status_bytes("VmHWM") - rss_built)
+                    _malloc_trim()
+                    warmup_kept.append(_proc_status_bytes("VmRSS") - rss_built)
                 if batch >= args.warmup:
                     times.append(elapsed)
                     peaks.append(peak)
@@ -268,6 +271,9 @@ def run_child(args):
         for _ in range(args.warmup):
             float(train_step(x, y))
         warmup_peak.append(_proc_status_bytes("VmHWM") - rss_built)
+        gc.collect()
+        _malloc_trim()
+        warmup_kept.append(_proc_status_bytes("VmRSS") - rss_built)
         for _ in range(args.steps):
             gc.collect()
             meter.start()
@@ -288,6 +294,7 @@ def run_child(args):
         "peak_mb": [p / MIB for p in peaks],
         "after_step_mb": [g / MIB for g in growth],
         "warmup_peak_rss_mb": warmup_peak[0] / MIB if warmup_peak else None,
+        "warmup_kept_rss_mb": warmup_kept[0] / MIB if warmup_kept else None,
         "step_s": times,
         "params": int(model.count_params()),
     }
@@ -464,7 +471,8 @@ def parse_args(argv=None):
         "always measured with its allocator statistics. Default 'rss'.")
     parser.add_argument("--quick", action="store_true", help="Smaller and faster run.")
     parser.add_argument("--output", help="Write the raw results and the tables to this JSON file.")
-    parser.add_argument("--from-json", help="Print the tables of a saved run and exit.")
+    parser.add_argument("--from-json", nargs="+",
+                        help="Print the tables of saved runs (merged; later files win) and exit.")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.depths is None:
@@ -482,9 +490,17 @@ def main(argv=None):
         run_child(args)
         return
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        print(summarize(saved["results"], saved["depths"], saved["modes"], saved["methods"]))
+        merged, order = {}, {"modes": [], "methods": [], "depths": []}
+        for path in args.from_json:
+            with open(path) as f:
+                saved = json.load(f)
+            for r in saved["results"]:
+                merged[(r["mode"], r["method"], r["depth"])] = r
+            for key, values in order.items():
+                values.extend(v for v in saved[key] if v not in values)
+        print(summarize(list(merged.values()), sorted(order["depths"]),
+                        [m for m in MODES if m in order["modes"]],
+                        [m for m in METHODS if m in order["methods"]]))
         return
     results = []
     t0 = time.perf_counter()
