@@ -19,10 +19,13 @@ Each (mode, method, N) runs in its own subprocess, because TensorFlow does not r
 to the operating system. On CPU the child runs with `MALLOC_MMAP_THRESHOLD_=131072` (large buffers
 are `mmap`ed and unmapped when freed, so the resident set shrinks back after a step) and with
 `TF_ENABLE_ONEDNN_OPTS=0` (the oneDNN CPU allocator pools large buffers and never releases them).
-Before each measured step it resets the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`),
-records the RSS, runs the step to completion and reads `VmHWM`: the step's memory is peak RSS minus
-the RSS before the step, so the model, the optimizer slots, the traced graph and the XLA
-compilation (all made in the warm-up step) are not counted. On a GPU (selected automatically when
+Before each measured step it calls `malloc_trim(0)` (so that memory freed by the warm-up but still
+resident cannot be reused unseen), resets the kernel's peak-RSS counter
+(`echo 5 > /proc/self/clear_refs`), records the RSS, runs the step to completion and reads `VmHWM`:
+the step's memory is peak RSS minus the RSS before the step, so the model, the optimizer slots, the
+traced graph and the XLA compilation (all made in the warm-up step) are not counted; the JSON output
+also records them (`warmup_peak_rss_mb`: the warm-up's peak, `warmup_kept_rss_mb`: what stays
+resident after it, both above the RSS of the built model). On a GPU (selected automatically when
 one is visible) it uses `tf.config.experimental.get_memory_info("GPU:0")["peak"]` after
 `reset_memory_stats`, minus `"current"`; `--meter allocator` does the same with the oneDNN CPU
 allocator's statistics.
@@ -34,7 +37,7 @@ slope over N) and that slope as a percentage of plain backprop's slope (target: 
 
 Commands (from the repository root, with the package installed, e.g. `pip install -e .`):
 
-    # Full table (N = 2, 8, 32, 64; batch 16 of 32x32x32; about 25 minutes on 2 CPU cores):
+    # Full table (N = 2, 8, 32, 64; batch 16 of 32x32x32; about 35 minutes on 2 busy CPU cores):
     python benchmarks/memory.py --output benchmarks/results/memory.json
 
     # Quick check (N = 2, 8, 16; batch 8; a few minutes):
@@ -43,8 +46,9 @@ Commands (from the repository root, with the package installed, e.g. `pip instal
     # A subset:
     python benchmarks/memory.py --modes eager function --methods reversible plain --depths 2 32
 
-    # Re-print the tables of a saved run without measuring:
-    python benchmarks/memory.py --from-json benchmarks/results/memory.json
+    # Re-print the tables of saved runs without measuring (merged; later files win):
+    python benchmarks/memory.py --from-json benchmarks/results/memory_run1.json \
+        benchmarks/results/memory_run2.json
 
 `--child` is internal: it measures one configuration and prints one JSON line.
 """
