@@ -25,6 +25,13 @@ def _replay_variables(layer):
     return [v for v in layer.non_trainable_variables if not _is_float_dtype(v.dtype)]
 
 
+def add_gradients(total, grads):
+    """Adds `grads` (`{variable ref: gradient}`) into `total` in place, summing shared variables."""
+    for key, grad in grads.items():
+        total[key] = grad if key not in total else total[key] + grad
+    return total
+
+
 def _snapshot(variables):
     """`[(variable, value now)]` for `keras.StatelessScope(state_mapping=...)`."""
     return [(v, tf.identity(keras.ops.convert_to_tensor(v))) for v in variables]
@@ -274,10 +281,7 @@ class ReversibleBlock(keras.layers.Layer):
         x1, dx2_through_f, dx1, f_grads = self._rebuild_half(self.f, f_state, x2, y1, dz1, training)
         # dL/dx2 = dL/dy2 (through the coupling of y2) + (dF/dx2)^T dL/dz1.
         dx2 = dx2 + dx2_through_f
-        grads = dict(g_grads)
-        for key, grad in f_grads.items():
-            grads[key] = grad if key not in grads else grads[key] + grad
-        return (x1, x2), (dx1, dx2), grads
+        return (x1, x2), (dx1, dx2), add_gradients(g_grads, f_grads)
 
     def _rebuild_half(self, residual_function, replay_state, z, y, dy, training):
         """Half a step of Algorithm 1 for `y = couple(x, R(z))`, R being F or G.

@@ -23,7 +23,7 @@ Four things make this exact and memory-flat in TensorFlow (see the project's NOT
 import keras
 import tensorflow as tf
 
-from tf_revnet.layers.reversible_block import ReversibleBlock
+from tf_revnet.layers.reversible_block import ReversibleBlock, add_gradients
 
 try:  # The non-public switch `tf.recompute_grad` uses to stop every tape on this thread.
     from tensorflow.python.eager.record import stop_recording as _stop_recording
@@ -218,8 +218,7 @@ def _backward(blocks, y, dy, replay, variables):
         (y1, y2), (dy1, dy2), block_grads = blocks[index].backward_step(
             y1, y2, dy1, dy2, replay=replay[2 * index : 2 * index + 2], training=True
         )
-        for key, grad in block_grads.items():
-            grads[key] = grad if key not in grads else grads[key] + grad
+        add_gradients(grads, block_grads)
     dx = blocks[0].merge(dy1, dy2)
     variables = variables or []
     var_grads = [
