@@ -3,19 +3,30 @@
 Nothing here imports `tf_revnet.models` or `training`.
 """
 
-from tf_revnet.layers.coupling import Coupling
+from tf_revnet.layers.coupling import AdditiveCoupling, AffineCoupling, Coupling
 from tf_revnet.layers.invertibility import is_invertible
 from tf_revnet.layers.residual_block import ResidualBlock
 from tf_revnet.layers.residual_functions import BasicResidualFunction, BottleneckResidualFunction
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
+from tf_revnet.layers.shortcut import Shortcut
+from tf_revnet.layers.stage_transition import StageTransition
+from tf_revnet.layers.stem import Stem
+from tf_revnet.layers.two_stream import StateRecord, TwoStreamLayer
 
 __all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
     "BasicResidualFunction",
     "BottleneckResidualFunction",
     "Coupling",
     "ResidualBlock",
     "ReversibleBlock",
     "ReversibleSequence",
+    "Shortcut",
+    "StageTransition",
+    "StateRecord",
+    "Stem",
+    "TwoStreamLayer",
     "is_invertible",
 ]

@@ -6,55 +6,23 @@ pre-activation (BatchNorm, ReLU, convolution) functions of He et al. (2016) for 
 
 - `BasicResidualFunction`: BN-ReLU-Conv3x3, BN-ReLU-Conv3x3.
 - `BottleneckResidualFunction`: BN-ReLU-Conv1x1, BN-ReLU-Conv3x3, BN-ReLU-Conv1x1, the inner width
-being
-  a quarter of the output channels.
+  being a quarter of the output channels.
 
 With `strides=1` and `filters=None` (or `filters` equal to the input channels) a residual function
 keeps the shape of its input, as F and G of a `ReversibleBlock` must. With a stride or a channel
 change it is the residual branch of a non-reversible `ResidualBlock`.
 """
 
-import math
-
 import keras
 
+from tf_revnet.layers.utils import (
+    check_batch_norm_args,
+    check_positive_int,
+    default_kernel_initializer,
+    strided_shape,
+)
+
 _BN_AXIS = -1
-
-
-def _default_kernel_initializer():
-    # He et al. (2015) initialisation on the fan-out, truncated normal: the initialisation of the
-    # authors' code (renmengye/revnet-public), stddev sqrt(2 / (k * k * filters)).
-    return keras.initializers.VarianceScaling(
-        scale=2.0, mode="fan_out", distribution="truncated_normal"
-    )
-
-
-def _check_positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-
-
-def _check_batch_norm_args(momentum, epsilon):
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(
-            f"`batch_norm_momentum` must be in [0, 1). Received: batch_norm_momentum={momentum}"
-        )
-    if not epsilon > 0.0:
-        raise ValueError(
-            f"`batch_norm_epsilon` must be positive. Received: batch_norm_epsilon={epsilon}"
-        )
-
-
-def _strided_shape(input_shape, strides, channels):
-    """NHWC shape after a "same"-padded stride: `ceil(size / strides)`; `None` stays unknown."""
-
-    def down(size):
-        return None if size is None else math.ceil(size / strides)
-
-    batch, height, width, _ = input_shape
-    return (batch, down(height), down(width), channels)
 
 
 class _PreActivationResidualFunction(keras.layers.Layer):
@@ -79,21 +47,21 @@ class _PreActivationResidualFunction(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_positive_int("filters", filters, allow_none=True)
+        check_positive_int("filters", filters, allow_none=True)
         if filters is not None and filters % self._divisor:
             raise ValueError(
                 f"`filters` must be divisible by {self._divisor} for "
                 f"{self.__class__.__name__}. Received: filters={filters}"
             )
-        _check_positive_int("strides", strides)
+        check_positive_int("strides", strides)
         if not isinstance(preactivate, bool):
             raise ValueError(f"`preactivate` must be a bool. Received: preactivate={preactivate!r}")
-        _check_batch_norm_args(batch_norm_momentum, batch_norm_epsilon)
+        check_batch_norm_args(batch_norm_momentum, batch_norm_epsilon)
         self.filters = filters
         self.strides = strides
         self.preactivate = preactivate
         self.kernel_initializer = keras.initializers.get(
-            kernel_initializer if kernel_initializer is not None else _default_kernel_initializer()
+            kernel_initializer if kernel_initializer is not None else default_kernel_initializer()
         )
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.batch_norm_momentum = batch_norm_momentum
@@ -161,7 +129,7 @@ class _PreActivationResidualFunction(keras.layers.Layer):
         return x
 
     def compute_output_shape(self, input_shape):
-        return _strided_shape(input_shape, self.strides, self._output_channels(input_shape[-1]))
+        return strided_shape(input_shape, self.strides, self._output_channels(input_shape[-1]))
 
     def get_config(self):
         config = super().get_config()
@@ -195,8 +163,7 @@ class BasicResidualFunction(_PreActivationResidualFunction):
         strides: int. Stride of the first convolution (2 halves height and width, rounding up).
             Defaults to `1`.
         preactivate: bool. Whether BatchNorm and ReLU run before the first convolution. `False`
-        skips
-            them, as the authors' code does for the first unit after the stem (whose output is
+            skips them, as the authors' code does for the first unit after the stem (whose output is
             already normalised and rectified). Defaults to `True`.
         kernel_initializer: Initializer for the convolution kernels. Defaults to
             `VarianceScaling(2.0, "fan_out", "truncated_normal")`, the authors' initialisation.
@@ -255,8 +222,7 @@ class BottleneckResidualFunction(_PreActivationResidualFunction):
             need). Defaults to `None`.
         strides: int. Stride of the first (1x1) convolution. Defaults to `1`.
         preactivate: bool. Whether BatchNorm and ReLU run before the first convolution. `False`
-        skips
-            them (the first unit after the stem in the authors' code). Defaults to `True`.
+            skips them (the first unit after the stem in the authors' code). Defaults to `True`.
         kernel_initializer: Initializer for the convolution kernels. Defaults to
             `VarianceScaling(2.0, "fan_out", "truncated_normal")`, the authors' initialisation.
         kernel_regularizer: Optional regularizer for the convolution kernels. Defaults to `None`.
@@ -297,3 +263,31 @@ class BottleneckResidualFunction(_PreActivationResidualFunction):
         out_channels = self._output_channels(in_channels)
         inner = out_channels // 4
         return [(1, inner, self.strides), (3, inner, 1), (1, out_channels, 1)]
+
+
+RESIDUAL_FUNCTIONS = {
+    "basic": BasicResidualFunction,
+    "bottleneck": BottleneckResidualFunction,
+}
+
+
+def make_residual_function(
+    kind, filters=None, strides=1, preactivate=True, kernel_initializer=None,
+    kernel_regularizer=None, batch_norm_momentum=0.99, batch_norm_epsilon=1e-3, name=None, dtype=None,
+):
+    """Instantiates the residual function `kind` (`"basic"` or `"bottleneck"`) with these arguments.
+
+    Raises:
+        ValueError: if `kind` is unknown, naming the known kinds.
+    """
+    if kind not in RESIDUAL_FUNCTIONS:
+        raise ValueError(
+            f"`residual_function` must be one of {sorted(RESIDUAL_FUNCTIONS)}. "
+            f"Received: residual_function={kind!r}"
+        )
+    return RESIDUAL_FUNCTIONS[kind](
+        filters=filters, strides=strides, preactivate=preactivate,
+        kernel_initializer=kernel_initializer, kernel_regularizer=kernel_regularizer,
+        batch_norm_momentum=batch_norm_momentum, batch_norm_epsilon=batch_norm_epsilon,
+        name=name, dtype=dtype,
+    )

@@ -1,74 +1,122 @@
-"""A stack of reversible blocks that backpropagates without storing activations (Algorithm 1).
+"""A sequence of residual units that backpropagates storing only what cannot be rebuilt (Algorithm 1).
 
-Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.2 and Algorithm 1.
+Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.2-3.3 and Algorithm 1.
 
-The whole stack runs under ONE `tf.custom_gradient`: the forward pass keeps only the stack's final output,
-and the gradient function walks the blocks backwards, rebuilding each block's inputs from its outputs and
-recomputing F and G under `tf.GradientTape`s (`ReversibleBlock.backward_step`). A custom gradient per block
-would save nothing, because block k's output is block k+1's input and stays referenced.
+The whole sequence runs under ONE `tf.custom_gradient`. The forward pass keeps only the sequence's output
+and the inputs of its non-invertible units (stage transitions, a stem); the gradient function walks the
+units backwards, rebuilding each `ReversibleBlock`'s inputs from its outputs (Eq. 2) and recomputing every
+unit under `tf.GradientTape`s. A custom gradient per block would save nothing, because block k's output
+is block k+1's input and stays referenced.
 
-Four things make this exact and memory-flat in TensorFlow (see the project's NOTES):
+How it is exact and memory-flat in TensorFlow (see the project's NOTES):
 
-1. The forward pass runs with gradient recording stopped, so an outer eager `GradientTape` does not
-   keep every activation alive (`tf.recompute_grad` does the same).
-2. In a graph, each block's reconstruction is made to wait for the gradient of the block above
-   (control dependencies on dy1, dy2); otherwise the executor runs every reconstruction right after the
-   forward pass and their tensors all wait in memory.
-3. The recompute runs in a `keras.StatelessScope`: BatchNorm moving statistics are updated once (by the
-   forward pass), and random generator states are replayed so Dropout draws the same masks.
-4. The gradient function takes `variables` (the backing `tf.Variable`s watched in the forward pass) and
-   returns their gradients in that order, matched by `ref()`.
+1. The forward pass runs with gradient recording stopped, so an outer eager `GradientTape` does not keep
+   every activation alive (`tf.recompute_grad` does the same).
+2. Every unit runs in its stateless form (`keras.StatelessScope` with the variables' values passed in):
+   the variables are explicit inputs of the custom gradient (so it works under `tf.cond`, `tf.switch_case`
+   and `tf.while_loop`), BatchNorm statistics are assigned once from the forward pass, and the recompute
+   replays the state every unit saw (seed generators, Keras' global generator).
+3. Consecutive blocks of one structure (same classes, configs and shapes, no shared variables) run as one
+   `tf.while_loop` over their stacked weights, forward and backward: the traced graph holds one block
+   whatever the depth, so graph memory and tracing/compile time do not grow with it.
+4. In a graph, the recompute of each unit waits for the gradient of the unit above (control
+   dependencies, or the loop's carried gradient); otherwise the executor would run every recompute right
+   after the forward pass and keep all their tensors.
+5. If a second tape or a forward accumulator watches the call (gradients of gradients, Hessian-vector
+   products, `tf.autodiff.ForwardAccumulator`), the sequence runs as ordinary layers instead: exact higher
+   order gradients, at ordinary memory cost.
 """
 
 import keras
 import tensorflow as tf
 
-from tf_revnet.layers.reversible_block import ReversibleBlock, add_gradients
+from tf_revnet.layers.reversible_block import ReversibleBlock
+from tf_revnet.layers.utils import (
+    add_gradients,
+    build_sublayer,
+    global_seed_state,
+    higher_order_possible,
+    stop_recording,
+    strip_names,
+)
 
-try:  # The non-public switch `tf.recompute_grad` uses to stop every tape on this thread.
-    from tensorflow.python.eager.record import stop_recording as _stop_recording
-except ImportError:  # pragma: no cover - a future TF without it: correct, but eager memory not flat.
-    import contextlib
-
-    _stop_recording = contextlib.nullcontext
+#: TensorFlow ops that draw from a hidden, stateful generator: their draws cannot be replayed.
+_STATEFUL_RANDOM_OPS = frozenset(
+    {
+        "RandomUniform",
+        "RandomUniformInt",
+        "RandomStandardNormal",
+        "TruncatedNormal",
+        "ParameterizedTruncatedNormal",
+        "RandomShuffle",
+        "RandomCrop",
+        "Multinomial",
+        "RandomGamma",
+        "RandomGammaGrad",
+        "RandomPoisson",
+        "RandomPoissonV2",
+        "StatefulUniform",
+        "StatefulUniformInt",
+        "StatefulUniformFullInt",
+        "StatefulStandardNormal",
+        "StatefulStandardNormalV2",
+        "StatefulTruncatedNormal",
+        "StatefulRandomBinomial",
+        "RngSkip",
+        "RngReadAndSkip",
+    }
+)
 
 
 @keras.saving.register_keras_serializable(package="tf_revnet")
 class ReversibleSequence(keras.layers.Layer):
-    """Reversible blocks applied in order, with activation-free backprop (Algorithm 1).
+    """Residual units applied in order, with activation-free backprop (Algorithm 1).
 
-    For blocks 1..N with outputs `(y1, y2)` of block k being the inputs `(x1, x2)` of block k+1, the
-    forward pass is the composition of the blocks (Eq. 1). In training mode the backward pass stores no
-    activation of the blocks: it keeps only the final output and rebuilds every block's inputs from its
-    outputs (Eq. 2) while recomputing F and G, at about 4N instead of 3N multiply-adds (Section 3.2).
-    Activation memory is therefore independent of N.
+    `units` holds `ReversibleBlock`s and, between them, any other Keras layers (a
+    `StageTransition` that changes the stride or the channels, a stem, ...). In training mode the
+    backward pass stores no activation: it keeps the sequence's output and the input of each
+    non-invertible unit, rebuilds every block's inputs from its outputs (Eq. 2) and recomputes each unit
+    (F and G of a block, at about 4N instead of 3N multiply-adds, Section 3.2; a non-invertible unit
+    from its stored input, as `tf.recompute_grad` does). Activation memory is therefore independent of
+    the number of blocks, and non-invertible units keep only their inputs (Section 3.3).
 
     The gradients equal ordinary autodiff up to float rounding (relative error ~1e-7 in float32,
-    ~1e-16 in float64 with bounded activations). In inference mode (`training` False or None) the blocks
-    run as ordinary layers: inverses with untrained BatchNorm moving statistics can be inexact, and no
-    gradient is normally taken there.
+    ~1e-16 in float64 with bounded activations), in eager mode, `tf.function`, XLA, `model.fit`,
+    `tf.distribute` strategies and inside `tf.cond` / `tf.switch_case` / `tf.while_loop`. With
+    `training` False or None the units run as ordinary layers.
+
+    What the recompute replays: the state of every `keras.random.SeedGenerator` the units own (Dropout,
+    GaussianNoise, ...) and of Keras' global generator (`keras.random.*` with `seed=None`), and all other
+    non-trainable state (BatchNorm statistics, which the forward pass alone updates). Random ops with a
+    hidden TensorFlow state (`tf.random.uniform`, `tf.nn.dropout`, `tf.random.Generator`) cannot be
+    replayed: building such a sequence for training raises a `ValueError` naming the unit.
 
     Args:
-        blocks: list of `tf_revnet.layers.ReversibleBlock`, non-empty, all with the same `axis`.
+        units: list of Keras layers, non-empty: `ReversibleBlock`s (rebuilt from their outputs) and
+            other layers (recomputed from their stored inputs). Alias: `blocks`.
         use_custom_gradient: bool. If False, backpropagate with ordinary autodiff on the same weights
             (stores activations; for comparison and debugging). Defaults to True.
+        fuse_identical_blocks: bool. Run consecutive blocks of one structure as one `tf.while_loop`
+            over their stacked weights (graph size independent of depth). Defaults to True.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: float tensor, e.g. NHWC `(N, H, W, C)` with `C` even.
+        inputs: float tensor, e.g. NHWC `(N, H, W, C)`.
         training: bool or None. True runs the memory-saving backward pass.
 
     Input shape:
-        Any shape whose size on the blocks' `axis` is even, e.g. `(N, H, W, C)`.
+        What the first unit accepts; a `ReversibleBlock` needs an even size on its `axis`.
 
     Output shape:
-        The input shape. Output dtype: the variable dtype of the layer's policy (float32 under mixed
-        precision; F and G compute in their own policies' dtype).
+        What the last unit returns. A sequence of blocks keeps the input shape and returns the blocks'
+        `stream_dtype` (float32 under mixed precision).
 
     Raises:
-        ValueError: if `blocks` is empty or holds something that is not a `ReversibleBlock` (named by
-            index); if the blocks' `axis` differ; on build, if a block cannot keep the shape (e.g. F or
-            G with stride 2; named by index); on call, if the input is not floating point.
+        ValueError: if `units` is empty or holds something that is not a Keras layer (named by index);
+            if the blocks' `axis` differ; on build, if a unit cannot take its input (e.g. F or G with
+            stride 2, an odd channel count; named by index and layer), or a unit draws from an
+            unreplayable random op; on call, if the input is not floating point; on `inverse`, if a
+            unit is not invertible.
 
     Example:
 
@@ -84,67 +132,100 @@ class ReversibleSequence(keras.layers.Layer):
     >>> grads = tape.gradient(loss, [x] + stack.trainable_variables)
 
     References:
-        Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.2, Algorithm 1.
+        Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Sections 3.2-3.3, Algorithm 1.
     """
 
-    def __init__(self, blocks, use_custom_gradient=True, **kwargs):
+    def __init__(
+        self, units=None, use_custom_gradient=True, fuse_identical_blocks=True, blocks=None, **kwargs
+    ):
         super().__init__(**kwargs)
-        if isinstance(blocks, ReversibleBlock):
-            blocks = [blocks]
-        blocks = list(blocks) if blocks is not None else []
-        if not blocks:
+        # The residual stream keeps the variable dtype: no autocast of our own reads to low precision.
+        self.autocast = False
+        if units is None:
+            units = blocks
+        elif blocks is not None:
+            raise ValueError("Pass `units` or its alias `blocks`, not both.")
+        if isinstance(units, keras.layers.Layer):
+            units = [units]
+        units = list(units) if units is not None else []
+        if not units:
             raise ValueError(
-                "`blocks` must be a non-empty list of tf_revnet.layers.ReversibleBlock. "
-                f"Received: blocks={blocks!r}"
+                "`units` must be a non-empty list of Keras layers (tf_revnet.layers.ReversibleBlock "
+                f"and others). Received: units={units!r}"
             )
-        for index, block in enumerate(blocks):
-            if not isinstance(block, ReversibleBlock):
+        for index, unit in enumerate(units):
+            if not isinstance(unit, keras.layers.Layer):
                 raise ValueError(
-                    f"`blocks[{index}]` is not a tf_revnet.layers.ReversibleBlock; only reversible "
-                    "blocks can be rebuilt from their outputs. Put non-reversible layers (strided or "
-                    "channel-changing units) before or after the sequence. "
-                    f"Received: blocks[{index}]={block!r}"
+                    f"`units[{index}]` must be a Keras layer (a tf_revnet.layers.ReversibleBlock, or a "
+                    "non-invertible layer such as tf_revnet.layers.StageTransition, which is "
+                    f"recomputed from its stored input). Received: units[{index}]={unit!r}"
                 )
-        axes = {block.axis for block in blocks}
-        if len(axes) != 1:
+        axes = {u.axis for u in units if isinstance(u, ReversibleBlock)}
+        if len(axes) > 1:
             raise ValueError(
-                f"All blocks must split the same axis. Received: axis values "
-                f"{[block.axis for block in blocks]}"
+                "All blocks must split the same axis. Received: axis values "
+                f"{[u.axis for u in units if isinstance(u, ReversibleBlock)]}"
             )
-        self.blocks = blocks
+        self.units = units
         self.use_custom_gradient = bool(use_custom_gradient)
-        self.axis = blocks[0].axis
+        self.fuse_identical_blocks = bool(fuse_identical_blocks)
+        self._plan = None
+
+    @property
+    def blocks(self):
+        """The units (alias kept for sequences made only of `ReversibleBlock`s)."""
+        return self.units
 
     @property
     def input_dtype(self):
-        # The residual stream stays in the variable dtype (float32 under mixed precision).
-        return self.dtype_policy.variable_dtype
+        first = self.units[0]
+        return first.input_dtype if isinstance(first, ReversibleBlock) else self.dtype_policy.variable_dtype
 
     def build(self, input_shape):
-        for index, block in enumerate(self.blocks):
-            if block.built:
-                continue
+        spec_shape, dtype = tuple(input_shape), self.input_dtype
+        self._unit_input_shapes = []
+        for index, unit in enumerate(self.units):
+            self._unit_input_shapes.append(spec_shape)
             try:
-                block.build(input_shape)
+                out = build_sublayer(unit, spec_shape, dtype)
             except ValueError as error:
-                raise ValueError(f"In `blocks[{index}]` (layer '{block.name}'): {error}") from None
-        self.input_spec = self.blocks[0].input_spec
+                raise ValueError(f"In `units[{index}]` (layer '{unit.name}'): {error}") from None
+            spec_shape, dtype = tuple(out.shape), out.dtype
+        self._output_shape, self._output_dtype = spec_shape, dtype
+        first = self.units[0]
+        if isinstance(first, ReversibleBlock):
+            self.input_spec = first.input_spec
+        self._plan = None
         self.built = True
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
+        shape = tuple(input_shape)
+        for unit in self.units:
+            shape = tuple(unit.compute_output_shape(shape))
+        return shape
 
     def compute_output_spec(self, inputs, training=None):
-        return keras.KerasTensor(inputs.shape, dtype=self.input_dtype)
+        spec = inputs
+        for unit in self.units:
+            spec = unit.compute_output_spec(spec)
+        return keras.KerasTensor(spec.shape, dtype=spec.dtype)
 
     def call(self, inputs, training=None):
-        self.blocks[0]._check_dtype(inputs)
+        if not inputs.dtype.is_floating:
+            raise ValueError(
+                f"Layer '{self.name}' expects floating point inputs. Received: dtype="
+                f"{inputs.dtype.name}. Fix: cast the inputs, e.g. with keras.ops.cast(x, 'float32')."
+            )
         if self.use_custom_gradient and training:
-            return self._reversible_call(inputs)
-        x1, x2 = self.blocks[0].split(inputs)
-        for block in self.blocks:
-            x1, x2 = block.forward(x1, x2, training=training)
-        return self.blocks[0].merge(x1, x2)
+            plan = self._get_plan()
+            weights = [_read(v) for v in plan.trainable]
+            # Gradients of gradients need the recorded forward pass (Algorithm 1 keeps none).
+            if not higher_order_possible([inputs] + weights):
+                return self._reversible_call(inputs, weights)
+        x = inputs
+        for unit in self.units:
+            x = unit(x, training=training)
+        return x
 
     def inverse(self, outputs, training=None):
         """Rebuilds the sequence's inputs from its outputs (Eq. 2, block by block in reverse).
@@ -158,43 +239,73 @@ class ReversibleSequence(keras.layers.Layer):
 
         Returns:
             The rebuilt inputs, same shape and dtype as `outputs`.
-        """
-        outputs = tf.convert_to_tensor(outputs)
-        self.blocks[0]._check_dtype(outputs)
-        with keras.StatelessScope():
-            y1, y2 = self.blocks[0].split(outputs)
-            for block in reversed(self.blocks):
-                y1, y2 = block.inverse_halves(y1, y2, training=training)
-            return self.blocks[0].merge(y1, y2)
 
-    def _reversible_call(self, inputs):
-        blocks = self.blocks
+        Raises:
+            ValueError: if a unit is not a `ReversibleBlock` (named by index), or `outputs` is not
+                floating point.
+        """
+        for index, unit in enumerate(self.units):
+            if not isinstance(unit, ReversibleBlock):
+                raise ValueError(
+                    f"`units[{index}]` (layer '{unit.name}') is not invertible: only a sequence of "
+                    "ReversibleBlocks has an inverse."
+                )
+        outputs = self.units[0].check_input(tf.convert_to_tensor(outputs))
+        with keras.StatelessScope():
+            y1, y2 = self.units[0].split(outputs)
+            for block in reversed(self.units):
+                y1, y2 = block.inverse_halves(y1, y2, training=training)
+            return self.units[0].merge(y1, y2)
+
+    # ----------------------------------------------------------------------------------------------
+    # The memory-saving pass.
+
+    def _get_plan(self):
+        if self._plan is None:
+            self._plan = _Plan(self.units, self.fuse_identical_blocks)
+            self._plan.check_replayable(self._unit_input_shapes)
+        return self._plan
+
+    def _reversible_call(self, inputs, weights):
+        plan = self._plan
+        rng_variable = global_seed_state()
+        state = [_read(v) for v in plan.state]
+        rng = _read(rng_variable)
 
         @tf.custom_gradient
-        def reversible_forward(x):
-            replay = []
+        def reversible_forward(x, *weights):
             # Pitfall 1: no tape may record the forward activations.
-            with _stop_recording():
-                x1, x2 = blocks[0].split(x)
-                for block in blocks:
-                    x1, x2 = block.forward(x1, x2, training=True, replay_log=replay)
-                y = blocks[0].merge(x1, x2)
-            del x1, x2
+            with stop_recording():
+                y, records, new_state, new_rng = plan.forward(x, list(weights), state, rng_variable, rng)
+            outputs = [y, new_rng, *new_state]
 
-            def grad_fn(dy, variables=None):
-                # Only `y`, the generator-state snapshots and the layers are captured.
-                return _backward(blocks, y, dy, replay, variables)
+            def grad_fn(dy, *unused_state_grads, variables=None):
+                if variables:
+                    names = ", ".join(v.name for v in variables)
+                    raise ValueError(
+                        f"Layer '{self.name}': a unit reads variables it does not track ({names}); "
+                        "create them in the unit's build() so that Keras tracks them."
+                    )
+                # Only `y`, the records (stored inputs of non-invertible units, replay state) and
+                # the weights are captured.
+                dx, dweights = plan.backward(y, dy, list(weights), records, rng_variable)
+                return [dx] + dweights
 
-            return y, grad_fn
+            return outputs, grad_fn
 
-        return reversible_forward(inputs)
+        y, new_rng, *new_state = reversible_forward(inputs, *weights)
+        for variable, value in zip(plan.state, new_state):
+            variable.assign(value)
+        rng_variable.assign(new_rng)
+        return y
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "blocks": [keras.saving.serialize_keras_object(b) for b in self.blocks],
+                "units": _serialize_units(self.units),
                 "use_custom_gradient": self.use_custom_gradient,
+                "fuse_identical_blocks": self.fuse_identical_blocks,
             }
         )
         return config
@@ -202,26 +313,343 @@ class ReversibleSequence(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        blocks = [keras.saving.deserialize_keras_object(b) for b in config.pop("blocks")]
-        return cls(blocks=blocks, **config)
+        units = config.pop("units", None)
+        if units is None:  # configs written before units could be non-invertible
+            units = config.pop("blocks")
+        return cls(units=_deserialize_units(units), **config)
 
 
-def _backward(blocks, y, dy, replay, variables):
-    """Algorithm 1 over a stack: from `(y, dy)` to `(dx, [dL/dv for v in variables])`."""
-    y1, y2 = blocks[0].split(y)
-    dy1, dy2 = blocks[0].split(tf.cast(dy, y.dtype))
-    grads = {}
-    for index in reversed(range(len(blocks))):
-        # Pitfall 2: rebuild block `index` only once the gradient of the block above exists.
-        with tf.control_dependencies([dy1, dy2]):
-            y1, y2 = tf.identity(y1), tf.identity(y2)
-        (y1, y2), (dy1, dy2), block_grads = blocks[index].backward_step(
-            y1, y2, dy1, dy2, replay=replay[2 * index : 2 * index + 2], training=True
+def _read(variable):
+    """The value of a Keras variable as a tensor, in its own dtype (the caller does not autocast)."""
+    return tf.convert_to_tensor(variable.value)
+
+
+class _Unit:
+    """Static facts about one unit: its variables' positions in the sequence's flat lists."""
+
+    def __init__(self, layer, weight_index, state_index):
+        self.layer = layer
+        self.invertible = isinstance(layer, ReversibleBlock)
+        self.trainable = list(layer.trainable_variables)
+        self.state = list(layer.non_trainable_variables)
+        self.weight_ids = [weight_index[id(v)] for v in self.trainable]
+        self.state_ids = [state_index[id(v)] for v in self.state]
+
+    def signature(self):
+        """Equal for blocks that one traced loop body can run with each other's weights."""
+        layer = self.layer
+        try:
+            config = strip_names(layer.get_config())
+        except Exception:  # noqa: BLE001 - a layer without a usable config is never fused
+            return None
+        shapes = tuple(
+            (tuple(v.shape), str(v.dtype), v.trainable) for v in self.trainable + self.state
         )
-        add_gradients(grads, block_grads)
-    dx = blocks[0].merge(dy1, dy2)
-    variables = variables or []
-    var_grads = [
-        grads[v.ref()] if v.ref() in grads else tf.zeros_like(v) for v in variables
+        return (type(layer), type(layer.f), type(layer.g), layer.f is layer.g, repr(config), shapes)
+
+
+class _Plan:
+    """How a `ReversibleSequence` runs its units: flat variable lists and groups of units.
+
+    A group is either one unit, or consecutive `ReversibleBlock`s of one structure sharing no variable,
+    which run as one `tf.while_loop` over their stacked weights.
+    """
+
+    def __init__(self, layers, fuse):
+        self.trainable, self.state = [], []
+        weight_index, state_index = {}, {}
+        for layer in layers:
+            for v in layer.trainable_variables:
+                if id(v) not in weight_index:
+                    weight_index[id(v)] = len(self.trainable)
+                    self.trainable.append(v)
+            for v in layer.non_trainable_variables:
+                if id(v) not in state_index:
+                    state_index[id(v)] = len(self.state)
+                    self.state.append(v)
+        self.units = [_Unit(layer, weight_index, state_index) for layer in layers]
+        self.groups = []
+        for unit in self.units:
+            group = self.groups[-1] if self.groups else None
+            if (
+                fuse
+                and group
+                and unit.invertible
+                and group[0].invertible
+                and unit.signature() is not None
+                and unit.signature() == group[0].signature()
+                and _disjoint(group, unit)
+            ):
+                group.append(unit)
+            else:
+                self.groups.append([unit])
+
+    def check_replayable(self, shapes):
+        """Raises `ValueError` if a unit draws from a random op whose state cannot be replayed."""
+        seen = set()
+        for index, (unit, shape) in enumerate(zip(self.units, shapes)):
+            key = unit.signature() if unit.invertible else None
+            if key is not None and key in seen:
+                continue
+            seen.add(key)
+            if shape is None:
+                continue
+            ops = _traced_op_types(unit.layer, shape)
+            found = sorted(ops & _STATEFUL_RANDOM_OPS)
+            if found:
+                raise ValueError(
+                    f"`units[{index}]` (layer '{unit.layer.name}') draws random numbers with "
+                    f"TensorFlow ops whose state cannot be replayed in the backward recompute "
+                    f"({', '.join(found)}: e.g. tf.random.uniform, tf.nn.dropout or a "
+                    "tf.random.Generator), so its gradients would be wrong. Fix: draw with "
+                    "keras.random.* and a keras.random.SeedGenerator owned by the layer (as "
+                    "keras.layers.Dropout does) or with seed=None, or pass "
+                    "use_custom_gradient=False."
+                )
+
+    # Forward ---------------------------------------------------------------------------------------
+
+    def forward(self, x, weights, state, rng_variable, rng):
+        state = list(state)
+        records = []
+        for group in self.groups:
+            first = group[0]
+            if not first.invertible:
+                layer = first.layer
+                mapping = _mapping(first, weights, state, rng_variable, rng)
+                with keras.StatelessScope(state_mapping=mapping) as scope:
+                    y = layer(x, training=True)
+                    unit_state = [state[i] for i in first.state_ids]
+                    new = [scope.get_current_value(v) for v in first.state]
+                    new_rng = scope.get_current_value(rng_variable)
+                records.append(("stored", x, unit_state, rng))
+                for i, value in zip(first.state_ids, new):
+                    state[i] = value
+                x, rng = y, new_rng
+                continue
+            block = first.layer
+            in_dtype = x.dtype
+            x1, x2 = block.split(tf.cast(x, block.stream_dtype))
+            if len(group) == 1:
+                unit_weights = [weights[i] for i in first.weight_ids]
+                unit_state = [state[i] for i in first.state_ids]
+                (x1, x2), record, (new, rng) = block.stateless_forward(
+                    unit_weights, unit_state, rng_variable, rng, x1, x2
+                )
+                for i, value in zip(first.state_ids, new):
+                    state[i] = value
+                records.append(("block", record, in_dtype))
+            else:
+                (x1, x2), record, rng = self._loop_forward(
+                    group, weights, state, rng_variable, rng, x1, x2
+                )
+                records.append(("loop", record, in_dtype))
+            x = block.merge(x1, x2)
+        return x, records, state, rng
+
+    def _loop_forward(self, group, weights, state, rng_variable, rng, x1, x2):
+        block = group[0].layer
+        n = len(group)
+        stacked_weights = _stack(group, weights, "weight_ids")
+        stacked_state = _stack(group, state, "state_ids")
+
+        def body(i, x1, x2, rng, rng_ta, mid_rng_ta, mid_tas, new_tas):
+            unit_weights = [w[i] for w in stacked_weights]
+            unit_state = [s[i] for s in stacked_state]
+            (y1, y2), record, (new, new_rng) = block.stateless_forward(
+                unit_weights, unit_state, rng_variable, rng, x1, x2
+            )
+            rng_ta = rng_ta.write(i, rng)
+            mid_rng_ta = mid_rng_ta.write(i, record.mid_rng)
+            mid_tas = [ta.write(i, v) for ta, v in zip(mid_tas, record.mid_state)]
+            new_tas = [ta.write(i, v) for ta, v in zip(new_tas, new)]
+            return i + 1, y1, y2, new_rng, rng_ta, mid_rng_ta, mid_tas, new_tas
+
+        def arrays(values):
+            return [tf.TensorArray(v.dtype, size=n, element_shape=v.shape[1:]) for v in values]
+
+        rng_arrays = arrays([tf.expand_dims(rng, 0)] * 2)
+        loop_vars = (
+            tf.constant(0), x1, x2, rng, rng_arrays[0], rng_arrays[1],
+            arrays(stacked_state), arrays(stacked_state),
+        )
+        _, x1, x2, rng, rng_ta, mid_rng_ta, mid_tas, new_tas = tf.while_loop(
+            lambda i, *_: i < n, body, loop_vars, parallel_iterations=1, maximum_iterations=n
+        )
+        for q, ta in enumerate(new_tas):
+            for unit, value in zip(group, tf.unstack(ta.stack(), num=n)):
+                state[unit.state_ids[q]] = value
+        record = (stacked_state, rng_ta.stack(), [ta.stack() for ta in mid_tas], mid_rng_ta.stack())
+        return (x1, x2), record, rng
+
+    # Backward --------------------------------------------------------------------------------------
+
+    def backward(self, y, dy, weights, records, rng_variable):
+        grads = {}
+        x, dx = y, tf.cast(dy, y.dtype)
+        for group, record in zip(reversed(self.groups), reversed(records)):
+            first = group[0]
+            if record[0] == "stored":
+                _, x_in, unit_state, rng = record
+                # Pitfall 4: recompute only once the gradient from above exists.
+                with tf.control_dependencies([dx]):
+                    x_in = tf.identity(x_in)
+                unit_weights = [weights[i] for i in first.weight_ids]
+                mapping = list(zip(first.trainable, unit_weights)) + list(
+                    zip(first.state, unit_state)
+                ) + [(rng_variable, rng)]
+                with keras.StatelessScope(state_mapping=mapping), tf.GradientTape() as tape:
+                    tape.watch(x_in)
+                    tape.watch(unit_weights)
+                    out = first.layer(x_in, training=True)
+                dx, *dweights = tape.gradient(
+                    out,
+                    [x_in, *unit_weights],
+                    output_gradients=tf.cast(dx, out.dtype),
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                for i, g in zip(first.weight_ids, dweights):
+                    add_gradients(grads, i, g)
+                x = x_in
+                continue
+            _, block_record, in_dtype = record
+            block = first.layer
+            with tf.control_dependencies([dx]):
+                x = tf.identity(x)
+            y1, y2 = block.split(tf.cast(x, block.stream_dtype))
+            dy1, dy2 = block.split(tf.cast(dx, block.stream_dtype))
+            if len(group) == 1:
+                unit_weights = [weights[i] for i in first.weight_ids]
+                (y1, y2), (dy1, dy2), dweights = block.stateless_backward(
+                    unit_weights, block_record, rng_variable, y1, y2, dy1, dy2
+                )
+                for i, g in zip(first.weight_ids, dweights):
+                    add_gradients(grads, i, g)
+            else:
+                (y1, y2), (dy1, dy2) = self._loop_backward(
+                    group, weights, block_record, rng_variable, y1, y2, dy1, dy2, grads
+                )
+            x = tf.cast(block.merge(y1, y2), in_dtype)
+            dx = tf.cast(block.merge(dy1, dy2), in_dtype)
+        dweights = [grads.get(i, tf.zeros_like(w)) for i, w in enumerate(weights)]
+        return dx, dweights
+
+    def _loop_backward(self, group, weights, record, rng_variable, y1, y2, dy1, dy2, grads):
+        from tf_revnet.layers.two_stream import StateRecord
+
+        block = group[0].layer
+        n = len(group)
+        stacked_weights = _stack(group, weights, "weight_ids")
+        stacked_state, rngs, mid_states, mid_rngs = record
+
+        def body(k, y1, y2, dy1, dy2, grad_tas):
+            i = n - 1 - k
+            unit_record = StateRecord(
+                [s[i] for s in stacked_state], rngs[i], [s[i] for s in mid_states], mid_rngs[i]
+            )
+            (x1, x2), (dx1, dx2), dweights = block.stateless_backward(
+                [w[i] for w in stacked_weights], unit_record, rng_variable, y1, y2, dy1, dy2
+            )
+            grad_tas = [ta.write(i, g) for ta, g in zip(grad_tas, dweights)]
+            return k + 1, x1, x2, dx1, dx2, grad_tas
+
+        grad_tas = [
+            tf.TensorArray(w.dtype, size=n, element_shape=w.shape[1:]) for w in stacked_weights
+        ]
+        _, y1, y2, dy1, dy2, grad_tas = tf.while_loop(
+            lambda k, *_: k < n,
+            body,
+            (tf.constant(0), y1, y2, dy1, dy2, grad_tas),
+            parallel_iterations=1,
+            maximum_iterations=n,
+        )
+        for p, ta in enumerate(grad_tas):
+            for unit, g in zip(group, tf.unstack(ta.stack(), num=n)):
+                add_gradients(grads, unit.weight_ids[p], g)
+        return (y1, y2), (dy1, dy2)
+
+
+def _disjoint(group, unit):
+    ids = {id(v) for member in group for v in member.trainable + member.state}
+    return not any(id(v) in ids for v in unit.trainable + unit.state)
+
+
+def _stack(group, values, attribute):
+    """Per variable position of the group's blocks, their values stacked on a new leading axis."""
+    first = getattr(group[0], attribute)
+    return [
+        tf.stack([values[getattr(unit, attribute)[p]] for unit in group]) for p in range(len(first))
     ]
-    return dx, var_grads
+
+
+def _mapping(unit, weights, state, rng_variable, rng):
+    return (
+        list(zip(unit.trainable, [weights[i] for i in unit.weight_ids]))
+        + list(zip(unit.state, [state[i] for i in unit.state_ids]))
+        + [(rng_variable, rng)]
+    )
+
+
+def _traced_op_types(layer, input_shape):
+    """The op types of `layer`'s training-mode call traced on `input_shape` (nested functions too)."""
+    dtype = layer.input_dtype if hasattr(layer, "input_dtype") else "float32"
+    spec = tf.TensorSpec([None if d is None else d for d in input_shape], dtype)
+
+    def probe(x):
+        with keras.StatelessScope():
+            return layer(x, training=True)
+
+    with tf.init_scope():
+        graph_def = tf.function(probe).get_concrete_function(spec).graph.as_graph_def()
+    types = {node.op for node in graph_def.node}
+    for function in graph_def.library.function:
+        types.update(node.op for node in function.node_def)
+    return types
+
+
+def _serialize_units(units):
+    """Unit configs; a unit or residual function that appears again is stored as a reference."""
+    seen = {}
+    configs = []
+    for index, unit in enumerate(units):
+        if id(unit) in seen:
+            configs.append({"same_as": seen[id(unit)]})
+            continue
+        seen[id(unit)] = [index]
+        config = keras.saving.serialize_keras_object(unit)
+        if isinstance(unit, ReversibleBlock):
+            inner = config["config"]
+            for arg in ("f", "g"):
+                layer = getattr(unit, arg)
+                if arg == "g" and layer is unit.f:
+                    continue
+                if id(layer) in seen:
+                    inner[arg] = {"same_as": seen[id(layer)]}
+                else:
+                    seen[id(layer)] = [index, arg]
+        configs.append(config)
+    return configs
+
+
+def _deserialize_units(configs):
+    units = []
+    for config in configs:
+        if isinstance(config, dict) and "same_as" in config:
+            units.append(_resolve(units, config["same_as"]))
+            continue
+        if isinstance(config, dict) and isinstance(config.get("config"), dict):
+            inner = dict(config["config"])
+            for arg in ("f", "g"):
+                ref = inner.get(arg)
+                if isinstance(ref, dict) and isinstance(ref.get("same_as"), list):
+                    inner[arg] = _resolve(units, ref["same_as"])  # ReversibleBlock takes layers
+            config = dict(config, config=inner)
+        units.append(keras.saving.deserialize_keras_object(config))
+    return units
+
+
+def _resolve(units, path):
+    obj = units[path[0]]
+    for attr in path[1:]:
+        obj = getattr(obj, attr)
+    return obj

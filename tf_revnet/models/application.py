@@ -7,7 +7,6 @@ import textwrap
 
 import keras
 
-from tf_revnet.layers.residual_functions import _default_kernel_initializer
 from tf_revnet.models.architectures import ARCHITECTURES
 
 STEMS = ("cifar", "imagenet")
@@ -109,28 +108,40 @@ def model_inputs(input_tensor, img_input):
     return keras.utils.get_source_inputs(input_tensor)
 
 
-def stem(x, filters, kind, name, kernel_regularizer=None, bn_kwargs=None):
-    """CIFAR stem: Conv3x3-BN-ReLU. ImageNet stem: Conv7x7/2-BN-ReLU-MaxPool3x3/2.
+def build_network(
+    body_fn,
+    stem,
+    include_top,
+    weights,
+    input_tensor,
+    input_shape,
+    pooling,
+    classes,
+    classifier_activation,
+    name,
+    kernel_regularizer,
+    bn_kwargs,
+):
+    """The generic `keras.applications` model: input, `body_fn`, pre-activation head.
 
-    As in the authors' code the stem ends with BatchNorm and ReLU, so the first residual unit skips
-    its pre-activation.
+    `RevNet` and `ResNet` differ only in `body_fn(images) -> features` (stem and stages); this function
+    validates the shared arguments, makes the input and adds the head (as `keras.applications`'
+    `ResNet(stack_fn, ...)`).
+
+    Returns:
+        A functional `keras.Model` named `name`.
+
+    Raises:
+        ValueError: if a shared argument is invalid (see `check_head_args`, `model_input`).
     """
-    imagenet = kind == "imagenet"
-    x = keras.layers.Conv2D(
-        filters,
-        7 if imagenet else 3,
-        strides=2 if imagenet else 1,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=_default_kernel_initializer(),
-        kernel_regularizer=kernel_regularizer,
-        name=f"{name}_stem_conv",
-    )(x)
-    x = keras.layers.BatchNormalization(name=f"{name}_stem_bn", **(bn_kwargs or {}))(x)
-    x = keras.layers.Activation("relu", name=f"{name}_stem_relu")(x)
-    if imagenet:
-        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name=f"{name}_stem_pool")(x)
-    return x
+    check_head_args(include_top, weights, pooling, classes)
+    default_shape = (32, 32, 3) if stem == "cifar" else (224, 224, 3)
+    img_input = model_input(input_tensor, input_shape, default_shape)
+    x = body_fn(img_input)
+    x = head(
+        x, include_top, pooling, classes, classifier_activation, name, kernel_regularizer, bn_kwargs
+    )
+    return keras.Model(model_inputs(input_tensor, img_input), x, name=name)
 
 
 def head(

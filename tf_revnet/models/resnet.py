@@ -7,6 +7,7 @@ residual functions and shortcuts as the RevNets, with ordinary backpropagation.
 import keras
 
 from tf_revnet.layers.residual_block import ResidualBlock
+from tf_revnet.layers.stem import Stem
 from tf_revnet.models import application
 
 
@@ -90,30 +91,32 @@ def ResNet(
     )
     if classes is None:
         classes = 10 if stem == "cifar" else 1000
-    application.check_head_args(include_top, weights, pooling, classes)
-
-    default_shape = (32, 32, 3) if stem == "cifar" else (224, 224, 3)
-    img_input = application.model_input(input_tensor, input_shape, default_shape)
     bn_kwargs = {"momentum": batch_norm_momentum, "epsilon": batch_norm_epsilon}
+    common = dict(
+        kernel_regularizer=kernel_regularizer,
+        batch_norm_momentum=batch_norm_momentum,
+        batch_norm_epsilon=batch_norm_epsilon,
+    )
     expansion = 4 if residual_function == "bottleneck" else 1
 
-    x = application.stem(img_input, widths[0], stem, name, kernel_regularizer, bn_kwargs)
-    for s, (n_units, width, stride) in enumerate(zip(units, widths[1:], strides), 1):
-        for b in range(1, n_units + 1):
-            x = ResidualBlock(
-                width * expansion,
-                residual_function,
-                strides=stride if b == 1 else 1,
-                preactivate=not (s == 1 and b == 1),
-                kernel_regularizer=kernel_regularizer,
-                batch_norm_momentum=batch_norm_momentum,
-                batch_norm_epsilon=batch_norm_epsilon,
-                name=f"{name}_stage{s}_block{b}",
-            )(x)
-    x = application.head(
-        x, include_top, pooling, classes, classifier_activation, name, kernel_regularizer, bn_kwargs
+    def body(images):
+        x = Stem(widths[0], stem, name=f"{name}_stem", **common)(images)
+        for s, (n_units, width, stride) in enumerate(zip(units, widths[1:], strides), 1):
+            for b in range(1, n_units + 1):
+                x = ResidualBlock(
+                    width * expansion,
+                    residual_function,
+                    strides=stride if b == 1 else 1,
+                    preactivate=not (s == 1 and b == 1),
+                    name=f"{name}_stage{s}_block{b}",
+                    **common,
+                )(x)
+        return x
+
+    return application.build_network(
+        body, stem, include_top, weights, input_tensor, input_shape, pooling, classes,
+        classifier_activation, name, kernel_regularizer, bn_kwargs,
     )
-    return keras.Model(application.model_inputs(input_tensor, img_input), x, name=name)
 
 
 ResNet32 = application.make_builder(ResNet, "ResNet32")

@@ -2,9 +2,11 @@
 
 import keras
 
-from tf_revnet.layers.residual_block import RESIDUAL_FUNCTIONS, ResidualBlock
+from tf_revnet.layers.residual_functions import RESIDUAL_FUNCTIONS
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
+from tf_revnet.layers.stage_transition import StageTransition
+from tf_revnet.layers.stem import Stem
 from tf_revnet.models import application
 
 
@@ -29,27 +31,25 @@ def RevNet(
 ):
     """Instantiates a reversible residual network (RevNet) of any depth and width.
 
-    The network is a stem, one stage per entry of `units`, and a pre-activation head. Stage `s` is
+    The network is a stem, one stage per entry of `units`, and a pre-activation head. The stem and all
+    stages form ONE `ReversibleSequence` (`f"{name}_body"`), so that the whole body backpropagates in
+    one memory-saving pass (Algorithm 1) and only the head stores activations. Stage `s` is
 
-    - block 1: a non-reversible `ResidualBlock(split=True)` (the stage transition) that applies the
-      stage's stride and changes the channels to `widths[s]` (times 4 for bottlenecks). As in the
-      authors' code it keeps the two-stream form `y1 = P(x1) + F(x2)`, `y2 = P(x2) + G(y1)`, with a
-      parameter-free shortcut `P` (average pooling and zero-padded channels) for basic residual
-      functions and a 1x1 projection for bottlenecks. It cannot be inverted, so its input is kept
-      for the backward pass (Section 3.3). Where neither the stride nor the channels change (stage
-      1 of RevNet-38 and RevNet-110: 32 -> 32 channels, stride 1) the unit is still built as the
-      stage's transition, as in the authors' code, with F skipping its pre-activation; its layout
-      and parameters are those of a reversible block.
-    - blocks 2..n: one `ReversibleSequence` of `ReversibleBlock`s, `y1 = x1 + F(x2)`,
-      `y2 = x2 + G(y1)` (Eq. 1), F and G being residual functions on half the channels. With
-      `use_custom_gradient=True` the sequence backpropagates without storing its activations
-      (Algorithm 1).
+    - unit 1, if it changes the stride or the channels: a non-invertible `StageTransition` (two-stream
+      `y1 = P(x1) + F(x2)`, `y2 = P(x2) + G(y1)` as in the authors' code, with a parameter-free shortcut
+      `P` (average pooling and zero-padded channels) for basic residual functions and a 1x1 projection
+      for bottlenecks). The sequence keeps only its input and recomputes it on the way back (Section
+      3.3). Where nothing changes (stage 1 of RevNet-38 and RevNet-110: 32 -> 32 channels, stride 1)
+      unit 1 is an ordinary `ReversibleBlock`, F skipping its pre-activation after the stem.
+    - units 2..n: `ReversibleBlock`s, `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)` (Eq. 1), F and G being
+      residual functions on half the channels, rebuilt from their outputs; blocks of one structure run
+      as one `tf.while_loop`, so the traced graph does not grow with depth.
 
-    The stem (`"cifar"`: Conv3x3-BN-ReLU; `"imagenet"`: Conv7x7/2-BN-ReLU-MaxPool3x3/2) ends with
-    BN-ReLU, so the first unit skips its pre-activation. The head is BN-ReLU, global average pooling
-    and `Dense(classes)`. Convolutions have no bias. Layers are named `f"{name}_stem_..."`,
-    `f"{name}_stage{s}_block{b}"` (F and G: `f"{name}_stage{s}_block{b}_f"`/`_g`),
-    `f"{name}_stage{s}_reversible"` (the sequence) and `f"{name}_post_bn"`, `f"{name}_predictions"`.
+    The stem (`"cifar"`: Conv3x3-BN-ReLU; `"imagenet"`: Conv7x7/2-BN-ReLU-MaxPool3x3/2) is the body's
+    first unit and keeps only the image. The head is BN-ReLU, global average pooling and
+    `Dense(classes)`. Convolutions have no bias. Layers are named `f"{name}_body"` (the sequence),
+    `f"{name}_stem"`, `f"{name}_stage{s}_block{b}"` (units inside the body; F and G:
+    `f"{name}_stage{s}_block{b}_f"`/`_g`), `f"{name}_post_bn"` and `f"{name}_predictions"`.
 
     Args:
         units: sequence of int. Residual units per stage, transition included.
@@ -119,49 +119,65 @@ def RevNet(
         )
     if classes is None:
         classes = 10 if stem == "cifar" else 1000
-    application.check_head_args(include_top, weights, pooling, classes)
     if not isinstance(use_custom_gradient, bool):
         raise ValueError(
             "`use_custom_gradient` must be a bool. "
             f"Received: use_custom_gradient={use_custom_gradient!r}"
         )
-
-    default_shape = (32, 32, 3) if stem == "cifar" else (224, 224, 3)
-    img_input = application.model_input(input_tensor, input_shape, default_shape)
     bn_kwargs = {"momentum": batch_norm_momentum, "epsilon": batch_norm_epsilon}
     common = dict(kernel_regularizer=kernel_regularizer, **_prefixed(bn_kwargs))
-    expansion = 4 if residual_function == "bottleneck" else 1
 
-    x = application.stem(img_input, widths[0], stem, name, kernel_regularizer, bn_kwargs)
+    def body(images):
+        body_units = [Stem(widths[0], stem, name=f"{name}_stem", **common)]
+        body_units += revnet_units(units, widths, residual_function, strides, name, common)
+        return ReversibleSequence(
+            body_units, use_custom_gradient=use_custom_gradient, name=f"{name}_body"
+        )(images)
+
+    return application.build_network(
+        body, stem, include_top, weights, input_tensor, input_shape, pooling, classes,
+        classifier_activation, name, kernel_regularizer, bn_kwargs,
+    )
+
+
+def revnet_units(units, widths, residual_function, strides, name="revnet", common=None):
+    """The units of a RevNet's stages, in order (the stage function of `RevNet`).
+
+    Args:
+        units, widths, residual_function, strides: as for `RevNet` (`widths[0]` is the stem's).
+        name: str. Prefix of the layer names.
+        common: dict of keyword arguments for every residual function and transition
+            (`kernel_regularizer`, `batch_norm_momentum`, `batch_norm_epsilon`).
+
+    Returns:
+        list of `StageTransition` and `ReversibleBlock` layers.
+    """
+    common = common or {}
+    expansion = 4 if residual_function == "bottleneck" else 1
+    function = RESIDUAL_FUNCTIONS[residual_function]
+    layers = []
+    channels = widths[0]
     for s, (n_units, width, stride) in enumerate(zip(units, widths[1:], strides), 1):
         filters = width * expansion
-        x = ResidualBlock(
-            filters,
-            residual_function,
-            strides=stride,
-            preactivate=s > 1,
-            split=True,
-            name=f"{name}_stage{s}_block1",
-            **common,
-        )(x)
-        if n_units == 1:
-            continue
-        function = RESIDUAL_FUNCTIONS[residual_function]
-        blocks = [
-            ReversibleBlock(
-                function(name=f"{name}_stage{s}_block{b}_f", **common),
-                function(name=f"{name}_stage{s}_block{b}_g", **common),
-                name=f"{name}_stage{s}_block{b}",
+        for b in range(1, n_units + 1):
+            prefix = f"{name}_stage{s}_block{b}"
+            if b == 1 and (stride != 1 or filters != channels):
+                layers.append(
+                    StageTransition(
+                        filters, residual_function, strides=stride, preactivate=s > 1,
+                        name=prefix, **common,
+                    )
+                )
+                continue
+            layers.append(
+                ReversibleBlock(
+                    function(preactivate=not (s == 1 and b == 1), name=f"{prefix}_f", **common),
+                    function(name=f"{prefix}_g", **common),
+                    name=prefix,
+                )
             )
-            for b in range(2, n_units + 1)
-        ]
-        x = ReversibleSequence(
-            blocks, use_custom_gradient=use_custom_gradient, name=f"{name}_stage{s}_reversible"
-        )(x)
-    x = application.head(
-        x, include_top, pooling, classes, classifier_activation, name, kernel_regularizer, bn_kwargs
-    )
-    return keras.Model(application.model_inputs(input_tensor, img_input), x, name=name)
+        channels = filters
+    return layers
 
 
 def _prefixed(bn_kwargs):

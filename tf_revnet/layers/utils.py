@@ -1,0 +1,105 @@
+"""Private helpers shared by the layers of `tf_revnet.layers` (not public API)."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+try:  # The non-public switch `tf.recompute_grad` uses to stop every tape on this thread.
+    from tensorflow.python.eager.record import possible_gradient_types as _possible_gradient_types
+    from tensorflow.python.eager.record import stop_recording
+except ImportError:  # pragma: no cover - a future TF without them: correct, eager memory not flat.
+    import contextlib
+
+    stop_recording = contextlib.nullcontext
+    _possible_gradient_types = None
+
+
+def is_float_dtype(dtype):
+    """Whether `dtype` (a string, `tf.DType` or Keras dtype) is a floating point type."""
+    return tf.as_dtype(keras.backend.standardize_dtype(dtype)).is_floating
+
+
+def check_positive_int(name, value, allow_none=False):
+    """Raises `ValueError` naming `name` unless `value` is a positive int (or None if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+def check_batch_norm_args(momentum, epsilon):
+    """Raises `ValueError` for a BatchNorm momentum outside [0, 1) or a non-positive epsilon."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(
+            f"`batch_norm_momentum` must be in [0, 1). Received: batch_norm_momentum={momentum}"
+        )
+    if not epsilon > 0.0:
+        raise ValueError(
+            f"`batch_norm_epsilon` must be positive. Received: batch_norm_epsilon={epsilon}"
+        )
+
+
+def default_kernel_initializer():
+    """He et al. (2015) initialisation on the fan-out, truncated normal (the authors' code)."""
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="truncated_normal"
+    )
+
+
+def strided_shape(input_shape, strides, channels):
+    """NHWC shape after a "same"-padded stride: `ceil(size / strides)`; `None` stays unknown."""
+
+    def down(size):
+        return None if size is None else math.ceil(size / strides)
+
+    batch, height, width, _ = input_shape
+    return (batch, down(height), down(width), channels)
+
+
+def build_sublayer(layer, input_shape, dtype):
+    """Builds `layer` as Keras' wrapper layers do and returns its symbolic output (a KerasTensor).
+
+    Calling the layer on a `keras.KerasTensor` goes through `Layer._maybe_build`, which calls a custom
+    `build()` or, for layers that define none, traces `call()` to create their state; calling `build()`
+    directly makes Keras warn about layers without one.
+    """
+    return layer(keras.KerasTensor(tuple(input_shape), dtype=dtype))
+
+
+def higher_order_possible(tensors):
+    """True if a tape or forward accumulator could differentiate `tensors` more than once.
+
+    `tf.function` uses the same test to decide whether to record a differentiable backward pass.
+    """
+    if _possible_gradient_types is None:  # pragma: no cover
+        return False
+    return _possible_gradient_types(tensors) == 2
+
+
+def add_gradients(total, key, grad):
+    """Adds `grad` into `total[key]` (a dict), summing where a variable is used more than once."""
+    if grad is None:
+        return
+    total[key] = grad if key not in total else total[key] + grad
+
+
+def global_seed_state():
+    """The state variable of Keras' global `SeedGenerator` (unseeded `keras.random` calls).
+
+    Created outside any trace if it does not exist yet, so that its state can be replayed.
+    """
+    # Keras exports no public accessor for it; `keras.random.*(seed=None)` draws from this generator.
+    from keras.src.random.seed_generator import global_seed_generator
+
+    with tf.init_scope():
+        return global_seed_generator().state
+
+
+def strip_names(config):
+    """A layer config without its (and its sublayers') names: equal for layers of one structure."""
+    if isinstance(config, dict):
+        return {k: strip_names(v) for k, v in config.items() if k not in ("name", "build_config")}
+    if isinstance(config, (list, tuple)):
+        return [strip_names(v) for v in config]
+    return config
