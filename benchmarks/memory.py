@@ -63,6 +63,11 @@ import subprocess
 import sys
 import time
 
+from measure import AllocatorMeter as _AllocatorMeter
+from measure import CpuMeter as _CpuMeter
+from measure import malloc_trim as _malloc_trim
+from measure import proc_status_bytes as _proc_status_bytes
+
 MODES = ("eager", "function", "fit", "xla")
 METHODS = ("reversible", "plain", "recompute")
 DEPTHS = (2, 8, 32, 64)
@@ -73,85 +78,6 @@ MIB = 2.0**20
 # --------------------------------------------------------------------------------------------------
 # Child process: one configuration.
 # --------------------------------------------------------------------------------------------------
-
-
-def _proc_status_bytes(field):
-    """`field` (e.g. "VmRSS", "VmHWM") of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as status:
-        match = re.search(rf"^{field}:\s+(\d+)\s+kB", status.read(), re.MULTILINE)
-    return int(match.group(1)) * 1024
-
-
-def _malloc_trim():
-    """Returns the free pages of every glibc heap to the OS (no-op elsewhere).
-
-    glibc serves a large request from a free chunk of an existing heap before it considers `mmap`,
-    so without this, memory freed by the warm-up (tracing, XLA compilation) and still resident
-    would be reused by the measured step without raising the RSS.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class _CpuMeter:
-    """Peak resident set size of a region, above the RSS at its start (Linux)."""
-
-    name = "cpu_rss"
-
-    def __init__(self):
-        self._base = 0
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.resettable = True
-        except OSError:
-            self.resettable = False
-
-    def start(self):
-        _malloc_trim()
-        if self.resettable:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # Resets VmHWM to the current RSS.
-        self._base = _proc_status_bytes("VmRSS")
-
-    def stop(self):
-        """Returns `(peak above start, RSS now above start)` in bytes."""
-        if self.resettable:
-            peak = _proc_status_bytes("VmHWM")
-        else:  # Fallback: the lifetime peak (includes the warm-up step; an upper bound).
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return peak - self._base, _proc_status_bytes("VmRSS") - self._base
-
-
-class _AllocatorMeter:
-    """Peak bytes held by TensorFlow's allocator for `device` above the bytes held at the start.
-
-    Used on a GPU ("GPU:0"), and on CPU with `--meter allocator` ("CPU:0"; only the oneDNN CPU
-    allocator keeps these statistics; it pools allocations above 256 KB, smaller ones go to
-    `malloc` and are not counted).
-    """
-
-    resettable = True
-
-    def __init__(self, tf, device):
-        self._tf = tf
-        self._device = device
-        self._base = 0
-        self.name = f"allocator_peak:{device}"
-
-    def start(self):
-        self._tf.config.experimental.reset_memory_stats(self._device)
-        self._base = self._tf.config.experimental.get_memory_info(self._device)["current"]
-
-    def stop(self):
-        info = self._tf.config.experimental.get_memory_info(self._device)
-        return info["peak"] - self._base, info["current"] - self._base
 
 
 def _build_stack(method, depth, channels, keras, tf):

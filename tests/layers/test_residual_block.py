@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from tests.test_case import check_layer
-from tf_revnet.layers import BasicResidualFunction, ResidualBlock, ReversibleBlock
+from tf_revnet.layers import BasicResidualFunction, ResidualBlock, ReversibleBlock, StageTransition
 
 
 def zero_last_convolutions(block):
     """Zeroes the last convolution of F (and G): the block then returns its shortcut."""
-    for function in [block.f] + ([block.g] if block.split else []):
+    for function in [block.f] + ([block.g] if isinstance(block, StageTransition) else []):
         function.convs[-1].kernel.assign(np.zeros(function.convs[-1].kernel.shape))
 
 
@@ -25,17 +25,22 @@ def basic_params(c_in, c_out, preactivate=True):
 
 
 @pytest.mark.parametrize(
-    "kwargs, input_shape, output_shape, params",
+    "cls, kwargs, input_shape, output_shape, params",
     [
-        ({"filters": 8}, (None, 6, 6, 8), (None, 6, 6, 8), basic_params(8, 8)),
-        ({"filters": 16, "strides": 2}, (None, 6, 6, 8), (None, 3, 3, 16), basic_params(8, 16)),
+        (ResidualBlock, {"filters": 8}, (None, 6, 6, 8), (None, 6, 6, 8), basic_params(8, 8)),
         (
-            {"filters": 16, "strides": 2, "split": True},
+            ResidualBlock, {"filters": 16, "strides": 2}, (None, 6, 6, 8), (None, 3, 3, 16),
+            basic_params(8, 16),
+        ),
+        (
+            StageTransition,
+            {"filters": 16, "strides": 2},
             (None, 6, 6, 8),
             (None, 3, 3, 16),
             basic_params(4, 8) + basic_params(8, 8),
         ),
         (
+            ResidualBlock,
             {"filters": 16, "residual_function": "bottleneck", "preactivate": False},
             (None, 4, 4, 8),
             (None, 4, 4, 16),
@@ -43,7 +48,8 @@ def basic_params(c_in, c_out, preactivate=True):
             8 * 4 + 16 + 9 * 4 * 4 + 16 + 4 * 16 + 8 * 16,
         ),
         (
-            {"filters": 32, "residual_function": "bottleneck", "strides": 2, "split": True},
+            StageTransition,
+            {"filters": 32, "residual_function": "bottleneck", "strides": 2},
             (None, 4, 4, 8),
             (None, 2, 2, 32),
             # F: BN(4), 1x1 (4->4), BN(4), 3x3, BN(4), 1x1 (4->16); G on 16: BN(16), 1x1 (16->4),
@@ -52,8 +58,10 @@ def basic_params(c_in, c_out, preactivate=True):
         ),
     ],
 )
-def test_layer_contract_and_parameter_count(kwargs, input_shape, output_shape, params, tmp_path):
-    block = ResidualBlock(**kwargs)
+def test_layer_contract_and_parameter_count(
+    cls, kwargs, input_shape, output_shape, params, tmp_path
+):
+    block = cls(**kwargs)
     check_layer(block, input_shape, output_shape, tmp_path=tmp_path)
     assert block.count_params() == params
     assert block.compute_output_shape(input_shape) == output_shape
@@ -77,14 +85,14 @@ def test_projection_shortcut_values():
     block.build(x.shape)
     zero_last_convolutions(block)
     y = keras.ops.convert_to_numpy(block(x, training=True))
-    kernel = keras.ops.convert_to_numpy(block.shortcut1.kernel)[0, 0]
+    kernel = keras.ops.convert_to_numpy(block.shortcut_layer.conv.kernel)[0, 0]
     np.testing.assert_allclose(y, x[:, ::2, ::2, :] @ kernel, rtol=1e-12, atol=1e-12)
 
 
 def test_split_shortcut_values():
     """Two-stream transition: each half has its own shortcut; y = concat(P(x1), P(x2)) + ..."""
     x = np.random.default_rng(0).standard_normal((2, 4, 4, 8))
-    block = ResidualBlock(16, strides=2, split=True, dtype="float64")
+    block = StageTransition(16, strides=2, dtype="float64")
     block.build(x.shape)
     zero_last_convolutions(block)
     y = keras.ops.convert_to_numpy(block(x, training=True))
@@ -97,7 +105,7 @@ def test_split_shortcut_values():
 def test_split_without_change_equals_reversible_block():
     """With stride 1 and equal channels the two-stream unit computes a reversible block (Eq. 1)."""
     x = np.random.default_rng(0).standard_normal((2, 5, 5, 8))
-    block = ResidualBlock(8, split=True, dtype="float64")
+    block = StageTransition(8, dtype="float64")
     block.build(x.shape)
     reversible = ReversibleBlock(
         BasicResidualFunction(dtype="float64"),
@@ -117,7 +125,7 @@ def test_split_without_change_equals_reversible_block():
 def test_identity_shortcut_has_no_layer():
     block = ResidualBlock(8)
     block.build((None, 4, 4, 8))
-    assert block.shortcut1 is None
+    assert block.shortcut_layer is None
     assert block.count_params() == basic_params(8, 8)
 
 
@@ -125,11 +133,9 @@ def test_identity_shortcut_has_no_layer():
     "kwargs, match",
     [
         ({"filters": 0}, "`filters` must be a positive integer.*filters=0"),
-        ({"filters": 9, "split": True}, "`filters` must be even.*filters=9"),
         ({"filters": 8, "residual_function": "wide"}, "`residual_function`.*'wide'"),
         ({"filters": 8, "shortcut": "conv"}, "`shortcut`.*'conv'"),
         ({"filters": 8, "strides": -1}, "strides=-1"),
-        ({"filters": 8, "split": 1}, "`split` must be a bool.*split=1"),
         ({"filters": 8, "batch_norm_momentum": -0.1}, "batch_norm_momentum=-0.1"),
     ],
 )
@@ -138,9 +144,22 @@ def test_invalid_arguments(kwargs, match):
         ResidualBlock(**kwargs)
 
 
-def test_odd_input_channels_with_split_raise():
-    with pytest.raises(ValueError, match="input channels must be even"):
-        ResidualBlock(8, split=True).build((None, 4, 4, 5))
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"filters": 9}, "`filters` must be even.*filters=9"),
+        ({"filters": 8, "preactivate": 1}, "`preactivate` must be a bool"),
+        ({"filters": 8, "residual_function": "wide"}, "`residual_function`.*'wide'"),
+    ],
+)
+def test_stage_transition_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StageTransition(**kwargs)
+
+
+def test_stage_transition_odd_input_channels_raise():
+    with pytest.raises(ValueError, match="input channels of a StageTransition must be known and even"):
+        StageTransition(8).build((None, 4, 4, 5))
 
 
 def test_pad_shortcut_cannot_drop_channels():

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tf_revnet.models
-from tf_revnet.layers import ReversibleSequence
+from tf_revnet.layers import ReversibleBlock, ReversibleSequence, StageTransition, Stem
 from tf_revnet.models import ARCHITECTURES, RevNet, get, list_models
 from tf_revnet.models.architectures import markdown_table
 
@@ -132,24 +132,47 @@ def test_input_tensor():
 
 def test_layer_names():
     model = tf_revnet.models.RevNet38(name="net")
-    names = [layer.name for layer in model.layers]
-    for s in (1, 2, 3):
-        assert f"net_stage{s}_block1" in names
-        sequence = model.get_layer(f"net_stage{s}_reversible")
-        assert isinstance(sequence, ReversibleSequence)
-        assert [b.name for b in sequence.blocks] == [f"net_stage{s}_block2", f"net_stage{s}_block3"]
-        assert sequence.blocks[0].f.name == f"net_stage{s}_block2_f"
+    body = model.get_layer("net_body")
+    assert isinstance(body, ReversibleSequence)
+    assert [u.name for u in body.units] == ["net_stem"] + [
+        f"net_stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3)
+    ]
+    assert body.units[2].f.name == "net_stage1_block2_f"
+    assert [la.name for la in model.layers[-4:]] == [
+        "net_post_bn", "net_post_relu", "net_avg_pool", "net_predictions"
+    ]
     resnet = tf_revnet.models.ResNet32(name="base")
     assert [layer.name for layer in resnet.layers if "_stage3_" in layer.name] == [
         f"base_stage3_block{b}" for b in range(1, 6)
     ]
 
 
+@pytest.mark.parametrize(
+    "name, kinds",
+    [
+        # Stage 1 of the basic CIFAR RevNets changes nothing (32 -> 32 channels, stride 1): a
+        # reversible block; every other stage starts with a transition.
+        ("RevNet38", [Stem, ReversibleBlock, StageTransition, StageTransition]),
+        ("RevNet164", [Stem, StageTransition, StageTransition, StageTransition]),
+    ],
+)
+def test_whole_body_is_one_sequence_with_transitions(name, kinds):
+    model = get(name)(input_shape=(None, None, 3))
+    sequences = [la for la in model.layers if isinstance(la, ReversibleSequence)]
+    assert len(sequences) == 1
+    body = sequences[0]
+    arch = ARCHITECTURES[name]
+    firsts = [body.units[0]] + [body.units[1 + sum(arch.units[:s])] for s in range(3)]
+    assert [type(u) for u in firsts] == kinds
+    invertible = [isinstance(u, ReversibleBlock) for u in body.units]
+    assert sum(invertible) == sum(arch.units) - kinds.count(StageTransition)
+
+
 def test_use_custom_gradient_switch():
     for flag in (True, False):
         model = tf_revnet.models.RevNet38(use_custom_gradient=flag)
         sequences = [la for la in model.layers if isinstance(la, ReversibleSequence)]
-        assert len(sequences) == 3
+        assert len(sequences) == 1
         assert all(s.use_custom_gradient is flag for s in sequences)
 
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tf_revnet.layers import coupling as coupling_lib
 from tf_revnet.layers.two_stream import StateRecord, TwoStreamLayer
-from tf_revnet.layers.utils import build_sublayer
+from tf_revnet.layers.utils import build_sublayer, scoped_value
 
 _PROBE_SIZE = 8  # stands in for unknown non-batch dimensions when checking F and G (odd-free, > 1)
 
@@ -194,7 +194,7 @@ class ReversibleBlock(TwoStreamLayer):
         return (
             list(zip(self.trainable_variables, weights))
             + list(zip(self.non_trainable_variables, state))
-            + [(rng_variable, rng)]
+            + ([(rng_variable, rng)] if rng_variable is not None else [])
         )
 
     def stateless_forward(self, weights, state, rng_variable, rng, x1, x2, training=True):
@@ -203,8 +203,8 @@ class ReversibleBlock(TwoStreamLayer):
         Args:
             weights: list of tensors, the values of `self.trainable_variables`, in order.
             state: list of tensors, the values of `self.non_trainable_variables`, in order.
-            rng_variable: the state variable of Keras' global seed generator.
-            rng: its value before the call.
+            rng_variable: the state variable of Keras' global seed generator, or None.
+            rng: its value before the call (any int64 `(2,)` tensor if `rng_variable` is None).
             x1, x2: the block's input halves, `stream_dtype`.
             training: bool, passed to F and G.
 
@@ -218,10 +218,10 @@ class ReversibleBlock(TwoStreamLayer):
         ) as scope:
             y1 = self.coupling.couple(x1, self.f(x2, training=training), self.axis)
             mid_state = [scope.get_current_value(v) for v in variables]
-            mid_rng = scope.get_current_value(rng_variable)
+            mid_rng = scoped_value(scope, rng_variable, rng)
             y2 = self.coupling.couple(x2, self.g(y1, training=training), self.axis)
             new_state = [scope.get_current_value(v) for v in variables]
-            new_rng = scope.get_current_value(rng_variable)
+            new_rng = scoped_value(scope, rng_variable, rng)
         return (y1, y2), StateRecord(list(state), rng, mid_state, mid_rng), (new_state, new_rng)
 
     def stateless_backward(self, weights, record, rng_variable, y1, y2, dy1, dy2, training=True):

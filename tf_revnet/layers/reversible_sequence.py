@@ -36,6 +36,7 @@ from tf_revnet.layers.utils import (
     build_sublayer,
     global_seed_state,
     higher_order_possible,
+    scoped_value,
     stop_recording,
     strip_names,
 )
@@ -192,6 +193,7 @@ class ReversibleSequence(keras.layers.Layer):
                 raise ValueError(f"In `units[{index}]` (layer '{unit.name}'): {error}") from None
             spec_shape, dtype = tuple(out.shape), out.dtype
         self._output_shape, self._output_dtype = spec_shape, dtype
+        global_seed_state()  # create Keras' global generator now, outside any trace
         first = self.units[0]
         if isinstance(first, ReversibleBlock):
             self.input_spec = first.input_spec
@@ -211,6 +213,7 @@ class ReversibleSequence(keras.layers.Layer):
         return keras.KerasTensor(spec.shape, dtype=spec.dtype)
 
     def call(self, inputs, training=None):
+        inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
             raise ValueError(
                 f"Layer '{self.name}' expects floating point inputs. Received: dtype="
@@ -270,7 +273,7 @@ class ReversibleSequence(keras.layers.Layer):
         plan = self._plan
         rng_variable = global_seed_state()
         state = [_read(v) for v in plan.state]
-        rng = _read(rng_variable)
+        rng = _read(rng_variable) if rng_variable is not None else tf.zeros((2,), "int64")
 
         @tf.custom_gradient
         def reversible_forward(x, *weights):
@@ -296,7 +299,8 @@ class ReversibleSequence(keras.layers.Layer):
         y, new_rng, *new_state = reversible_forward(inputs, *weights)
         for variable, value in zip(plan.state, new_state):
             variable.assign(value)
-        rng_variable.assign(new_rng)
+        if rng_variable is not None:
+            rng_variable.assign(new_rng)
         return y
 
     def get_config(self):
@@ -421,7 +425,7 @@ class _Plan:
                     y = layer(x, training=True)
                     unit_state = [state[i] for i in first.state_ids]
                     new = [scope.get_current_value(v) for v in first.state]
-                    new_rng = scope.get_current_value(rng_variable)
+                    new_rng = scoped_value(scope, rng_variable, rng)
                 records.append(("stored", x, unit_state, rng))
                 for i, value in zip(first.state_ids, new):
                     state[i] = value
@@ -497,7 +501,7 @@ class _Plan:
                 unit_weights = [weights[i] for i in first.weight_ids]
                 mapping = list(zip(first.trainable, unit_weights)) + list(
                     zip(first.state, unit_state)
-                ) + [(rng_variable, rng)]
+                ) + ([(rng_variable, rng)] if rng_variable is not None else [])
                 with keras.StatelessScope(state_mapping=mapping), tf.GradientTape() as tape:
                     tape.watch(x_in)
                     tape.watch(unit_weights)
@@ -586,7 +590,7 @@ def _mapping(unit, weights, state, rng_variable, rng):
     return (
         list(zip(unit.trainable, [weights[i] for i in unit.weight_ids]))
         + list(zip(unit.state, [state[i] for i in unit.state_ids]))
-        + [(rng_variable, rng)]
+        + ([(rng_variable, rng)] if rng_variable is not None else [])
     )
 
 

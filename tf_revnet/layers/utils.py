@@ -6,13 +6,21 @@ import keras
 import tensorflow as tf
 
 try:  # The non-public switch `tf.recompute_grad` uses to stop every tape on this thread.
-    from tensorflow.python.eager.record import possible_gradient_types as _possible_gradient_types
     from tensorflow.python.eager.record import stop_recording
-except ImportError:  # pragma: no cover - a future TF without them: correct, eager memory not flat.
+except ImportError:  # pragma: no cover - a future TF without it: correct, eager memory not flat.
     import contextlib
 
     stop_recording = contextlib.nullcontext
+try:  # What `tf.function` asks to decide whether a backward pass must itself be differentiable.
+    from tensorflow.python.ops.gradients_util import (
+        PossibleTapeGradientTypes as _possible_gradient_types,
+    )
+except ImportError:  # pragma: no cover
     _possible_gradient_types = None
+try:  # The tangents that active `tf.autodiff.ForwardAccumulator`s track for some tensors.
+    from tensorflow.python.eager.forwardprop_util import pack_tangents as _pack_tangents
+except ImportError:  # pragma: no cover
+    _pack_tangents = None
 
 
 def is_float_dtype(dtype):
@@ -68,13 +76,17 @@ def build_sublayer(layer, input_shape, dtype):
 
 
 def higher_order_possible(tensors):
-    """True if a tape or forward accumulator could differentiate `tensors` more than once.
+    """True if `tensors` may be differentiated other than by one reverse-mode tape.
 
-    `tf.function` uses the same test to decide whether to record a differentiable backward pass.
+    That is: two or more tapes watch them (gradients of gradients; `tf.function` asks the same question
+    to decide whether to record a differentiable backward pass), or a `tf.autodiff.ForwardAccumulator`
+    tracks them (forward mode, which a custom gradient cannot serve).
     """
-    if _possible_gradient_types is None:  # pragma: no cover
-        return False
-    return _possible_gradient_types(tensors) == 2
+    if _possible_gradient_types is not None and _possible_gradient_types(tensors) == 2:
+        return True
+    if _pack_tangents is not None:
+        return bool(_pack_tangents(tensors).tangents)
+    return False
 
 
 def add_gradients(total, key, grad):
@@ -85,15 +97,29 @@ def add_gradients(total, key, grad):
 
 
 def global_seed_state():
-    """The state variable of Keras' global `SeedGenerator` (unseeded `keras.random` calls).
+    """The state variable of Keras' global `SeedGenerator` (unseeded `keras.random` calls), or None.
 
-    Created outside any trace if it does not exist yet, so that its state can be replayed.
+    Created outside any trace if it does not exist yet, so that its state can be replayed. Returns None
+    where it cannot be created (inside a `tf.distribute` replica function after
+    `keras.utils.set_random_seed` dropped it): unseeded `keras.random` calls cannot run there either.
     """
     # Keras exports no public accessor for it; `keras.random.*(seed=None)` draws from this generator.
-    from keras.src.random.seed_generator import global_seed_generator
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
 
-    with tf.init_scope():
-        return global_seed_generator().state
+    generator = global_state.get_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR)
+    if generator is not None:
+        return generator.state
+    try:
+        with tf.init_scope():
+            return seed_generator.global_seed_generator().state
+    except (ValueError, RuntimeError):
+        return None
+
+
+def scoped_value(scope, variable, default):
+    """`scope.get_current_value(variable)`, or `default` when `variable` is None."""
+    return default if variable is None else scope.get_current_value(variable)
 
 
 def strip_names(config):

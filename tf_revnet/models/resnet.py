@@ -4,7 +4,6 @@ These are the pre-activation ResNets the paper compares RevNets with (Table 1), 
 residual functions and shortcuts as the RevNets, with ordinary backpropagation.
 """
 
-import keras
 
 from tf_revnet.layers.residual_block import ResidualBlock
 from tf_revnet.layers.stem import Stem

@@ -1,6 +1,5 @@
 """RevNet builders in the `keras.applications` style: generic `RevNet` and the paper's models."""
 
-import keras
 
 from tf_revnet.layers.residual_functions import RESIDUAL_FUNCTIONS
 from tf_revnet.layers.reversible_block import ReversibleBlock

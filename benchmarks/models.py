@@ -1,0 +1,367 @@
+"""Whole-model training-step memory and time: RevNets (reversible, plain, recompute) and ResNets.
+
+For each model of the zoo at CIFAR size (or 224x224 for the ImageNet models) and each method
+
+- `reversible`: the RevNet as built (`use_custom_gradient=True`: one memory-saving backward pass for
+  stem, transitions and blocks);
+- `plain`: the same architecture and weights with ordinary autodiff (`use_custom_gradient=False`);
+- `recompute`: the same architecture with `tf.recompute_grad` around each residual unit (and the stem);
+- `baseline`: a ResNet of the zoo (ResNet-32/110/164/101), ordinary autodiff;
+
+it runs `model.fit` on random images in its own process (TensorFlow does not return freed memory to
+the OS) and records, with the meters of `measure.py`:
+
+- `step_peak_mb`: the peak of one training step above the RSS before it (median over the measured
+  steps, after a warm-up step);
+- `graph_mb`: what stays resident after the first (tracing) step, above the built model (traced graph,
+  optimizer slots, XLA compilation);
+- `process_mb`: the whole process' peak RSS above the built model;
+- `first_step_s`: the warm-up step (tracing and, with `--jit-compile`, compilation);
+- `step_s`: the median measured step time;
+- `estimate_mb`: `tf_revnet.memory.estimate(model, batch_size)` for the method (analytic).
+
+On a GPU the child reads `tf.config.experimental.get_memory_info("GPU:0")` instead of the RSS.
+
+Commands (from the repository root, package installed):
+
+    # The CIFAR table (RevNet-38/110/164 x methods, ResNet-32/110/164; batch 128):
+    python benchmarks/models.py --output benchmarks/results/models_cifar.json
+
+    # ImageNet size: RevNet-104 against ResNet-101 (batch 8, 224x224):
+    python benchmarks/models.py --models revnet104 resnet101 --methods reversible baseline \
+        --batch-sizes 8 --output benchmarks/results/models_imagenet.json
+
+    # Memory against batch size (for the plot and max_batch.py):
+    python benchmarks/models.py --models revnet110 --batch-sizes 32 64 128 \
+        --output benchmarks/results/models_batch.json
+
+    # Smoke test (a tiny RevNet, reversible and plain, batch 4; used by the test suite):
+    python benchmarks/models.py --quick
+
+    # Tables and plots again from saved runs:
+    python benchmarks/models.py --from-json benchmarks/results/models_cifar.json
+
+`--child` is internal: one configuration, one JSON line.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from measure import MIB, AllocatorMeter, CpuMeter, malloc_trim, proc_status_bytes
+
+REVNETS = {"revnet38": "resnet32", "revnet110": "resnet110", "revnet164": "resnet164",
+           "revnet104": "resnet101", "revnet56": None}
+METHODS = ("reversible", "plain", "recompute", "baseline")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# --------------------------------------------------------------------------------------------------
+# Child process.
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(name, method, image_size, quick=False):
+    """The model of `name` (a RevNet of the zoo) for `method`; `quick` builds tiny generic ones."""
+    import tensorflow as tf
+
+    import tf_revnet
+
+    if quick:
+        depth_units = {"revnet38": (1, 1), "revnet110": (3, 3)}[name]
+        if method == "baseline":
+            model = tf_revnet.models.ResNet(units=[2 * u for u in depth_units], widths=(8, 8, 16))
+        else:
+            model = tf_revnet.models.RevNet(
+                units=depth_units, widths=(8, 8, 16),
+                use_custom_gradient=method == "reversible",
+            )
+    elif method == "baseline":
+        model = tf_revnet.models.get(REVNETS[name])(input_shape=(image_size, image_size, 3))
+    else:
+        model = tf_revnet.models.get(name)(
+            input_shape=(image_size, image_size, 3), use_custom_gradient=method == "reversible"
+        )
+    if method == "recompute":
+        for layer in model.layers:
+            if isinstance(layer, tf_revnet.layers.ReversibleSequence):
+                _wrap_units_in_recompute_grad(layer, tf)
+    return model
+
+
+def _wrap_units_in_recompute_grad(sequence, tf):
+    """Makes `sequence` run each unit under `tf.recompute_grad` when training (keeps unit inputs)."""
+
+    def call(inputs, training=None):
+        x = inputs
+        for unit in sequence.units:
+            if training:
+                x = tf.recompute_grad(lambda t, unit=unit: unit(t, training=True))(x)
+            else:
+                x = unit(x, training=training)
+        return x
+
+    sequence.call = call
+
+
+def run_child(args):
+    import gc
+    import resource
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tf_revnet
+
+    keras.utils.set_random_seed(0)
+    meter = AllocatorMeter(tf, "GPU:0") if tf.config.list_physical_devices("GPU") else CpuMeter()
+    model = build_model(args.model, args.method, args.image_size, quick=args.quick)
+    classes = model.output_shape[-1]
+    estimate = tf_revnet.memory.estimate(model, args.batch_size)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss="sparse_categorical_crossentropy",
+        jit_compile=args.jit_compile,
+    )
+    rng = np.random.default_rng(0)
+    steps = args.warmup + args.steps
+    shape = (args.image_size, args.image_size, 3)
+    x = rng.uniform(0, 1, (args.batch_size, *shape)).astype("float32")
+    y = rng.integers(0, classes, (args.batch_size,))
+    xs, ys = np.concatenate([x] * steps), np.concatenate([y] * steps)
+    gc.collect()
+    malloc_trim()
+    rss_built = proc_status_bytes("VmRSS")
+    record = {"peaks": [], "times": []}
+
+    class Measure(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t_begin = time.perf_counter()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch >= args.warmup:
+                gc.collect()
+                meter.start()
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            float(logs["loss"])
+            now = time.perf_counter()
+            if batch == args.warmup - 1:
+                record["first_step_s"] = now - self.t_begin
+                gc.collect()
+                malloc_trim()
+                record["graph_mb"] = (proc_status_bytes("VmRSS") - rss_built) / MIB
+            if batch >= args.warmup:
+                peak, _ = meter.stop()
+                record["peaks"].append(peak / MIB)
+                record["times"].append(now - self.t0)
+
+    model.fit(xs, ys, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Measure()])
+    process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_built
+    result = {
+        "model": args.model,
+        "method": args.method,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "jit_compile": args.jit_compile,
+        "meter": meter.name,
+        "params": int(model.count_params()),
+        "layers_deep": _depth(model, tf_revnet),
+        "step_peak_mb": statistics.median(record["peaks"]),
+        "step_peaks_mb": record["peaks"],
+        "graph_mb": record.get("graph_mb"),
+        "process_mb": process / MIB,
+        "first_step_s": record.get("first_step_s"),
+        "step_s": statistics.median(record["times"]),
+        "estimate_mb": {k: v / MIB for k, v in estimate.as_dict().items()},
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _depth(model, tf_revnet):
+    """Weighted layers (convolutions and dense) of the model, nested ones included."""
+    import keras
+
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        count += isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
+    return count
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent process.
+# --------------------------------------------------------------------------------------------------
+
+
+def run_one(args, model, method, batch_size):
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [
+        sys.executable, os.path.abspath(__file__), "--child", "--models", model, "--methods",
+        method, "--batch-sizes", str(batch_size), "--image-size", str(args.image_size or
+                                                                        _image_size(model)),
+        "--warmup", str(args.warmup), "--steps", str(args.steps),
+    ] + (["--jit-compile"] if args.jit_compile else []) + (["--quick"] if args.quick else [])
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "method": method, "batch_size": batch_size, "error": "timeout"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["wall_s"] = time.perf_counter() - t0
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"model": model, "method": method, "batch_size": batch_size, "error": " | ".join(tail)}
+
+
+def _image_size(model):
+    return 224 if model in ("revnet104", "revnet56") else 32
+
+
+def _label(result):
+    if result["method"] == "baseline":
+        return REVNETS[result["model"]] if not result.get("quick") else "resnet (tiny)"
+    return result["model"]
+
+
+def markdown(results):
+    """The results as a Markdown table, with ratios to plain backprop on the same model and batch."""
+    plain = {(r["model"], r["batch_size"]): r for r in results
+             if r.get("method") == "plain" and "error" not in r}
+    rows = [
+        "| Model | Method | Batch | Step peak (MB) | vs plain | Estimate (MB) | Graph (MB) | "
+        "Process (MB) | vs plain | First step (s) | Step (s) | vs plain |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['model']} | {r['method']} | {r['batch_size']} | error: "
+                        f"{r['error'][:60]} | | | | | | | | |")
+            continue
+        p = plain.get((r["model"], r["batch_size"]))
+
+        def ratio(key, r=r, p=p):
+            return f"{r[key] / p[key]:.2f}" if p and p[key] else "-"
+
+        est = r["estimate_mb"].get(r["method"] if r["method"] != "baseline" else "plain")
+        rows.append(
+            f"| {_label(r)} | {r['method']} | {r['batch_size']} | {r['step_peak_mb']:.0f} | "
+            f"{ratio('step_peak_mb')} | {est:.0f} | {r['graph_mb']:.0f} | {r['process_mb']:.0f} | "
+            f"{ratio('process_mb')} | {r['first_step_s']:.1f} | {r['step_s']:.2f} | "
+            f"{ratio('step_s')} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plot(results, path):
+    """PNG: step peak against depth (per method) and against batch size (per model and method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in METHODS:
+        points = sorted(
+            (r["layers_deep"], r["step_peak_mb"]) for r in ok
+            if r["method"] == method and r["image_size"] == 32
+            and r["batch_size"] == max(q["batch_size"] for q in ok)
+        )
+        if points:
+            left.plot(*zip(*points), marker="o", label=method)
+    left.set(xlabel="weighted layers", ylabel="training-step peak (MB)",
+             title="Memory against depth (CIFAR size, largest batch)")
+    left.legend()
+    for key in sorted({(r["model"], r["method"]) for r in ok}):
+        points = sorted((r["batch_size"], r["step_peak_mb"]) for r in ok
+                        if (r["model"], r["method"]) == key)
+        if len(points) > 1:
+            right.plot(*zip(*points), marker="o", label=f"{key[0]} {key[1]}")
+    right.set(xlabel="batch size", ylabel="training-step peak (MB)",
+              title="Memory against batch size")
+    if right.lines:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["revnet38", "revnet110", "revnet164"],
+                        choices=sorted(REVNETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="Height and width (default: 32 for CIFAR models, 224 for ImageNet).")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--jit-compile", action="store_true", help="model.compile(jit_compile=True)")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--quick", action="store_true",
+                        help="Tiny generic models, batch 4, one measured step (a smoke test).")
+    parser.add_argument("--output", help="JSON file for the results (a .md and .png are written "
+                        "beside it).")
+    parser.add_argument("--from-json", nargs="+", help="Re-print tables and plots of saved runs.")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models = ["revnet38"]
+        args.methods = [m for m in args.methods if m in ("reversible", "plain")] or ["reversible"]
+        args.batch_sizes = [4]
+        args.steps = 1
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        args.model, args.method, args.batch_size = args.models[0], args.methods[0], \
+            args.batch_sizes[0]
+        args.image_size = args.image_size or _image_size(args.model)
+        run_child(args)
+        return 0
+    if args.from_json:
+        results = []
+        for path in args.from_json:
+            with open(path) as f:
+                results += json.load(f)["results"]
+    else:
+        results = []
+        for model in args.models:
+            for method in args.methods:
+                if method == "baseline" and not REVNETS.get(model):
+                    continue
+                for batch_size in args.batch_sizes:
+                    result = run_one(args, model, method, batch_size)
+                    result["quick"] = args.quick
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
+    table = markdown(results)
+    print(table)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "results": results}, f, indent=1)
+        stem = os.path.splitext(args.output)[0]
+        with open(stem + ".md", "w") as f:
+            f.write(table)
+        plot(results, stem + ".png")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
