@@ -180,20 +180,22 @@ class CountingTanhConv(keras.layers.Layer):
         return out
 
 
-def counting_sequence(use_custom_gradient, n_blocks=4):
+def counting_sequence(use_custom_gradient, n_blocks=4, fuse_identical_blocks=False):
     fs = [CountingTanhConv(4, dtype="float64") for _ in range(2 * n_blocks)]
     blocks = [ReversibleBlock(fs[2 * i], fs[2 * i + 1], dtype="float64") for i in range(n_blocks)]
-    seq = ReversibleSequence(blocks, use_custom_gradient=use_custom_gradient, dtype="float64")
+    seq = ReversibleSequence(blocks, use_custom_gradient=use_custom_gradient, dtype="float64",
+                             fuse_identical_blocks=fuse_identical_blocks)
     seq.build((2, 5, 5, 8))
+    seq._get_plan()  # the one-time check for unreplayable random ops traces F and G
     for f in fs:  # building traced each F once for its shape check
         f.calls, f.outputs = 0, []
     return seq, fs
 
 
-@pytest.mark.parametrize("use_custom_gradient", [True, False])
-def test_backward_rebuilds_instead_of_storing(use_custom_gradient):
+@pytest.mark.parametrize("use_custom_gradient, fuse", [(True, False), (True, True), (False, False)])
+def test_backward_rebuilds_instead_of_storing(use_custom_gradient, fuse):
     """Eager: the tape holds no F/G activation, and the backward pass calls F and G again."""
-    seq, fs = counting_sequence(use_custom_gradient)
+    seq, fs = counting_sequence(use_custom_gradient, fuse_identical_blocks=fuse)
     x = random_input((2, 5, 5, 8))
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -201,6 +203,11 @@ def test_backward_rebuilds_instead_of_storing(use_custom_gradient):
         loss = tf.reduce_sum(y * y)
     gc.collect()
     alive = sum(ref() is not None for f in fs for ref in f.outputs)
+    if fuse:  # one loop body: block 0's F and G run with each block's weights in turn
+        assert sum(f.calls for f in fs) == 8
+        tape.gradient(loss, seq.trainable_variables)
+        assert alive == 0 and sum(f.calls for f in fs) == 16
+        return
     assert [f.calls for f in fs] == [1] * 8
     tape.gradient(loss, seq.trainable_variables)
     if use_custom_gradient:
@@ -222,9 +229,11 @@ def test_inference_mode_runs_plain_blocks():
     assert [f.calls for f in fs] == [2] * 8  # two forward passes, no recompute
 
 
-def test_graph_contains_the_recompute():
-    """In a tf.function, the gradient graph holds F's ops twice (forward + recompute)."""
-    seq, _ = counting_sequence(True, n_blocks=2)
+@pytest.mark.parametrize("fuse", [False, True])
+def test_graph_contains_the_recompute(fuse):
+    """In a tf.function, the gradient graph holds F's ops twice (forward + recompute): per block
+    unfused, once for all blocks when they run as one while loop."""
+    seq, _ = counting_sequence(True, n_blocks=2, fuse_identical_blocks=fuse)
     x = random_input((2, 5, 5, 8))
 
     @tf.function
@@ -234,9 +243,12 @@ def test_graph_contains_the_recompute():
             loss = tf.reduce_sum(seq(x, training=True) ** 2)
         return tape.gradient(loss, x)
 
-    graph = step.get_concrete_function(x).graph
-    tanh_ops = [op for op in graph.get_operations() if op.type == "Tanh"]
-    assert len(tanh_ops) == 2 * 4  # 4 residual functions, each run in forward and in recompute
+    graph_def = step.get_concrete_function(x).graph.as_graph_def()
+    ops = [n.op for n in graph_def.node] + [
+        n.op for f in graph_def.library.function for n in f.node_def
+    ]
+    # Unfused: 4 residual functions, each in forward and recompute; fused: F and G of one block body.
+    assert ops.count("Tanh") == (2 * 2 if fuse else 2 * 4)
 
 
 # --- call conventions -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from tf_revnet.layers.utils import (
     build_sublayer,
     global_seed_state,
     higher_order_possible,
+    no_autocast,
     scoped_value,
     stop_recording,
     strip_names,
@@ -221,10 +222,12 @@ class ReversibleSequence(keras.layers.Layer):
             )
         if self.use_custom_gradient and training:
             plan = self._get_plan()
-            weights = [_read(v) for v in plan.trainable]
+            with no_autocast():
+                weights = [_read(v) for v in plan.trainable]
             # Gradients of gradients need the recorded forward pass (Algorithm 1 keeps none).
             if not higher_order_possible([inputs] + weights):
-                return self._reversible_call(inputs, weights)
+                with no_autocast():
+                    return self._reversible_call(inputs, weights)
         x = inputs
         for unit in self.units:
             x = unit(x, training=training)
@@ -291,7 +294,8 @@ class ReversibleSequence(keras.layers.Layer):
                     )
                 # Only `y`, the records (stored inputs of non-invertible units, replay state) and
                 # the weights are captured.
-                dx, dweights = plan.backward(y, dy, list(weights), records, rng_variable)
+                with no_autocast():
+                    dx, dweights = plan.backward(y, dy, list(weights), records, rng_variable)
                 return [dx] + dweights
 
             return outputs, grad_fn

@@ -23,6 +23,17 @@ except ImportError:  # pragma: no cover
     _pack_tangents = None
 
 
+def no_autocast():
+    """A scope in which Keras variables read as their own dtype (float32 under mixed precision).
+
+    `Layer.__call__` of a layer whose compute and variable dtypes differ enters an autocast scope even
+    with `autocast=False`; the reversible engine reads and maps the float32 master weights.
+    """
+    from keras.src.backend.common.variables import AutocastScope
+
+    return AutocastScope(None)
+
+
 def is_float_dtype(dtype):
     """Whether `dtype` (a string, `tf.DType` or Keras dtype) is a floating point type."""
     return tf.as_dtype(keras.backend.standardize_dtype(dtype)).is_floating
