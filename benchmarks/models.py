@@ -35,6 +35,10 @@ Commands (from the repository root, package installed):
     python benchmarks/models.py --models revnet110 --batch-sizes 32 64 128 \
         --output benchmarks/results/models_batch.json
 
+    # More than 1,000 layers: the generic RevNet with 166 basic units per stage (1,994 layers):
+    python benchmarks/models.py --models revnet38 deep --methods reversible --batch-sizes 32 \
+        --output benchmarks/results/models_deep.json
+
     # Smoke test (a tiny RevNet, reversible and plain, batch 4; used by the test suite):
     python benchmarks/models.py --quick
 
@@ -55,7 +59,7 @@ import time
 from measure import MIB, AllocatorMeter, CpuMeter, malloc_trim, proc_status_bytes
 
 REVNETS = {"revnet38": "resnet32", "revnet110": "resnet110", "revnet164": "resnet164",
-           "revnet104": "resnet101", "revnet56": None}
+           "revnet104": "resnet101", "revnet56": None, "deep": None}
 METHODS = ("reversible", "plain", "recompute", "baseline")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -65,7 +69,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 # --------------------------------------------------------------------------------------------------
 
 
-def build_model(name, method, image_size, quick=False):
+def build_model(name, method, image_size, quick=False, deep_units=166):
     """The model of `name` (a RevNet of the zoo) for `method`; `quick` builds tiny generic ones."""
     import tensorflow as tf
 
@@ -80,6 +84,11 @@ def build_model(name, method, image_size, quick=False):
                 units=depth_units, widths=(8, 8, 16),
                 use_custom_gradient=method == "reversible",
             )
+    elif name == "deep":  # the generic RevNet with `deep_units` basic units per stage (RevNet-110's widths)
+        model = tf_revnet.models.RevNet(
+            units=(deep_units,) * 3, widths=(32, 32, 64, 128), input_shape=(image_size, image_size, 3),
+            use_custom_gradient=method == "reversible", name=f"revnet{2 + 12 * deep_units}",
+        )
     elif method == "baseline":
         model = tf_revnet.models.get(REVNETS[name])(input_shape=(image_size, image_size, 3))
     else:
@@ -120,7 +129,8 @@ def run_child(args):
 
     keras.utils.set_random_seed(0)
     meter = AllocatorMeter(tf, "GPU:0") if tf.config.list_physical_devices("GPU") else CpuMeter()
-    model = build_model(args.model, args.method, args.image_size, quick=args.quick)
+    model = build_model(args.model, args.method, args.image_size, quick=args.quick,
+                        deep_units=args.deep_units)
     classes = model.output_shape[-1]
     estimate = tf_revnet.memory.estimate(model, args.batch_size)
     model.compile(
@@ -209,7 +219,8 @@ def run_one(args, model, method, batch_size):
         sys.executable, os.path.abspath(__file__), "--child", "--models", model, "--methods",
         method, "--batch-sizes", str(batch_size), "--image-size", str(args.image_size or
                                                                         _image_size(model)),
-        "--warmup", str(args.warmup), "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--steps", str(args.steps), "--deep-units",
+        str(args.deep_units),
     ] + (["--jit-compile"] if args.jit_compile else []) + (["--quick"] if args.quick else [])
     t0 = time.perf_counter()
     try:
@@ -231,6 +242,8 @@ def _image_size(model):
 
 
 def _label(result):
+    if result["model"] == "deep":
+        return f"RevNet-{result['layers_deep']} (generic)"
     if result["method"] == "baseline":
         return REVNETS[result["model"]] if not result.get("quick") else "resnet (tiny)"
     return result["model"]
@@ -307,6 +320,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
     parser.add_argument("--image-size", type=int, default=None,
                         help="Height and width (default: 32 for CIFAR models, 224 for ImageNet).")
+    parser.add_argument("--deep-units", type=int, default=166,
+                        help="Units per stage of the model `deep` (default 166: 1,994 layers).")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--jit-compile", action="store_true", help="model.compile(jit_compile=True)")
@@ -321,7 +336,7 @@ def parse_args(argv=None):
     if args.quick:
         args.models = ["revnet38"]
         args.methods = [m for m in args.methods if m in ("reversible", "plain")] or ["reversible"]
-        args.batch_sizes = [4]
+        args.batch_sizes = [int(os.environ.get("TF_REVNET_QUICK_BATCH", 4))]
         args.steps = 1
     return args
 

@@ -128,10 +128,18 @@ def _stored(layer, shape, batch_size):
 
 
 def _working_set(unit, shape, batch_size):
-    """Bytes a unit's recompute holds at once: its stored activations and its in/out gradients."""
-    stored, out = _stored(unit, shape, batch_size)
+    """Bytes a unit's backward step holds at once: recomputed activations and the tensors around them.
+
+    A `ReversibleBlock` recomputes G, then F (Algorithm 1), each under its own tape: the larger of the
+    two, plus its outputs and their gradients (y1, y2, dy1, dy2) and the rebuilt half and its gradient.
+    Any other unit is recomputed whole under one tape, plus its input and output and their gradients.
+    """
     itemsize = _itemsize(getattr(unit, "stream_dtype", unit.compute_dtype))
-    # Rebuilt input and its gradient, output and its gradient (Algorithm 1's x, dx, y, dy).
+    if isinstance(unit, ReversibleBlock):
+        half = tuple(shape[:-1]) + (shape[-1] // 2,)
+        stored = max(_stored(unit.f, half, batch_size)[0], _stored(unit.g, half, batch_size)[0])
+        return stored + 3 * itemsize * _elements(shape, batch_size)
+    stored, out = _stored(unit, shape, batch_size)
     return stored + 2 * itemsize * (_elements(shape, batch_size) + _elements(out, batch_size))
 
 
