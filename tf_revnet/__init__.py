@@ -7,8 +7,8 @@ pass, so activation memory does not grow with depth.
 
 __version__ = "0.1.0"
 
-from tf_revnet import layers, models
+from tf_revnet import callbacks, diagnostics, layers, models
 from tf_revnet.layers import *  # noqa: F401,F403
 from tf_revnet.layers import __all__ as _layers_all
 
-__all__ = ["layers", "models", "__version__"] + list(_layers_all)
+__all__ = ["callbacks", "diagnostics", "layers", "models", "__version__"] + list(_layers_all)
