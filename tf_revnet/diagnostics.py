@@ -435,7 +435,10 @@ def _loss_scale(model, loss_scale):
         return float(loss_scale)
     optimizer = getattr(model, "optimizer", None)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return float(keras.ops.convert_to_numpy(optimizer.dynamic_scale))
+        scale = getattr(optimizer, "dynamic_scale", None)  # created when the optimizer is built
+        if scale is None:
+            return float(optimizer.initial_scale)
+        return float(keras.ops.convert_to_numpy(scale))
     return 1.0
 
 
