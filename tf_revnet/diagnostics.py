@@ -34,7 +34,9 @@ __all__ = [
     "GradientAngle",
     "ReconstructionReport",
     "angle_degrees",
+    "compare_gradients",
     "gradient_angle",
+    "gradients",
     "reconstruction_error",
     "reversible_layers",
 ]
@@ -442,15 +444,124 @@ def _loss_scale(model, loss_scale):
     return 1.0
 
 
-def _gradients(model, variables, x, y, loss_fn, scale):
-    with keras.StatelessScope(), tf.GradientTape() as tape:
-        predictions = model(x, training=True)
-        loss = loss_fn(y, predictions)
-        loss = tf.reduce_mean(tf.cast(loss, tf.float32))
-        scaled = loss * scale
-    grads = tape.gradient(scaled, variables,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return float(loss), [_to_f64(g) / scale for g in grads]
+def _resolve_loss(model, loss):
+    if loss is None:
+        loss = getattr(model, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "`loss` is None and the model is not compiled with a loss. Fix: pass e.g. "
+                "loss='sparse_categorical_crossentropy' or compile the model first."
+            )
+    try:
+        return keras.losses.get(loss)
+    except ValueError as error:
+        raise ValueError(f"`loss` is not a Keras loss: {error}. Received: loss={loss!r}") from None
+
+
+def _sequences(model):
+    if not isinstance(model, keras.layers.Layer):
+        raise ValueError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
+    sequences = [s for s in reversible_layers(model) if isinstance(s, ReversibleSequence)]
+    _require_reversible(sequences, "model", model)
+    return sequences
+
+
+def gradients(model, x, y, loss=None, use_custom_gradient=None, loss_scale=None):
+    """Loss and gradients of every trainable variable in one training-mode pass, in float64.
+
+    Side-effect free (runs in a `keras.StatelessScope`: BatchNorm statistics and seed states are
+    unchanged). The building block of `gradient_angle`; use it to compare a model with another
+    reference, e.g. the same weights under another dtype policy.
+
+    Args:
+        model: a `keras.Model` with at least one `ReversibleSequence`.
+        x: the model's input, e.g. NHWC images `(N, H, W, C)`.
+        y: the targets, as `loss` expects them.
+        loss: a Keras loss name or callable. Defaults to None: the model's compiled loss.
+        use_custom_gradient: bool or None. If a bool, every `ReversibleSequence`'s
+            `use_custom_gradient` is set to it for this pass (and restored afterwards): True gives
+            reversible backprop, False stored-activation autodiff. Defaults to None: as configured.
+        loss_scale: positive float or None. The loss is multiplied by it before differentiation and the
+            gradients divided by it in float64. Defaults to None: the current scale of the model's
+            `LossScaleOptimizer`, else 1.
+
+    Returns:
+        `(loss, grads)`: the unscaled mean loss (float) and a list of float64 NumPy arrays, one per
+        `model.trainable_variables` entry (zeros for unconnected variables).
+
+    Raises:
+        ValueError: as `gradient_angle`.
+    """
+    sequences = _sequences(model)
+    loss_fn = _resolve_loss(model, loss)
+    scale = _loss_scale(model, loss_scale)
+    variables = list(model.trainable_variables)
+    if not variables:
+        raise ValueError(f"`model` has no trainable variables. Received: model={model.name!r}")
+    if not isinstance(x, (dict, list, tuple)):
+        x = _check_input(x)
+    switches = [s.use_custom_gradient for s in sequences]
+    try:
+        if use_custom_gradient is not None:
+            for s in sequences:
+                s.use_custom_gradient = bool(use_custom_gradient)
+        with keras.StatelessScope(), tf.GradientTape() as tape:
+            predictions = model(x, training=True)
+            value = tf.reduce_mean(tf.cast(loss_fn(y, predictions), tf.float32))
+            scaled = value * scale
+        grads = tape.gradient(scaled, variables,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    finally:
+        for s, switch in zip(sequences, switches):
+            s.use_custom_gradient = switch
+    return float(value), [_to_f64(g) / scale for g in grads]
+
+
+def compare_gradients(grads, reference, names, loss=math.nan, reference_loss=math.nan):
+    """Angle, relative error and norm difference of `grads` against `reference` (see `GradientAngle`).
+
+    Args:
+        grads: list of arrays, e.g. from `gradients(...)`.
+        reference: list of arrays of the same shapes.
+        names: list of str, one per array (the keys of `per_variable`).
+        loss: float. Stored in the result. Defaults to NaN.
+        reference_loss: float. Stored in the result. Defaults to NaN.
+
+    Returns:
+        `GradientAngle`.
+
+    Raises:
+        ValueError: if the three lists differ in length, are empty, or two arrays differ in size.
+    """
+    if not (len(grads) == len(reference) == len(names)) or not names:
+        raise ValueError(
+            "`grads`, `reference` and `names` must be non-empty lists of the same length. "
+            f"Received lengths {len(grads)}, {len(reference)}, {len(names)}"
+        )
+    grads = [np.asarray(g, dtype=np.float64) for g in grads]
+    reference = [np.asarray(g, dtype=np.float64) for g in reference]
+    nonfinite = sum(int(g.size - np.count_nonzero(np.isfinite(g))) for g in grads + reference)
+    per_variable = {name: angle_degrees(a, b) for name, a, b in zip(names, grads, reference)}
+    worst = max(per_variable, key=lambda k: math.inf if math.isnan(per_variable[k])
+                else per_variable[k])
+    a = np.concatenate([g.ravel() for g in grads])
+    b = np.concatenate([g.ravel() for g in reference])
+    rel_error = rel_norm = math.nan
+    if not nonfinite:
+        norm_a, norm_b = _norm(a), _norm(b)
+        if norm_b:
+            rel_error = _norm(a - b) / norm_b
+            rel_norm = (norm_a - norm_b) / norm_b
+    return GradientAngle(
+        degrees=angle_degrees(a, b),
+        relative_error=rel_error,
+        relative_norm_difference=rel_norm,
+        per_variable=per_variable,
+        worst_variable=worst,
+        loss=float(loss),
+        reference_loss=float(reference_loss),
+        nonfinite=nonfinite,
+    )
 
 
 def gradient_angle(model, x, y, loss=None, loss_scale=None):
@@ -479,7 +590,8 @@ def gradient_angle(model, x, y, loss=None, loss_scale=None):
             `keras.optimizers.LossScaleOptimizer` if it has one, else 1.
 
     Returns:
-        `GradientAngle`. Non-finite gradients are not hidden: `nonfinite > 0` and the angles are NaN.
+        `GradientAngle`, with `per_variable` keyed by `variable.path`. Non-finite gradients are not
+        hidden: `nonfinite > 0` and the angles are NaN.
 
     Raises:
         ValueError: if the model has no `ReversibleSequence`, no trainable variables, `loss` is None
@@ -496,59 +608,7 @@ def gradient_angle(model, x, y, loss=None, loss_scale=None):
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 5.3.
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise ValueError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
-    sequences = [s for s in reversible_layers(model) if isinstance(s, ReversibleSequence)]
-    _require_reversible(sequences, "model", model)
-    if loss is None:
-        loss = getattr(model, "loss", None)
-        if loss is None:
-            raise ValueError(
-                "`loss` is None and the model is not compiled with a loss. Fix: pass e.g. "
-                "loss='sparse_categorical_crossentropy' or compile the model first."
-            )
-    try:
-        loss_fn = keras.losses.get(loss)
-    except ValueError as error:
-        raise ValueError(f"`loss` is not a Keras loss: {error}. Received: loss={loss!r}") from None
-    scale = _loss_scale(model, loss_scale)
-    variables = list(model.trainable_variables)
-    if not variables:
-        raise ValueError(f"`model` has no trainable variables. Received: model={model.name!r}")
-    if not isinstance(x, (dict, list, tuple)):
-        x = _check_input(x)
-
-    loss_a, grads_a = _gradients(model, variables, x, y, loss_fn, scale)
-    switches = [s.use_custom_gradient for s in sequences]
-    try:
-        for s in sequences:
-            s.use_custom_gradient = False
-        loss_b, grads_b = _gradients(model, variables, x, y, loss_fn, scale)
-    finally:
-        for s, switch in zip(sequences, switches):
-            s.use_custom_gradient = switch
-
-    nonfinite = sum(int(g.size - np.count_nonzero(np.isfinite(g))) for g in grads_a + grads_b)
-    per_variable = {
-        v.path: angle_degrees(a, b) for v, a, b in zip(variables, grads_a, grads_b)
-    }
-    worst = max(per_variable, key=lambda k: math.inf if math.isnan(per_variable[k])
-                else per_variable[k])
-    a = np.concatenate([g.ravel() for g in grads_a])
-    b = np.concatenate([g.ravel() for g in grads_b])
-    if nonfinite:
-        rel_error = rel_norm = math.nan
-    else:
-        norm_a, norm_b = _norm(a), _norm(b)
-        rel_error = _norm(a - b) / norm_b if norm_b else math.nan
-        rel_norm = (norm_a - norm_b) / norm_b if norm_b else math.nan
-    return GradientAngle(
-        degrees=angle_degrees(a, b),
-        relative_error=rel_error,
-        relative_norm_difference=rel_norm,
-        per_variable=per_variable,
-        worst_variable=worst,
-        loss=loss_a,
-        reference_loss=loss_b,
-        nonfinite=nonfinite,
-    )
+    loss_a, grads_a = gradients(model, x, y, loss, None, loss_scale)
+    loss_b, grads_b = gradients(model, x, y, loss, False, loss_scale)
+    names = [v.path for v in model.trainable_variables]
+    return compare_gradients(grads_a, grads_b, names, loss_a, loss_b)
