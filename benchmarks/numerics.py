@@ -142,9 +142,11 @@ def measure_model(spec, args, data, np, tf, keras, tf_revnet, log):
     model = build(spec, "float32", keras, tf_revnet)
     models = {p: (model if p == "float32" else build(spec, p, keras, tf_revnet))
               for p in args.policies}
+    model64 = build(spec, "float64", keras, tf_revnet)  # the float64 reference
 
-    def loss(y, logits):  # in float32 whatever the compute dtype of the logits
-        return keras.losses.sparse_categorical_crossentropy(y, tf.cast(logits, "float32"),
+    def loss(y, logits):  # in float32 (float64 for the float64 reference)
+        dtype = "float64" if logits.dtype == tf.float64 else "float32"
+        return keras.losses.sparse_categorical_crossentropy(y, tf.cast(logits, dtype),
                                                             from_logits=True)
 
     model.compile(optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9), loss=loss)
@@ -163,6 +165,9 @@ def measure_model(spec, args, data, np, tf, keras, tf_revnet, log):
             log(f"{name}: {step} steps, train loss {train_loss:.3f} ({t_train:.0f} s)")
         weights = model.get_weights()
         reference_loss, reference = diagnostics.gradients(model, x_eval, y_eval, loss, False)
+        model64.set_weights([w.astype("float64") for w in weights])
+        _, reference64 = diagnostics.gradients(model64, x_eval.astype("float64"), y_eval, loss,
+                                               False)
         for policy in args.policies:
             t0 = time.perf_counter()
             m = models[policy]
@@ -196,6 +201,10 @@ def measure_model(spec, args, data, np, tf, keras, tf_revnet, log):
                 "rebuild_local_relative_error": max(b.local_relative_error for b in rebuild.blocks),
                 "rev_vs_f32_relative_error": rev_vs_f32.relative_error,
                 "plain_vs_f32_relative_error": plain_vs_f32.relative_error,
+                "rev_vs_f64_relative_error": diagnostics.compare_gradients(
+                    rev, reference64, names).relative_error,
+                "plain_vs_f64_relative_error": diagnostics.compare_gradients(
+                    plain, reference64, names).relative_error,
                 "rev_vs_f32_deg": rev_vs_f32.degrees,
                 "plain_vs_f32_deg": plain_vs_f32.degrees,
                 "loss": loss_rev,
@@ -238,8 +247,8 @@ def tables(rows, prec):
 
     lines = [
         "| model | depth | step | policy | angle (deg) | rel. error | norm diff | rebuild rel. (max abs) "
-        "| rev vs f32 | plain vs f32 | ratio | inf/NaN |",
-        "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| rev vs f32 | plain vs f32 | ratio | rev vs f64 | plain vs f64 | inf/NaN |",
+        "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = (r["rev_vs_f32_relative_error"] / r["plain_vs_f32_relative_error"]
@@ -249,7 +258,8 @@ def tables(rows, prec):
             f"| {_fmt(r['angle_relative_error'])} | {_fmt(r['angle_relative_norm_difference'])} "
             f"| {_fmt(r['rebuild_relative_error'])} ({_fmt(r['rebuild_max_abs_error'])}) "
             f"| {_fmt(r['rev_vs_f32_relative_error'])} | {_fmt(r['plain_vs_f32_relative_error'])} "
-            f"| {_fmt(ratio, '.2f')} | {r['nonfinite']} |"
+            f"| {_fmt(ratio, '.2f')} | {_fmt(r['rev_vs_f64_relative_error'])} "
+            f"| {_fmt(r['plain_vs_f64_relative_error'])} | {r['nonfinite']} |"
         )
     out = "\n".join(lines)
     if prec and prec["results"]:
