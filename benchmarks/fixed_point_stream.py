@@ -48,7 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--depth", type=int, default=32, help="Blocks N. Default 32")
     parser.add_argument("--bits", nargs="+", type=int, default=[12, 16],
                         help="Grid exponents k (stream grid 2^-k). Default 12 16")
-    parser.add_argument("--policies", nargs="+", default=["mixed_bfloat16", "mixed_float16"])
+    parser.add_argument("--policies", nargs="+", default=["mixed_bfloat16", "mixed_float16"],
+                        help="Keras dtype policies (float32 too: then plain is the reference "
+                        "itself and ratios are n/a). Default mixed_bfloat16 mixed_float16")
     parser.add_argument("--seeds", type=int, default=2, help="Default 2")
     parser.add_argument("--batch-size", type=int, default=8, help="Default 8")
     parser.add_argument("--image-size", type=int, default=16, help="Default 16")
@@ -202,8 +204,9 @@ def main(argv=None):
             dw = statistics.median(r["dw_all"] for r in sel)
             if name == "plain":
                 base = {"dx": dx, "dw": dw}
-            lines.append(f"| {policy} | {name} | {dx:.2e} | {dw:.2e} | {dx / base['dx']:.2f} | "
-                         f"{dw / base['dw']:.2f} | {same} | {vs} |")
+            ratio = [f"{a / b:.2f}" if b else "n/a" for a, b in ((dx, base["dx"]), (dw, base["dw"]))]
+            lines.append(f"| {policy} | {name} | {dx:.2e} | {dw:.2e} | {ratio[0]} | {ratio[1]} "
+                         f"| {same} | {vs} |")
     table = "\n".join(lines)
     print(table)
     if args.output:
