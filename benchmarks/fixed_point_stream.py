@@ -55,6 +55,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="Default 8")
     parser.add_argument("--image-size", type=int, default=16, help="Default 16")
     parser.add_argument("--channels", type=int, default=16, help="Channels per half. Default 16")
+    parser.add_argument("--stream-dtype", default="float32", choices=("float32", "float64"),
+                        help="dtype of the fixed-point stream (the unquantized rows keep float32, "
+                        "as tf_revnet today). float64 is exact while |value| < 2^(53 - k). "
+                        "Default float32")
     parser.add_argument("--output", help="Write raw results and the table to this JSON file")
     return parser.parse_args(argv)
 
@@ -80,17 +84,23 @@ def main(argv=None):
         return layers
 
     def quantizer(bits):
-        if bits is None:
-            return lambda h: tf.cast(h, tf.float32)
+        if bits is None:  # today's stream: float32, no grid
+            q = lambda h: tf.cast(h, tf.float32)  # noqa: E731
+            q.dtype = tf.float32
+            return q
         scale = float(2.0**bits)
-        return lambda h: tf.round(tf.cast(h, tf.float32) * scale) / scale
+        dtype = tf.as_dtype(args.stream_dtype)
+        q = lambda h: tf.round(tf.cast(h, dtype) * scale) / scale  # noqa: E731
+        q.dtype = dtype
+        return q
 
     def forward(layers, x, q, straight_through=False):
         """The stack; returns output and every block's inputs (for checking the rebuild)."""
         def add(stream, h):
-            h32 = tf.cast(h, tf.float32)
+            h32 = tf.cast(h, q.dtype)
             return stream + (h32 + tf.stop_gradient(q(h) - h32) if straight_through else q(h))
 
+        x = tf.cast(x, q.dtype)
         x = x + tf.stop_gradient(q(x) - x) if straight_through else q(x)
         x1, x2 = tf.split(x, 2, axis=-1)
         inputs = []
@@ -106,7 +116,7 @@ def main(argv=None):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y, _ = forward(layers, x, q, straight_through=True)
-            loss = tf.reduce_sum(w * y)
+            loss = tf.reduce_sum(tf.cast(w, y.dtype) * y)
         dx, *dws = tape.gradient(loss, [x, *variables])
         return dx, dws
 
@@ -115,7 +125,7 @@ def main(argv=None):
         with keras.StatelessScope():  # the forward pass: no tape, BN statistics untouched
             y, inputs = forward(layers, x, q)
         y1, y2 = tf.split(y, 2, axis=-1)
-        dy1, dy2 = tf.split(w, 2, axis=-1)
+        dy1, dy2 = tf.split(tf.cast(w, q.dtype), 2, axis=-1)
         grads = {}
         identical = True
         for b in reversed(range(args.depth)):
@@ -126,14 +136,14 @@ def main(argv=None):
             x2 = y2 - q(h)
             dz1, *dg = tape.gradient(h, [y1, *g.trainable_variables],
                                      output_gradients=tf.cast(dy2, h.dtype))
-            dz1 = dy1 + tf.cast(dz1, tf.float32)
+            dz1 = dy1 + tf.cast(dz1, q.dtype)
             with keras.StatelessScope(), tf.GradientTape() as tape:
                 tape.watch(x2)
                 h = f(x2, training=True)
             x1 = y1 - q(h)
             dx2, *df = tape.gradient(h, [x2, *f.trainable_variables],
                                      output_gradients=tf.cast(dz1, h.dtype))
-            dx2 = dy2 + tf.cast(dx2, tf.float32)
+            dx2 = dy2 + tf.cast(dx2, q.dtype)
             for v, d in zip(f.trainable_variables + g.trainable_variables, df + dg):
                 grads[id(v)] = d
             identical &= bool(tf.reduce_all(x1 == inputs[b][0]) and tf.reduce_all(x2 == inputs[b][1]))
@@ -184,7 +194,8 @@ def main(argv=None):
 
     lines = [
         f"N = {args.depth} blocks, batch {args.batch_size} of {args.image_size}x{args.image_size}x"
-        f"{2 * args.channels}, {args.seeds} seeds (median). Relative gradient error against float32 "
+        f"{2 * args.channels}, {args.seeds} seeds (median), fixed-point stream in "
+        f"{args.stream_dtype}. Relative gradient error against float32 "
         "plain autodiff of the unquantized stack; ratio = error / plain low-precision error.",
         "",
         "| policy | method | dx | dW (all) | ratio dx | ratio dW | rebuilt inputs bit-identical "
