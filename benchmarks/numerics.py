@@ -149,7 +149,9 @@ def measure_model(spec, args, data, np, tf, keras, tf_revnet, log):
         return keras.losses.sparse_categorical_crossentropy(y, tf.cast(logits, dtype),
                                                             from_logits=True)
 
-    model.compile(optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9), loss=loss)
+    # --quick trains eagerly: tracing the step would take longer than the few steps themselves.
+    model.compile(optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9), loss=loss,
+                  run_eagerly=args.quick)
     names = [v.path for v in model.trainable_variables]
     rows, step, t_train = [], 0, 0.0
     n = len(x_train) // args.train_batch_size
