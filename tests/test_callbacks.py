@@ -127,3 +127,21 @@ def test_monitor_warns_on_nonfinite_values():
 def test_monitor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         revnet_callbacks.ReversibleNumericsMonitor(np.zeros((1, 8, 8, 3)), np.zeros((1,)), **kwargs)
+
+
+def test_train_cli_monitor_numerics_flag(tmp_path):
+    from training import train
+
+    def resolve(*extra):
+        args = train.build_parser().parse_args(
+            ["--model-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "export" / "1"),
+             *extra])
+        args.argv = list(extra)
+        return train.resolve_config(args)
+
+    config = resolve("--monitor-numerics", "50", "--max-gradient-angle", "0.5")
+    assert (config["monitor_numerics"], config["max_gradient_angle"],
+            config["max_reconstruction_error"]) == (50, 0.5, 1e-2)
+    assert resolve()["monitor_numerics"] == 0  # off by default
+    with pytest.raises(train.ConfigError, match="--monitor-numerics must be >= 0"):
+        resolve("--monitor-numerics", "-1")
