@@ -31,7 +31,7 @@ setup(
         "importlib_resources",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={"test": ["pytest", "ruff", "matplotlib"]},  # matplotlib: benchmark plots
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

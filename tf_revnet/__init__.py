@@ -10,10 +10,12 @@ process' memory follows the flat live memory; `TF_REVNET_MALLOC_MMAP_THRESHOLD=0
 
 __version__ = "0.2.0"
 
-from tf_revnet import layers, memory, models
+from tf_revnet import callbacks, diagnostics, layers, memory, models
 from tf_revnet.layers import *  # noqa: F401,F403
 from tf_revnet.layers import __all__ as _layers_all
 
 memory.configure_allocator()
 
-__all__ = ["layers", "memory", "models", "__version__"] + list(_layers_all)
+__all__ = [
+    "callbacks", "diagnostics", "layers", "memory", "models", "__version__"
+] + list(_layers_all)

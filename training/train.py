@@ -163,6 +163,15 @@ def build_parser():
                         help="Keras dtype policy. Default: none (float32)")
     parser.add_argument("--no-custom-gradient", dest="use_custom_gradient", action="store_false",
                         help="plain autodiff instead of reversible backprop (for comparison)")
+    parser.add_argument("--monitor-numerics", type=int, default=0, metavar="N",
+                        help="every N steps, log the reversible gradient angle and reconstruction "
+                        "error on a held-out test batch (tf_revnet.callbacks."
+                        "ReversibleNumericsMonitor). Default: 0 (off)")
+    parser.add_argument("--max-gradient-angle", type=float, default=1.0, metavar="DEG",
+                        help="with --monitor-numerics: warn above this angle. Default: 1.0")
+    parser.add_argument("--max-reconstruction-error", type=float, default=1e-2, metavar="REL",
+                        help="with --monitor-numerics: warn above this relative error. "
+                        "Default: 0.01")
     parser.add_argument("--seed", type=int, default=0, help="random seed. Default: 0")
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                         help="Keras fit verbosity (1 = progress bar). Default: 1")
@@ -200,6 +209,8 @@ def resolve_config(args):
         # Name the command-line option rather than the recipe field: `batch_size` -> --batch-size.
         message = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
         raise ConfigError(message) from None
+    if args.monitor_numerics < 0:
+        raise ConfigError(f"--monitor-numerics must be >= 0. Received: {args.monitor_numerics}")
     if args.image_size < 1:
         raise ConfigError(f"--image-size must be >= 1. Received: {args.image_size}")
     model_dir = pathlib.Path(args.model_dir or REPO_ROOT / "runs" / args.model)
@@ -223,6 +234,9 @@ def resolve_config(args):
         "export_dir": str(export_dir.resolve()),
         "mixed_precision": args.mixed_precision,
         "use_custom_gradient": args.use_custom_gradient,
+        "monitor_numerics": args.monitor_numerics,
+        "max_gradient_angle": args.max_gradient_angle,
+        "max_reconstruction_error": args.max_reconstruction_error,
         "seed": args.seed,
         "command": " ".join(["python -m training.train"] + list(args.argv)),
     }
@@ -364,6 +378,17 @@ def _train(config, callbacks):
         keras.callbacks.CSVLogger(str(model_dir / "training_log.csv"), append=True),
         *callbacks,
     ]
+    if config.get("monitor_numerics"):  # before CSVLogger/TensorBoard, which read its logs
+        import tf_revnet.callbacks
+
+        if not tf_revnet.diagnostics.reversible_layers(model):
+            raise ConfigError(f"--monitor-numerics: {config['model']} has no reversible layers")
+        x_val, y_val = next(iter(test_ds.unbatch().batch(16)))
+        fit_callbacks.insert(2, tf_revnet.callbacks.ReversibleNumericsMonitor(
+            x_val, y_val, every_n_steps=config["monitor_numerics"],
+            max_gradient_angle=config["max_gradient_angle"],
+            max_reconstruction_error=config["max_reconstruction_error"],
+            log_dir=str(model_dir / "logs" / "numerics")))
     if importlib.util.find_spec("tensorboard") is not None:  # optional: TF does not require it
         fit_callbacks.insert(3, keras.callbacks.TensorBoard(str(model_dir / "logs"),
                                                             write_graph=False))
