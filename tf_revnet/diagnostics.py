@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
+from tf_revnet.layers.utils import global_seed_state, no_autocast, scoped_value
 
 __all__ = [
     "BlockReconstruction",
@@ -315,40 +316,72 @@ def _check_input(x, arg="x"):
 
 
 def _sequence_reconstruction(sequence, x, label):
-    """Per-block errors of one `ReversibleSequence` (or one block) on its input `x`."""
-    blocks = sequence.blocks if isinstance(sequence, ReversibleSequence) else [sequence]
-    x = tf.cast(x, blocks[0].input_dtype)
-    blocks[0]._check_dtype(x)
-    with keras.StatelessScope():
-        x1, x2 = blocks[0].split(x)
-        inputs, replay = [], []
-        for block in blocks:
-            inputs.append((x1, x2))
-            x1, x2 = block.forward(x1, x2, training=True, replay_log=replay)
-        outputs = inputs[1:] + [(x1, x2)]
-        zeros = tf.zeros_like(x1)
-        results = [None] * len(blocks)
-        y1, y2 = x1, x2
-        for index in reversed(range(len(blocks))):
-            block = blocks[index]
-            state = replay[2 * index : 2 * index + 2]
-            # Algorithm 1's rebuild, from the rebuilt output of the block above.
-            (y1, y2), _, _ = block.backward_step(y1, y2, zeros, zeros, replay=state, training=True)
-            # The same block rebuilt from its exact output.
-            (l1, l2), _, _ = block.backward_step(*outputs[index], zeros, zeros, replay=state,
-                                                 training=True)
-            rel, max_abs, nonfinite = _errors((y1, y2), inputs[index])
-            local_rel, local_max, local_nonfinite = _errors((l1, l2), inputs[index])
-            results[index] = BlockReconstruction(
-                name=block.name,
-                sequence=label,
-                index=index,
-                relative_error=rel,
-                max_abs_error=max_abs,
-                local_relative_error=local_rel,
-                local_max_abs_error=local_max,
-                nonfinite=max(nonfinite, local_nonfinite),
-            )
+    """Per-block errors of one `ReversibleSequence` (or one block) on its input `x`.
+
+    Runs the units' stateless forward pass (state threaded from unit to unit, as in training), then
+    rebuilds every run of consecutive blocks from its exact output, as the backward pass does (it
+    restarts from the stored input of each non-invertible unit).
+    """
+    units = sequence.units if isinstance(sequence, ReversibleSequence) else [sequence]
+    rng_variable = global_seed_state()
+    with no_autocast():
+        rng = (tf.convert_to_tensor(rng_variable.value) if rng_variable is not None
+               else tf.zeros((2,), "int64"))
+        state = {id(v): tf.convert_to_tensor(v.value) for u in units for v in u.non_trainable_variables}
+        h = x
+        segments, current = [], None
+        for index, unit in enumerate(units):
+            weights = [tf.convert_to_tensor(v.value) for v in unit.trainable_variables]
+            unit_state = [state[id(v)] for v in unit.non_trainable_variables]
+            if isinstance(unit, ReversibleBlock):
+                h = unit.check_input(tf.cast(h, unit.stream_dtype))
+                x1, x2 = unit.split(h)
+                (y1, y2), record, (new_state, rng) = unit.stateless_forward(
+                    weights, unit_state, rng_variable, rng, x1, x2
+                )
+                if current is None:
+                    current = []
+                    segments.append(current)
+                current.append((index, unit, weights, record, (x1, x2), (y1, y2)))
+                h = unit.merge(y1, y2)
+            else:
+                mapping = (list(zip(unit.trainable_variables, weights))
+                           + list(zip(unit.non_trainable_variables, unit_state))
+                           + ([(rng_variable, rng)] if rng_variable is not None else []))
+                with keras.StatelessScope(state_mapping=mapping) as scope:
+                    h = unit(h, training=True)
+                    new_state = [scope.get_current_value(v) for v in unit.non_trainable_variables]
+                    rng = scoped_value(scope, rng_variable, rng)
+                current = None
+            for v, value in zip(unit.non_trainable_variables, new_state):
+                state[id(v)] = value
+        results = []
+        for segment in segments:
+            y1, y2 = segment[-1][5]
+            zeros = tf.zeros_like(y1)
+            rebuilt = []
+            for index, block, weights, record, inputs, outputs in reversed(segment):
+                # Algorithm 1's rebuild, from the rebuilt output of the block above.
+                (y1, y2), _, _ = block.stateless_backward(
+                    weights, record, rng_variable, y1, y2, zeros, zeros
+                )
+                # The same block rebuilt from its exact output.
+                (l1, l2), _, _ = block.stateless_backward(
+                    weights, record, rng_variable, *outputs, zeros, zeros
+                )
+                rel, max_abs, nonfinite = _errors((y1, y2), inputs)
+                local_rel, local_max, local_nonfinite = _errors((l1, l2), inputs)
+                rebuilt.append(BlockReconstruction(
+                    name=block.name,
+                    sequence=label,
+                    index=index,
+                    relative_error=rel,
+                    max_abs_error=max_abs,
+                    local_relative_error=local_rel,
+                    local_max_abs_error=local_max,
+                    nonfinite=max(nonfinite, local_nonfinite),
+                ))
+            results += reversed(rebuilt)
     return results
 
 
@@ -357,7 +390,7 @@ def reconstruction_error(layer_or_model, x):
 
     For each `ReversibleBlock`, compares the inputs `(x1, x2)` of a training-mode forward pass with
     the inputs Algorithm 1 rebuilds from the outputs (`x2 = y2 - G(y1)`, `x1 = y1 - F(x2)`, through
-    `ReversibleBlock.backward_step`, with the forward pass's random-generator states replayed so that
+    `ReversibleBlock.stateless_backward`, with the forward pass's random-generator states replayed so that
     Dropout draws the same masks). Every block is measured twice: rebuilt from the sequence's output
     through all blocks above it (what the backward pass uses: `relative_error`, `max_abs_error`), and
     from its own exact output (`local_*`: the error the block alone adds).

@@ -1,5 +1,6 @@
 """Private helpers shared by the layers of `tf_revnet.layers` (not public API)."""
 
+import contextlib
 import math
 
 import keras
@@ -8,8 +9,6 @@ import tensorflow as tf
 try:  # The non-public switch `tf.recompute_grad` uses to stop every tape on this thread.
     from tensorflow.python.eager.record import stop_recording
 except ImportError:  # pragma: no cover - a future TF without it: correct, eager memory not flat.
-    import contextlib
-
     stop_recording = contextlib.nullcontext
 try:  # What `tf.function` asks to decide whether a backward pass must itself be differentiable.
     from tensorflow.python.ops.gradients_util import (
@@ -23,15 +22,24 @@ except ImportError:  # pragma: no cover
     _pack_tangents = None
 
 
+@contextlib.contextmanager
 def no_autocast():
     """A scope in which Keras variables read as their own dtype (float32 under mixed precision).
 
     `Layer.__call__` of a layer whose compute and variable dtypes differ enters an autocast scope even
-    with `autocast=False`; the reversible engine reads and maps the float32 master weights.
+    with `autocast=False`; the reversible engine reads and maps the master weights. The scope is cleared,
+    not replaced by `AutocastScope(None)`: under that, `Variable.dtype` reports `floatx()` and
+    `keras.StatelessScope` would cast mapped float64 weights to float32, cutting their gradients.
+    Sublayers called inside still open their own autocast scopes.
     """
-    from keras.src.backend.common.variables import AutocastScope
+    from keras.src.backend.common import global_state
 
-    return AutocastScope(None)
+    previous = global_state.get_global_attribute("autocast_scope")
+    global_state.set_global_attribute("autocast_scope", None)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("autocast_scope", previous)
 
 
 def is_float_dtype(dtype):
