@@ -40,3 +40,14 @@ def test_max_batch_fit(budget):
     assert fixed == pytest.approx(236.0) and slope == pytest.approx(2.0)
     expected = max(0, int((budget * 1024 - 236.0) // 2.0))
     assert max_batch.max_batch(fixed, slope, budget * 1024) == expected
+
+
+def test_graph_quick(tmp_path):
+    output = tmp_path / "graph.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "graph.py"), "--quick", "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads(output.read_text())["results"]
+    assert result["graph_nodes"] > 100 and result["trace_s"] > 0

@@ -306,12 +306,6 @@ def test_float16_overflow_is_reported_not_silent():
     assert small.finite and math.isfinite(small.max_relative_error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Issue #11 item 3 (owned by tf_revnet/layers): under mixed policies the residual stream is "
-    "float32, so x + F(x2) - F(x2) != x by rounding and the rebuilt inputs differ from the forward "
-    "inputs. Flip this to a passing test once the layers use an exact (e.g. fixed-point) stream.",
-)
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_rebuilds_inputs_bit_for_bit(policy):
     keras.config.set_dtype_policy(policy)

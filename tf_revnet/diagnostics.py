@@ -335,7 +335,8 @@ def _sequence_reconstruction(sequence, x, label):
             unit_state = [state[id(v)] for v in unit.non_trainable_variables]
             if isinstance(unit, ReversibleBlock):
                 h = unit.check_input(tf.cast(h, unit.stream_dtype))
-                x1, x2 = unit.split(h)
+                # The block's own inputs: on the fixed-point grid where its coupling keeps one.
+                x1, x2 = (unit.coupling.quantize(t) for t in unit.split(h))
                 (y1, y2), record, (new_state, rng) = unit.stateless_forward(
                     weights, unit_state, rng_variable, rng, x1, x2
                 )

@@ -431,6 +431,8 @@ def test_mirrored_strategy_two_logical_cpus():
 
 def test_mixed_bfloat16_gradient_error_close_to_plain_bfloat16():
     """Reversible bf16 gradients are as close to float32 plain autodiff as plain bf16 ones."""
+    assert ReversibleBlock(keras.layers.Dense(2), keras.layers.Dense(2),
+                           dtype="mixed_bfloat16").coupling.grid_bits == 12
 
     def make(policy, ucg):
         return ReversibleSequence(
@@ -457,7 +459,10 @@ def test_mixed_bfloat16_gradient_error_close_to_plain_bfloat16():
     err_rev = max(relative_error(a, b) for a, b in zip(g_rev, g_ref))
     err_plain = max(relative_error(a, b) for a, b in zip(g_plain, g_ref))
     assert err_plain > 1e-4  # bf16 really computed F and G
-    assert err_rev <= 2.0 * err_plain
+    # The fixed-point stream (AdditiveCoupling(grid_bits=12) under mixed policies) rebuilds the inputs
+    # bit for bit, so the reversible gradients are as accurate as plain bf16 backprop's (issue #11).
+    assert err_rev <= 1.2 * err_plain
+    assert_all_close_relative(g_rev, g_plain, 1e-6, what="reversible vs plain bf16")
 
 
 def test_mixed_float16_fit_with_loss_scaling():

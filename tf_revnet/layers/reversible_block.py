@@ -12,6 +12,7 @@ from tf_revnet.layers import coupling as coupling_lib
 from tf_revnet.layers.two_stream import StateRecord, TwoStreamLayer
 from tf_revnet.layers.utils import build_sublayer, scoped_value
 
+MIXED_PRECISION_GRID_BITS = 12  # see AdditiveCoupling: exact while |stream| < 2^(24 - 12)
 _PROBE_SIZE = 8  # stands in for unknown non-batch dimensions when checking F and G (odd-free, > 1)
 
 
@@ -45,7 +46,10 @@ class ReversibleBlock(TwoStreamLayer):
         g: `keras.layers.Layer`. The residual function G; same contract as `f`. May be the same layer
             object as `f` (shared weights; kept shared by `get_config`/`from_config` and cloning).
         coupling: str or `tf_revnet.layers.Coupling`. `"additive"` (the paper's), `"affine"`, or an
-            instance such as `AffineCoupling(clamp=3.0)`. Defaults to `"additive"`.
+            instance such as `AffineCoupling(clamp=3.0)` or `AdditiveCoupling(grid_bits=k)`. Under a
+            mixed policy `"additive"` means `AdditiveCoupling(grid_bits=12)`: a fixed-point residual
+            stream whose rebuilt inputs are bit-identical to the forward pass's. Defaults to
+            `"additive"`.
         axis: int. The axis split into x1 and x2. Defaults to `-1`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
@@ -89,6 +93,9 @@ class ReversibleBlock(TwoStreamLayer):
                 )
         self.f = f
         self.g = g
+        if coupling == "additive" and self.dtype_policy.compute_dtype != self.stream_dtype:
+            # Mixed precision: a fixed-point stream makes the rebuilt inputs bit-identical.
+            coupling = coupling_lib.AdditiveCoupling(grid_bits=MIXED_PRECISION_GRID_BITS)
         self.coupling = coupling_lib.get(coupling)
 
     def build(self, input_shape):
@@ -143,6 +150,7 @@ class ReversibleBlock(TwoStreamLayer):
             x1, x2: float tensors of the half shape, e.g. `(N, H, W, C/2)`, in `stream_dtype`.
             training: bool or None, passed to F and G.
         """
+        x1, x2 = self.coupling.quantize(x1), self.coupling.quantize(x2)
         y1 = self.coupling.couple(x1, self.f(x2, training=training), self.axis)
         y2 = self.coupling.couple(x2, self.g(y1, training=training), self.axis)
         return y1, y2
@@ -213,6 +221,7 @@ class ReversibleBlock(TwoStreamLayer):
             the state after it (to be assigned by the caller).
         """
         variables = self.non_trainable_variables
+        x1, x2 = self.coupling.quantize(x1), self.coupling.quantize(x2)
         with keras.StatelessScope(
             state_mapping=self.state_mapping(weights, state, rng_variable, rng)
         ) as scope:
