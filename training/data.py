@@ -412,7 +412,7 @@ def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=No
         bad = p[~ok].tolist()
         if bad and strict:
             raise DataError("data_dir", root, f"cannot decode {bad[0]} (truncated or not an "
-                            "image); remove it, or allow skipping bad files (strict=False)")
+                            "image); remove it, or skip bad files with `strict=False`")
         skipped.extend(bad)
         if not ok.any():
             raise DataError("data_dir", root, f"no decodable images in {root / name}")
@@ -494,8 +494,8 @@ def load_tfds(name="cifar10", tfds_data_dir=None, train_examples=None, test_exam
             raise DataError(
                 "dataset", name,
                 f"not downloaded yet (looked in {tfds_data_dir or 'the TFDS default directory'}) "
-                f"and there is no network; read {name} from an image folder instead (`data_dir=DIR`)"
-                + (f", e.g. {ARCHIVE_HINT}" if name == "cifar10" else ""),
+                f"and there is no network; read {name} from an image folder instead "
+                + (ARCHIVE_HINT if name == "cifar10" else "(`data_dir=DIR`)"),
             )
         builder.download_and_prepare()
     splits = builder.info.splits
