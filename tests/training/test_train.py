@@ -485,3 +485,14 @@ def test_curves_plot_reads_a_resumed_log(tmp_path):
     assert columns["epoch"] == [0, 1] and columns["loss"] == [2.3, 1.9]
     png = plots.plot_training_curves(log, tmp_path / "c.png")
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_a_run_directory(trained, capsys):
+    from training import evaluate as evaluate_lib
+
+    result, _, model_dir, _ = trained
+    assert evaluate_lib.main([str(model_dir), "--verbose", "0", "--test-examples", "32"]) == 0
+    out = capsys.readouterr().out
+    # The run's own data (its config.json) and weights: the run's final test accuracy.
+    assert f"Top-1 accuracy: {result.test_accuracy:.4f} (32 images)" in out
+    assert (model_dir / "confusion_matrix.png").is_file()
