@@ -184,7 +184,7 @@ def evaluate(path, data_dir=None, dataset=None, tfds_data_dir=None, batch_size=1
     image_size = predictor.image_size or image_size or recipe.get("image_size", 32)
     datasets = data_lib.load(dataset=dataset, data_dir=data_dir, tfds_data_dir=tfds_data_dir,
                              image_size=image_size, in_memory=preprocessing == "cifar",
-                             test_examples=test_examples,
+                             test_examples=test_examples, seed=run.get("seed", 0),
                              validation_split=run.get("validation_split") if data_dir else None,
                              train_examples=1)
     test = data_lib.eval_dataset(datasets.test_split, batch_size, augment=preprocessing,

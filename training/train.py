@@ -494,6 +494,12 @@ def _peak_memory_mb():
 
 
 def _train(config, callbacks):
+    if config.distribution == "multi_worker" and not distribute_lib.is_chief():
+        # Workers other than the chief keep their own backup, logs and export in a sub-folder
+        # (the Keras multi-worker convention): the chief's files are the run's.
+        worker = pathlib.Path(config.model_dir) / f"worker-{distribute_lib.task_id()[1]}"
+        config = dataclasses.replace(config, model_dir=str(worker),
+                                     export_dir=str(worker / "export"))
     recipe = config.recipe
     model_dir = pathlib.Path(config.model_dir)
     resuming = _prepare_run_dir(config)
