@@ -278,22 +278,6 @@ def test_eval_dataset_covers_every_example_once_in_order(cifar10_small_dir):
     np.testing.assert_array_equal(labels, datasets.test_split.labels)
 
 
-@pytest.fixture
-def mixed_size_jpegs(cifar10_small_dir, tmp_path):
-    """Real CIFAR-10 photos re-encoded as JPEGs of several sizes and aspect ratios."""
-    root = tmp_path / "imagenet_like"
-    sizes = [(40, 56), (64, 48), (33, 33), (80, 100)]
-    for split, per_class in (("train", 4), ("test", 2)):
-        for label in ("cat", "dog"):
-            (root / split / label).mkdir(parents=True)
-            files = sorted((cifar10_small_dir / split / label).glob("*.jpg"))[:per_class]
-            for i, f in enumerate(files):
-                image = tf.io.decode_jpeg(tf.io.read_file(str(f)))
-                image = tf.cast(tf.image.resize(image, sizes[i % len(sizes)]), tf.uint8)
-                (root / split / label / f"{i}.JPEG").write_bytes(tf.io.encode_jpeg(image).numpy())
-    return root
-
-
 def test_imagenet_preprocessing_of_mixed_size_jpegs(mixed_size_jpegs):
     datasets = data_lib.load_image_folder(mixed_size_jpegs, in_memory=False)
     assert datasets.image_shape is None and datasets.train_split.images is None

@@ -496,3 +496,17 @@ def test_evaluate_a_run_directory(trained, capsys):
     # The run's own data (its config.json) and weights: the run's final test accuracy.
     assert f"Top-1 accuracy: {result.test_accuracy:.4f} (32 images)" in out
     assert (model_dir / "confusion_matrix.png").is_file()
+
+
+def test_imagenet_recipe_on_mixed_size_jpegs(mixed_size_jpegs, tmp_path):
+    """The ImageNet recipe end to end on real photos of several sizes (tiny model, 24x24 crops)."""
+    result, stdout = _run_captured([
+        "--recipe", "imagenet", "--model", "tiny_revnet", "--data-dir", str(mixed_size_jpegs),
+        "--image-size", "24", "--batch-size", "4", "--epochs", "2", "--verbose", "0",
+        "--model-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "e" / "1")])
+    assert not isinstance(result, Exception), result
+    assert "Recipe imagenet: 2 epochs x 2 steps of batch 4" in stdout
+    assert result.config["image_shape"] == [24, 24, 3] and result.config["total_steps"] == 4
+    assert "val_top5_accuracy" in result.history  # top-5 reported (2 classes: always 1.0)
+    assert result.summary["top5_accuracy"] == 1.0
+    assert tuple(result.model.input_shape) == (None, 24, 24, 3)
