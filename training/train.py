@@ -456,7 +456,9 @@ def _prepare_run_dir(config):
     """
     model_dir = pathlib.Path(config.model_dir)
     previous = model_dir / "config.json"
-    if not model_dir.exists() or (model_dir.is_dir() and not any(model_dir.iterdir())):
+    # worker-<i>/: other workers' state in a multi-worker run (see _train).
+    if not model_dir.exists() or (model_dir.is_dir() and not any(
+            p for p in model_dir.iterdir() if not p.name.startswith("worker-"))):
         return False
     if not previous.is_file():
         raise ConfigError(f"--model-dir {model_dir}: exists and is not a run directory (no "

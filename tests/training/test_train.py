@@ -416,6 +416,7 @@ def _unfinished_run(tmp_path, argv):
     (["--recipe", "quick"], "steps_per_epoch"),
     (["--seed", "3"], "seed"),
     (["--mixed-precision", "mixed_bfloat16"], "mixed_precision"),
+    (["--deterministic"], "deterministic"),
 ])
 def test_refuses_to_resume_a_different_configuration(change, named, cifar10_small_dir, tmp_path,
                                                      capsys):
