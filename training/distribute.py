@@ -2,7 +2,9 @@
 
 - `none`: the default strategy (one device).
 - `mirrored`: `tf.distribute.MirroredStrategy`, all GPUs of this machine (or its CPU).
-- `multi_worker`: `tf.distribute.MultiWorkerMirroredStrategy`; each worker process is started
+- `multi_worker`: `tf.distribute.MultiWorkerMirroredStrategy` (refused for now: Keras 3.15's
+  `model.fit` fails under it, keras-team/keras#20585; `TF_REVNET_ALLOW_MULTI_WORKER=1` tries anyway);
+  each worker process is started
   with the same command and a `TF_CONFIG` environment variable naming the cluster and its own task
   (`{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker",
   "index": 0}}`).
@@ -46,6 +48,16 @@ def make_strategy(name):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
+        if os.environ.get("TF_REVNET_ALLOW_MULTI_WORKER") != "1":
+            # Measured with TF 2.21 / Keras 3.15: model.fit under MultiWorkerMirroredStrategy
+            # fails in its first step ("Attempt to convert a value (PerReplica...) ... to a
+            # Tensor"), the open upstream issue keras-team/keras#20585 (tensorflow#72388).
+            # Refuse in one line instead of a traceback after the data are loaded.
+            raise ValueError(
+                "Keras 3's model.fit does not run under MultiWorkerMirroredStrategy yet "
+                "(keras-team/keras#20585); use mirrored on one machine, or set "
+                "TF_REVNET_ALLOW_MULTI_WORKER=1 to try anyway"
+            )
         if "TF_CONFIG" not in os.environ:
             raise ValueError("needs the TF_CONFIG environment variable describing the cluster "
                              'and this task, e.g. {"cluster": {"worker": ["host1:12345", '

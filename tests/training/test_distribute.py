@@ -111,11 +111,23 @@ def _free_ports(n):
     return ports
 
 
+def test_multi_worker_is_refused_in_one_line(tmp_path, capsys):
+    from training import train
+
+    code = train.main(["--distribution", "multi_worker", "--model-dir", str(tmp_path / "m"),
+                       "--data-dir", str(tmp_path), "--export-dir", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--distribution multi_worker:" in err and "keras-team/keras#20585" in err
+
+
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="Keras 3.15 model.fit fails under "
+                   "MultiWorkerMirroredStrategy (keras-team/keras#20585); passes once fixed")
 def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_dir, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "TF_REVNET_ALLOW_MULTI_WORKER": "1"}
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     procs = []
     for index in range(2):

@@ -1,5 +1,6 @@
-"""Tests of training/evaluate.py on real CIFAR-10 images: SavedModel (both signature styles),
-`.keras` files, top-5 with more than 10 classes, confusion matrix, one-line errors."""
+"""Tests of training/evaluate.py on real CIFAR-10 images: SavedModel (uint8 `images` ->
+`probabilities`; the run's own `pixels` export is tested in test_train.py), `.keras` files,
+top-5 with more than 10 classes, confusion matrix, one-line errors."""
 
 import contextlib
 import io
@@ -42,20 +43,6 @@ def cifar_test(cifar10_small_dir):
     return data_lib.load_image_folder(cifar10_small_dir, train_examples=1).test_split
 
 
-def test_saved_model_with_pixels_signature(cifar10_small_dir, cifar_test, tmp_path):
-    model = _classifier(10, cifar_test.images)
-    model.export(str(tmp_path / "sm" / "1"), format="tf_saved_model", verbose=False)
-    result = evaluate_lib.evaluate(tmp_path / "sm" / "1", data_dir=cifar10_small_dir,
-                                   output_dir=tmp_path / "out", verbose=0)
-    top1, _, confusion = _reference(model, cifar_test, 10)
-    assert result.num_examples == 200
-    assert result.top1 == pytest.approx(top1) and result.top5 is None
-    np.testing.assert_array_equal(result.confusion, confusion)
-    assert result.per_class["cat"] == pytest.approx(confusion[3, 3] / 20)
-    assert result.confusion_png == tmp_path / "out" / "confusion_matrix.png"
-    assert result.confusion_png.read_bytes().startswith(b"\x89PNG")
-
-
 def test_saved_model_with_uint8_images_and_probabilities(cifar10_small_dir, cifar_test, tmp_path):
     model = _classifier(10, cifar_test.images)
     archive = keras.export.ExportArchive()
@@ -67,10 +54,14 @@ def test_saved_model_with_uint8_images_and_probabilities(cifar10_small_dir, cifa
     )
     archive.write_out(str(tmp_path / "sm2"), verbose=False)
     result = evaluate_lib.evaluate(tmp_path / "sm2", data_dir=cifar10_small_dir,
-                                   output_dir=tmp_path, verbose=0)
+                                   output_dir=tmp_path / "out", verbose=0)
     top1, _, confusion = _reference(model, cifar_test, 10)
+    assert result.num_examples == 200 and result.top5 is None
     assert result.top1 == pytest.approx(top1)
     np.testing.assert_array_equal(result.confusion, confusion)
+    assert result.per_class["cat"] == pytest.approx(confusion[3, 3] / 20)
+    assert result.confusion_png == tmp_path / "out" / "confusion_matrix.png"
+    assert result.confusion_png.read_bytes().startswith(b"\x89PNG")
 
 
 def test_keras_file_with_more_than_ten_classes_reports_top5(cifar10_small_dir, tmp_path,
