@@ -190,6 +190,7 @@ def test_model_takes_raw_pixels_and_decays_kernels_only(trained):
     assert float(model.optimizer.iterations.numpy()) == EPOCHS * STEPS
 
 
+@pytest.mark.slow  # the suite's SIGKILL test also compares two processes without --deterministic
 def test_seed_alone_repeats_a_run_exactly(trained, cifar10_small_dir, tmp_path):
     _, _, model_dir, _ = trained
     again = tmp_path / "again"
@@ -498,6 +499,7 @@ def test_evaluate_a_run_directory(trained, capsys):
     assert (model_dir / "confusion_matrix.png").is_file()
 
 
+@pytest.mark.slow  # the suite keeps the data-level ImageNet tests (tests/training/test_data.py)
 def test_imagenet_recipe_on_mixed_size_jpegs(mixed_size_jpegs, tmp_path):
     """The ImageNet recipe end to end on real photos of several sizes (tiny model, 24x24 crops)."""
     result, stdout = _run_captured([
