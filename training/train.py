@@ -739,9 +739,9 @@ def main(argv=None):
         return 2
     except data_lib.DataError as e:
         # The data module names its own parameters (`data_dir=DIR`); say the flags instead.
+        reason = e.reason.replace("with `strict=False`", "without --strict-data")
         reason = re.sub(r"`(\w+)=([^`]*)`", lambda m: f"`{_flag(m.group(1))} {m.group(2)}`",
-                        e.reason)
-        reason = reason.replace("`strict=False`", "no --strict-data")
+                        reason)
         print(f"python -m training.train: error: {_flag(e.parameter)} {e.value}: {reason}",
               file=sys.stderr)
         return 2

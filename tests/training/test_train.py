@@ -531,3 +531,18 @@ def test_evaluate_the_exported_saved_model(trained, cifar10_small_dir, tmp_path)
     np.testing.assert_array_equal(evaluation.confusion, confusion)
     assert evaluation.per_class["cat"] == pytest.approx(confusion[3, 3] / 20)
     assert (tmp_path / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_strict_data_error_names_the_file_and_the_flag(tmp_path, cifar10_small_dir, capsys):
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            good = sorted((cifar10_small_dir / split / label).glob("*.jpg"))[0].read_bytes()
+            (root / split / label / "0.jpg").write_bytes(good)
+    (root / "train" / "cat" / "bad.jpg").write_bytes(good[:200])
+    err, _ = _main_error(["--data-dir", str(root), "--strict-data", "--model-dir",
+                          str(tmp_path / "m"), "--export-dir", str(tmp_path / "e")], capsys)
+    assert err == (f"python -m training.train: error: --data-dir {root}: cannot decode "
+                   f"{root / 'train' / 'cat' / 'bad.jpg'} (truncated or not an image); remove it, "
+                   "or skip bad files without --strict-data")
