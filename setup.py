@@ -30,6 +30,9 @@ setup(
         # tensorflow-datasets imports it without declaring it (see NOTES: TFDS 4.9.10 + TF 2.21).
         "importlib_resources",
         "numpy",
+        # TensorBoard logs of `python -m training.train`; training-curve and confusion-matrix PNGs.
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest", "ruff"]},
     classifiers=[

@@ -1,0 +1,96 @@
+"""Tests of training/evaluate.py on real CIFAR-10 images: SavedModel (uint8 `images` ->
+`probabilities`; the run's own `pixels` export is tested in test_train.py), `.keras` files,
+top-5 with more than 10 classes, confusion matrix, one-line errors."""
+
+import contextlib
+import io
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_revnet.models
+from training import data as data_lib
+from training import evaluate as evaluate_lib
+
+
+def _classifier(classes, images):
+    """A tiny RevNet on raw pixels, as the training script builds it (normalization first)."""
+    keras.utils.set_random_seed(3)
+    normalizer = keras.layers.Normalization(axis=-1, name="normalization")
+    normalizer.adapt(images.astype("float32"))
+    pixels = keras.Input((32, 32, 3), name="pixels")
+    backbone = tf_revnet.models.RevNet(units=[1, 1], widths=[8, 8, 16], input_shape=(32, 32, 3),
+                                       classes=classes)
+    return keras.Model(pixels, backbone(normalizer(pixels)))
+
+
+def _reference(model, split, k):
+    """Top-1, top-5 and confusion matrix computed directly from model.predict."""
+    probabilities = model.predict(split.images.astype("float32"), verbose=0)
+    predicted = probabilities.argmax(-1)
+    confusion = np.zeros((k, k), int)
+    for t, p in zip(split.labels, predicted):
+        confusion[t, p] += 1
+    top5 = np.mean([t in np.argsort(-p)[:5] for t, p in zip(split.labels, probabilities)])
+    return float(np.mean(predicted == split.labels)), float(top5), confusion
+
+
+@pytest.fixture(scope="module")
+def cifar_test(cifar10_small_dir):
+    return data_lib.load_image_folder(cifar10_small_dir, train_examples=1).test_split
+
+
+def test_saved_model_with_uint8_images_and_probabilities(cifar10_small_dir, cifar_test, tmp_path):
+    model = _classifier(10, cifar_test.images)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default",
+        lambda images: {"probabilities": model(tf.cast(images, tf.float32), training=False)},
+        input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.uint8, name="images")],
+    )
+    archive.write_out(str(tmp_path / "sm2"), verbose=False)
+    result = evaluate_lib.evaluate(tmp_path / "sm2", data_dir=cifar10_small_dir,
+                                   output_dir=tmp_path / "out", verbose=0)
+    top1, _, confusion = _reference(model, cifar_test, 10)
+    assert result.num_examples == 200 and result.top5 is None
+    assert result.top1 == pytest.approx(top1)
+    np.testing.assert_array_equal(result.confusion, confusion)
+    assert result.per_class["cat"] == pytest.approx(confusion[3, 3] / 20)
+    assert result.confusion_png == tmp_path / "out" / "confusion_matrix.png"
+    assert result.confusion_png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_keras_file_with_more_than_ten_classes_reports_top5(cifar10_small_dir, tmp_path,
+                                                            monkeypatch):
+    # 12 classes of real photos: the 10 CIFAR classes plus two copies under other names.
+    root = tmp_path / "twelve"
+    for split in ("train", "test"):
+        shutil.copytree(cifar10_small_dir / split, root / split)
+        for extra, source in (("zebra", "horse"), ("yacht", "ship")):
+            shutil.copytree(cifar10_small_dir / split / source, root / split / extra)
+    split = data_lib.load_image_folder(root, train_examples=1, test_examples=60).test_split
+    model = _classifier(12, split.images)
+    model.save(tmp_path / "m.keras")
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = evaluate_lib.main([str(tmp_path / "m.keras"), "--data-dir", str(root),
+                                  "--test-examples", "60", "--verbose", "0"])
+    assert code == 0
+    top1, top5, _ = _reference(model, split, 12)
+    text = out.getvalue()
+    assert f"Top-1 accuracy: {top1:.4f} (60 images)" in text
+    assert f"Top-5 accuracy: {top5:.4f}" in text
+    assert "  zebra" in text and "  airplane" in text
+    assert (tmp_path / "confusion_matrix.png").is_file()
+
+
+def test_bad_path_gives_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert evaluate_lib.main([str(tmp_path / "empty"), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a run directory" in err
