@@ -19,10 +19,13 @@ Each run writes to `--model-dir` (default `runs/<model>`): `config.json` (the re
 `backup/` (`keras.callbacks.BackupAndRestore`, removed when training finishes), `model.weights.h5`
 (weights after the last finished epoch, replaced atomically), `training_log.csv` and, if
 TensorBoard is installed, its logs in `logs/`. It then evaluates on the test split, prints
-`Test accuracy: <value>`, and exports a SavedModel to `--export-dir` (default
-`saved_models/<model>/<next version>/`, the layout TF Serving expects). The exported model takes raw
-float32 pixels in [0, 255]: per-channel normalization (mean and variance adapted on the training
-images) is its first layer.
+`Test accuracy: <value>`, saves `model.keras` (reload it with `keras.saving.load_model` after
+`import tf_revnet` to fine-tune), and exports a new version of the TF Serving model base path
+`--export-dir` (default `saved_models/<model>`; `--no-export` skips it) with `training.export`:
+`<export-dir>/<n>/`, `n` reserved atomically, signatures for uint8 images and encoded JPEG/PNG files
+returning class names, the run's configuration and test accuracy in `assets.extra/export.json`.
+The model takes raw float32 pixels in [0, 255]: per-channel normalization (mean and variance
+adapted on the training images) is its first layer.
 
 `main(argv)` returns the process exit code (0, or 2 after a one-line error on bad input);
 `run(argv)` does the work and returns a `TrainResult` (model, history, test metrics, export path)
@@ -46,7 +49,7 @@ import tensorflow as tf
 
 from training import data as data_lib
 from training import export as export_lib
-from training import recipes
+from training import recipes, serving_layout
 
 __all__ = ["main", "run", "build_parser", "build_classifier", "AtomicWeightsCheckpoint",
            "TrainResult", "ConfigError"]
@@ -70,7 +73,8 @@ class TrainResult:
             epoch).
         test_accuracy: float. Accuracy on the (capped) test split after training.
         test_loss: float. Loss on the same examples (including the weight-decay penalty).
-        export_dir: `pathlib.Path` of the SavedModel.
+        export_dir: `pathlib.Path` of the exported version `<export-dir>/<n>/`, or None with
+            `--no-export`.
         config: dict. The resolved configuration (also in `<model-dir>/config.json`).
     """
 
@@ -78,7 +82,7 @@ class TrainResult:
     history: keras.callbacks.History
     test_accuracy: float
     test_loss: float
-    export_dir: pathlib.Path
+    export_dir: pathlib.Path | None
     config: dict
 
 
@@ -158,7 +162,10 @@ def build_parser():
     parser.add_argument("--model-dir", default=None,
                         help="checkpoints, logs and config.json. Default: runs/<model>")
     parser.add_argument("--export-dir", default=None,
-                        help="SavedModel directory. Default: saved_models/<model>/<next version>")
+                        help="model base path that TF Serving watches: the export becomes its next "
+                             "version <export-dir>/<n>/. Default: saved_models/<model>")
+    parser.add_argument("--no-export", dest="export", action="store_false",
+                        help="skip the export (export later with python -m training.export)")
     parser.add_argument("--mixed-precision", default="none", choices=MIXED_PRECISION_POLICIES,
                         help="Keras dtype policy. Default: none (float32)")
     parser.add_argument("--no-custom-gradient", dest="use_custom_gradient", action="store_false",
@@ -203,12 +210,9 @@ def resolve_config(args):
     if args.image_size < 1:
         raise ConfigError(f"--image-size must be >= 1. Received: {args.image_size}")
     model_dir = pathlib.Path(args.model_dir or REPO_ROOT / "runs" / args.model)
-    if args.export_dir is not None:
-        export_dir = pathlib.Path(args.export_dir)
-    else:
-        export_dir = export_lib.next_version_dir(REPO_ROOT / "saved_models" / args.model)
+    export_dir = pathlib.Path(args.export_dir or REPO_ROOT / "saved_models" / args.model)
     try:
-        export_lib.check_export_dir(export_dir)
+        serving_layout.check_base_path(export_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return {
@@ -221,6 +225,7 @@ def resolve_config(args):
         "recipe": recipe.to_dict(),
         "model_dir": str(model_dir.resolve()),
         "export_dir": str(export_dir.resolve()),
+        "export": args.export,
         "mixed_precision": args.mixed_precision,
         "use_custom_gradient": args.use_custom_gradient,
         "seed": args.seed,
@@ -383,11 +388,19 @@ def _train(config, callbacks):
     print(f"Training time: {train_seconds:.0f} s")
     print(f"Test loss: {test_loss:.4f}")
     print(f"Test accuracy: {test_accuracy:.4f}", flush=True)
-    export_dir = export_lib.export_saved_model(model, config["export_dir"])
-    print(f"Exported SavedModel to {export_dir}", flush=True)
     config = {**config, "test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
               "train_seconds": train_seconds}
     _write_json(model_dir / "config.json", config)
+    keras_file = model_dir / "model.keras"
+    model.save(keras_file.with_name(".tmp-model.keras"))
+    os.replace(keras_file.with_name(".tmp-model.keras"), keras_file)
+    export_dir = None
+    if config["export"]:
+        exported = export_lib.export_saved_model(model, config["export_dir"],
+                                                 config["class_names"], run_info=config)
+        export_dir = exported.path
+        print(f"Exported version {exported.version} to {export_dir}\n"
+              f"{export_lib.pin_hint(config['model'], exported.version)}", flush=True)
     return TrainResult(model=model, history=history, test_accuracy=float(test_accuracy),
                        test_loss=float(test_loss), export_dir=export_dir, config=config)
 
