@@ -21,11 +21,12 @@ NUM_TEST_IMAGES = 16
 
 def build_tiny_classifier(normalizer=None):
     """The tiny RevNet wrapped as `training.train.build_classifier` wraps zoo models:
-    float32 raw pixels -> Normalization -> RevNet(units=[1, 1], widths=[8, 8, 16]) -> softmax.
+    float32 raw pixels -> Normalization -> RevNet(units=[2, 2], widths=[8, 8, 16]) (one ReversibleSequence
+    of one reversible block per stage: with units=[1, 1] there would be no reversible block) -> softmax.
     """
     if normalizer is None:
         normalizer = keras.layers.Normalization(axis=-1, dtype="float32", name="normalization")
-    backbone = tf_revnet.models.RevNet(units=[1, 1], widths=[8, 8, 16], classes=len(CLASSES),
+    backbone = tf_revnet.models.RevNet(units=[2, 2], widths=[8, 8, 16], classes=len(CLASSES),
                                        input_shape=(32, 32, 3), name="tiny_revnet")
     pixels = keras.Input(shape=(32, 32, 3), dtype="float32", name="pixels")
     return keras.Model(pixels, backbone(normalizer(pixels)), name="tiny_classifier")
@@ -44,12 +45,10 @@ class Exported:
 
 
 def _read_files(root, split, per_class):
-    files, labels = [], []
-    for label, name in enumerate(CLASSES):
-        found = sorted((root / split / name).glob("*.jpg"))[:per_class]
-        files += found
-        labels += [label] * len(found)
-    return files, np.array(labels)
+    """The first `per_class` files of each class, classes interleaved (0, 1, ..., 9, 0, 1, ...)."""
+    found = [sorted((root / split / name).glob("*.jpg"))[:per_class] for name in CLASSES]
+    pairs = [(f[i], label) for i in range(per_class) for label, f in enumerate(found) if i < len(f)]
+    return [f for f, _ in pairs], np.array([label for _, label in pairs])
 
 
 def _decode(files):
