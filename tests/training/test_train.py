@@ -58,11 +58,11 @@ def _small_run_args(data_dir, model_dir, export_dir, epochs=EPOCHS, steps=STEPS)
 def trained(cifar10_small_dir, tmp_path_factory):
     """One real CLI run of RevNet-38 on the CIFAR-10 subset: (TrainResult, stdout, paths)."""
     root = tmp_path_factory.mktemp("train_run")
-    model_dir, export_dir = root / "model_dir", root / "export" / "revnet38" / "1"
-    result, stdout = _run_captured(_small_run_args(cifar10_small_dir, model_dir, export_dir))
+    model_dir, base_path = root / "model_dir", root / "export" / "revnet38"
+    result, stdout = _run_captured(_small_run_args(cifar10_small_dir, model_dir, base_path))
     if isinstance(result, Exception):
         raise result
-    return result, stdout, model_dir, export_dir
+    return result, stdout, model_dir, base_path / "1"  # the first version of the base path
 
 
 def test_training_loss_goes_down(trained):
@@ -90,12 +90,17 @@ def test_prints_test_accuracy_and_writes_artifacts(trained):
     assert abs(printed - result.test_accuracy) < 1e-4
     # 64 test images: accuracy is a multiple of 1/64.
     assert abs(result.test_accuracy * 64 - round(result.test_accuracy * 64)) < 1e-4
-    assert f"Exported SavedModel to {export_dir}" in stdout
+    assert f"Exported version 1 to {export_dir}" in stdout
+    assert "model_version_policy { specific { versions: 1 } }" in stdout
 
     assert (export_dir / "saved_model.pb").is_file()
     assert (export_dir / "variables").is_dir()
     assert result.export_dir == export_dir
     assert (model_dir / "model.weights.h5").is_file()
+    assert (model_dir / "model.keras").is_file()
+    export_info = json.loads((export_dir / "assets.extra" / "export.json").read_text())
+    assert export_info["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert export_info["class_names"][3] == "cat" and export_info["run_config"]["model"] == "revnet38"
     assert not (model_dir / "backup").exists(), "BackupAndRestore keeps its backup only mid-run"
     assert not list(model_dir.glob(".tmp-*")) and not list(export_dir.parent.glob(".tmp-*"))
 
@@ -139,8 +144,8 @@ SERVE_SCRIPT = textwrap.dedent(
     inputs = np.load(inputs_path)
     outputs = {}
     for key in sorted(inputs.files):
-        result = serve(pixels=tf.constant(inputs[key]))
-        outputs[key] = result["output_0"].numpy()
+        result = serve(images=tf.constant(inputs[key].astype(np.uint8)))
+        outputs[key] = result["probabilities"].numpy()
     np.savez(outputs_path, **outputs)
     assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
     assert "training" not in sys.modules
@@ -165,7 +170,7 @@ def test_export_serves_same_predictions_in_fresh_process(trained, cifar10_small_
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK" in proc.stdout and "['pixels']" in proc.stdout, proc.stdout
+    assert "OK" in proc.stdout and "['images']" in proc.stdout, proc.stdout
     served = np.load(tmp_path / "outputs.npz")
     for key, want in expected.items():
         got = served[key]
@@ -189,14 +194,14 @@ class _Interrupt(keras.callbacks.Callback):
 
 def test_resumes_after_interruption(cifar10_small_dir, tmp_path):
     model_dir = tmp_path / "model_dir"
-    args = _small_run_args(cifar10_small_dir, model_dir, tmp_path / "export" / "1", epochs=2,
-                           steps=2)
+    args = _small_run_args(cifar10_small_dir, model_dir, tmp_path / "export", epochs=2,
+                           steps=2) + ["--no-export"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(KeyboardInterrupt):
         train.run(args, callbacks=[_Interrupt(after_epoch=0)])
     assert (model_dir / "backup" / "training_metadata.json").is_file()
     assert json.loads((model_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1
-    assert not (tmp_path / "export" / "1").exists()
+    assert not (tmp_path / "export").exists()
 
     result, stdout = _run_captured(args)
     if isinstance(result, Exception):
@@ -207,7 +212,8 @@ def test_resumes_after_interruption(cifar10_small_dir, tmp_path):
     assert float(result.model.optimizer.iterations.numpy()) == 2 * 2
     with open(model_dir / "training_log.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
-    assert (tmp_path / "export" / "1" / "saved_model.pb").is_file()
+    assert result.export_dir is None and not (tmp_path / "export").exists()  # --no-export
+    assert "Exported" not in stdout
     assert not (model_dir / "backup").exists()
 
 
@@ -276,7 +282,7 @@ def test_help_has_examples(capsys):
     out = capsys.readouterr().out
     for option in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size",
                    "--steps-per-epoch", "--test-examples", "--model-dir", "--export-dir",
-                   "--mixed-precision", "--learning-rate", "--recipe"):
+                   "--mixed-precision", "--learning-rate", "--recipe", "--no-export"):
         assert option in out
     assert "python -m training.train --data-dir" in out
 
