@@ -211,3 +211,41 @@ def test_rest_client_against_a_server_speaking_tf_serving_rest(exported, capsys)
         assert top[0][0] == CLASSES[ids[0]]  # the top class by name (class_names output)
         assert top[1][0] == f"#{ids[1]}"  # <= 10 classes: no top_k outputs, the others by id
         np.testing.assert_allclose([p for _, p in top], want[ids], atol=6e-4)
+
+
+def test_readme_grpc_client_against_a_prediction_service(exported, capsys):  # noqa: F811
+    """Runs the README's gRPC snippet against a `PredictionService` (tensorflow-serving-api's own
+    stub and servicer) that answers from the loaded SavedModel."""
+    from concurrent import futures
+
+    grpc = pytest.importorskip("grpc")
+    apis = pytest.importorskip("tensorflow_serving.apis.prediction_service_pb2_grpc")
+    from tensorflow_serving.apis import predict_pb2
+
+    loaded = tf.saved_model.load(str(exported.result.path))
+
+    class Service(apis.PredictionServiceServicer):
+        def Predict(self, request, context):  # noqa: N802 (gRPC's naming)
+            assert request.model_spec.name == "revnet38"
+            signature = loaded.signatures[request.model_spec.signature_name or "serving_default"]
+            inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+            response = predict_pb2.PredictResponse()
+            for key, value in signature(**inputs).items():
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
+            return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    apis.add_PredictionServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        blocks = re.findall(r"```python\n(.*?)```", _readme_serving_section(), re.S)
+        snippet, = [b for b in blocks if "prediction_service_pb2_grpc" in b]
+        image = exported.files[5]
+        snippet = snippet.replace("localhost:8500", f"127.0.0.1:{port}").replace(
+            README_IMAGE, str(image))
+        exec(compile(snippet, "README.md", "exec"), {})
+    finally:
+        server.stop(None)
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(np.array([CLASSES[exported.expected[5].argmax()].encode()]))
