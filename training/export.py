@@ -155,8 +155,9 @@ def convert_to_tflite(saved_model_dir, output_path, select_tf_ops=False):
         select_tf_ops: bool. If False (default) convert `serving_default` and `serving_float`
             with TFLite built-in ops only. If True also convert `serving_bytes`, whose
             `DecodeImage` and `ResizeBilinear` are not built-in TFLite ops: the file then needs a
-            runtime with the TF Select (Flex) delegate (the `tensorflow` pip package's interpreter
-            has it; the small LiteRT runtimes need the Flex delegate linked in).
+            runtime with the TF Select (Flex) delegate linked in. The `tf.lite.Interpreter` of the
+            `tensorflow` 2.21 pip package does not have it: it runs `serving_default` and
+            `serving_float` of such a file but fails on `serving_bytes`.
 
     Returns:
         `pathlib.Path` of the written file. Run it with `tf.lite.Interpreter` (or

@@ -31,6 +31,7 @@ import base64
 import json
 import pathlib
 import sys
+import urllib.error
 import urllib.request
 
 __all__ = ["IMAGE_EXTENSIONS", "resolve_export_dir", "read_class_names", "decode_predictions",
@@ -146,6 +147,9 @@ def classify_files(export_dir, files, batch_size=64):
 
     Returns:
         numpy float32 array `(len(files), classes)` of probabilities.
+
+    Raises:
+        PredictError: a file cannot be decoded (names the file).
     """
     import numpy as np
     import tensorflow as tf
@@ -153,8 +157,18 @@ def classify_files(export_dir, files, batch_size=64):
     serve = tf.saved_model.load(str(export_dir)).signatures[BYTES_SIGNATURE]
     batches = []
     for start in range(0, len(files), batch_size):
-        data = [pathlib.Path(f).read_bytes() for f in files[start:start + batch_size]]
-        batches.append(serve(image_bytes=tf.constant(data))["probabilities"].numpy())
+        batch = files[start:start + batch_size]
+        try:
+            data = [pathlib.Path(f).read_bytes() for f in batch]
+            batches.append(serve(image_bytes=tf.constant(data))["probabilities"].numpy())
+        except tf.errors.InvalidArgumentError:
+            for f in batch:  # find the culprit for a one-line message
+                try:
+                    tf.io.decode_image(pathlib.Path(f).read_bytes(), expand_animations=False)
+                except tf.errors.InvalidArgumentError:
+                    raise PredictError(f"image {f}: cannot decode it (not a JPEG, PNG, GIF or BMP "
+                                       "file, or truncated)") from None
+            raise
     return np.concatenate(batches)
 
 
@@ -203,8 +217,20 @@ def classify_with_server(server_url, files, timeout=60):
     body = json.dumps(rest_request_body(files, BYTES_SIGNATURE)).encode()
     request = urllib.request.Request(server_url.rstrip("/") + ":predict", data=body,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())["predictions"]
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())["predictions"]
+    except urllib.error.HTTPError as e:  # TF Serving answers errors as {"error": "..."}
+        message = e.read().decode(errors="replace")
+        try:
+            message = json.loads(message)["error"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise PredictError(f"--server {server_url}: HTTP {e.code}: "
+                           f"{' '.join(str(message).split())[:300]}") from None
+    except urllib.error.URLError as e:
+        raise PredictError(f"--server {server_url}: cannot reach it ({e.reason}); is TF Serving "
+                           "running with --rest_api_port?") from None
 
 
 def _format(path, top_classes):

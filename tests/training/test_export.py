@@ -158,6 +158,23 @@ def test_tflite_agrees_on_top1(exported):  # noqa: F811
             CLASSES[i] for i in exported.expected.argmax(axis=1)]
 
 
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_tflite_with_select_tf_ops_holds_the_bytes_signature(tmp_path):
+    model = _dense_classifier(classes=3)
+    result = export.export_saved_model(model, tmp_path / "m", ["a", "b", "c"], tflite=True,
+                                       tflite_select_tf_ops=True)
+    interpreter = tf.lite.Interpreter(model_path=str(result.tflite_path))
+    assert set(interpreter.get_signature_list()) == set(serving_signatures.SIGNATURES)
+    images = np.random.default_rng(4).integers(0, 256, (3, 8, 8, 3)).astype("uint8")
+    outputs = interpreter.get_signature_runner("serving_default")(images=images)
+    np.testing.assert_allclose(outputs["probabilities"],
+                               model.predict(images.astype("float32"), verbose=0), atol=1e-5)
+    # Decoding needs the Flex delegate, which TF 2.21's pip interpreter does not link in.
+    files = np.array([tf.io.encode_png(x).numpy() for x in images], dtype=object)
+    with pytest.raises(RuntimeError, match="FlexDecodeImage"):
+        interpreter.get_signature_runner("serving_bytes")(image_bytes=files)
+
+
 def test_top_k_outputs_for_more_than_ten_classes(tmp_path):
     model = _dense_classifier(classes=12)
     names = [f"class_{i:02d}" for i in range(12)]

@@ -120,6 +120,20 @@ def test_resolve_export_dir_and_one_line_errors(exported, tmp_path, capsys):  # 
         assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_corrupt_image_and_unreachable_server_give_one_line_errors(exported, tmp_path, capsys):  # noqa: F811
+    bad = tmp_path / "photos" / "b.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(exported.files[0].read_bytes()[:40])  # truncated JPEG
+    shutil.copy(exported.files[1], tmp_path / "photos" / "a.jpg")
+    assert predict.main([str(exported.result.path), str(bad.parent)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m training.predict: error: image {bad}: cannot decode it (not a JPEG, " \
+        "PNG, GIF or BMP file, or truncated)"
+    assert predict.main(["--server", "http://127.0.0.1:9/v1/models/m", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot reach it" in err, err
+
+
 def _decode_rest_body(body, loaded):
     """Decodes a REST :predict body as TF Serving does (row format) and runs the signature."""
     signature = loaded.signatures[body.get("signature_name", "serving_default")]
