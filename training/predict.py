@@ -271,6 +271,8 @@ def run(argv=None):
         args.images.insert(0, args.export)  # the first positional was an image
     if args.top < 1:
         raise PredictError(f"--top must be >= 1. Received: {args.top}")
+    if args.batch_size < 1:
+        raise PredictError(f"--batch-size must be >= 1. Received: {args.batch_size}")
     files = list_images(args.images)
     if args.rest_request is not None:
         print(json.dumps(rest_request_body(files, args.rest_request)))
