@@ -55,9 +55,22 @@ def _decode(files):
     return np.stack([tf.io.decode_jpeg(f.read_bytes(), channels=3).numpy() for f in files])
 
 
+_CACHE = {}
+
+
 @pytest.fixture(scope="session")
 def exported(cifar10_small_dir, tmp_path_factory):
-    """Trains the tiny RevNet for 2 steps on 40 real images, exports it with TFLite, once."""
+    """Trains the tiny RevNet for 2 steps on 40 real images, exports it with TFLite, once.
+
+    Each test module that imports this fixture gets its own fixture definition, so the result is
+    cached here to build it once per session.
+    """
+    if "exported" not in _CACHE:
+        _CACHE["exported"] = _build_exported(cifar10_small_dir, tmp_path_factory)
+    return _CACHE["exported"]
+
+
+def _build_exported(cifar10_small_dir, tmp_path_factory):
     root = pathlib.Path(cifar10_small_dir)
     train_files, train_labels = _read_files(root, "train", 4)
     train_images = _decode(train_files).astype("float32")

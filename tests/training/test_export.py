@@ -364,13 +364,24 @@ def test_cli_exports_an_interrupted_run_with_tflite(dense_run, tmp_path, capsys)
         "test_accuracy"] is None
 
 
-def test_cli_exports_a_keras_file(exported, tmp_path, capsys):  # noqa: F811
+def test_load_keras_file_restores_the_revnet(exported):  # noqa: F811
+    model, config = export.load_keras_file(exported.run_dir / "model.keras")
+    assert config["class_names"] == list(CLASSES)  # from the config.json beside it
+    np.testing.assert_allclose(model.predict(exported.images.astype("float32"), verbose=0),
+                               exported.expected, atol=1e-6)
+
+
+def test_cli_exports_a_keras_file(dense_run, tmp_path, capsys):
+    run, model, images = dense_run
+    model.save(run / "model.keras")
     base = tmp_path / "served"
-    keras_file = exported.run_dir / "model.keras"
-    assert export.main(["--keras-file", str(keras_file), "--export-dir", str(base)]) == 0
-    assert "version 1" in capsys.readouterr().out
-    np.testing.assert_allclose(_served(base / "1", exported.images), exported.expected, atol=1e-5)
-    assert (base / "1" / "assets.extra" / "class_names.txt").read_text().split() == list(CLASSES)
+    assert export.main(["--keras-file", str(run / "model.keras"), "--export-dir", str(base),
+                        "--class-names", "ant,bee,cow"]) == 0
+    assert "Exported dense version 1" in capsys.readouterr().out
+    want = model.predict(images.astype("float32"), verbose=0)
+    np.testing.assert_allclose(_served(base / "1", images), want, atol=1e-6)
+    assert (base / "1" / "assets.extra" / "class_names.txt").read_text().split() == [
+        "ant", "bee", "cow"]  # --class-names wins over the config.json beside the file
 
 
 def _error(argv, capsys):
