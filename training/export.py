@@ -77,9 +77,13 @@ class ExportResult:
 
 
 def pin_hint(model_name, version):
-    """One line telling how to make TF Serving serve exactly `version` of `model_name`."""
+    """One line telling how to make TF Serving serve exactly `version` of `model_name`.
+
+    The `base_path` shown is where the README's `docker run` mounts the model base path.
+    """
     return (f"TF Serving serves the highest version; to serve only this one, give it a "
-            f"--model_config_file with config {{ name: \"{model_name}\" base_path: \"...\" "
+            f"--model_config_file with config {{ name: \"{model_name}\" base_path: "
+            f"\"/models/{model_name}\" "
             f"model_platform: \"tensorflow\" model_version_policy {{ specific {{ versions: "
             f"{version} }} }} }}")
 

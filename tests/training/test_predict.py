@@ -263,3 +263,28 @@ def test_readme_grpc_client_against_a_prediction_service(exported, capsys):  # n
         server.stop(None)
     printed = capsys.readouterr().out.strip()
     assert printed == str(np.array([CLASSES[exported.expected[5].argmax()].encode()]))
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_readme_python_examples_run(exported, capsys):  # noqa: F811
+    """The README's SavedModel and TFLite snippets, with its paths pointed at the test export."""
+    blocks = re.findall(r"```python\n(.*?)```", _readme_serving_section(), re.S)
+    replacements = {
+        "saved_models/revnet38/1": str(exported.result.path),
+        "saved_models/revnet38/4/model.tflite": str(exported.result.tflite_path),
+        README_IMAGE: str(exported.files[3]),  # files[i] is of class i for i < 10: 3 = cat
+        "/tmp/cifar10/test/ship/0000.jpg": str(exported.files[8]),
+    }
+    saved_model_block, = [b for b in blocks if 'signatures["serving_bytes"]' in b]
+    tflite_block, = [b for b in blocks if "tf.lite.Interpreter" in b]
+    for block in (saved_model_block, tflite_block):
+        for old, new in replacements.items():
+            block = block.replace(old, new)
+        exec(compile(block, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [CLASSES[i] for i in exported.expected.argmax(axis=1)]
+    assert lines[0].startswith(str(np.array([names[3].encode(), names[8].encode()], dtype=object)))
+    np.testing.assert_allclose(
+        np.array(lines[0].split("] [")[1].rstrip("]").split(), dtype=float),
+        exported.expected[[3, 8]].max(axis=1), rtol=1e-5)
+    assert lines[1] == str(np.array([names[3].encode()], dtype=object))
