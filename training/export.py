@@ -44,7 +44,7 @@ import tensorflow as tf
 from training import serving_layout, serving_signatures
 
 __all__ = ["ExportError", "ExportResult", "export_saved_model", "convert_to_tflite",
-           "load_run", "load_keras_file", "pin_hint", "build_parser", "main",
+           "load_run", "load_keras_file", "pin_hint", "build_parser", "run", "main",
            "CLASS_NAMES_FILE", "EXPORT_INFO_FILE", "TFLITE_FILE"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ import sys
 import urllib.error
 import urllib.request
 
-__all__ = ["IMAGE_EXTENSIONS", "resolve_export_dir", "read_class_names", "decode_predictions",
+__all__ = ["IMAGE_EXTENSIONS", "PredictError", "build_parser", "run", "resolve_export_dir", "read_class_names", "decode_predictions",
            "list_images", "classify_files", "rest_request_body", "classify_with_server", "main"]
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
