@@ -34,8 +34,9 @@ import sys
 import urllib.error
 import urllib.request
 
-__all__ = ["IMAGE_EXTENSIONS", "PredictError", "build_parser", "run", "resolve_export_dir", "read_class_names", "decode_predictions",
-           "list_images", "classify_files", "rest_request_body", "classify_with_server", "main"]
+__all__ = ["IMAGE_EXTENSIONS", "PredictError", "build_parser", "run", "resolve_export_dir",
+           "read_class_names", "decode_predictions", "list_images", "classify_files",
+           "rest_request_body", "classify_with_server", "main"]
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 CLASS_NAMES_FILE = "assets.extra/class_names.txt"
