@@ -34,7 +34,8 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    # tensorflow-serving-api: the gRPC client of the README's Serving section, run in its test.
+    extras_require={"test": ["pytest", "ruff", "tensorflow-serving-api"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

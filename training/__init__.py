@@ -12,5 +12,11 @@ Modules:
     evaluate: `python -m training.evaluate PATH`, top-1/top-5, per-class, confusion matrix.
     plots: training curves and confusion-matrix PNGs (matplotlib).
     startup: quiet TensorFlow start-up for the command-line entry points.
-    export: SavedModel export in the TF Serving layout (`saved_models/<model>/<version>/`).
+    export: `python -m training.export`, a run or `.keras` file as a new TF Serving version
+        (`saved_models/<model>/<n>/`), optionally TensorFlow Lite.
+    serving_signatures: the exported signatures (uint8 images, float pixels, encoded files in;
+        probabilities, class ids and names out).
+    serving_layout: atomic version directories of a TF Serving model base path (standard library).
+    predict: `python -m training.predict`, the client: classify image files with an export or a
+        TF Serving server, without `tf_revnet`.
 """

@@ -7,8 +7,10 @@
 PATH is a run directory of `python -m training.train` (its `model.weights.h5` and `config.json`,
 which also give the data set), a `.keras` file, or a SavedModel version directory (its
 `serving_default` signature: one image input, float32 pixels in [0, 255] or uint8, and an output
-named `probabilities` or the only output). The data are the test split of `--data-dir` (an image
-folder) or `--dataset` (TFDS), by default the run's own. It prints top-1 accuracy, top-5 accuracy
+named `probabilities` or the only output; a version written by `training.export` takes uint8
+`images` and returns `probabilities`). The data are the test split of `--data-dir` (an image
+folder) or `--dataset` (TFDS), by default the run's own (for an exported version, the run's named
+in its `assets.extra/export.json`). It prints top-1 accuracy, top-5 accuracy
 when there are more than 10 classes, and each class' accuracy, and writes `confusion_matrix.png`
 (into the run directory, or `--output-dir`, default the current directory).
 
@@ -33,6 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from training import data as data_lib  # noqa: E402
+from training import export as export_lib  # noqa: E402
 from training import plots  # noqa: E402
 
 __all__ = ["main", "evaluate", "load_predictor", "Evaluation", "EvaluateError"]
@@ -71,27 +74,12 @@ class _Predictor:
 
 
 def _run_dir_model(path):
-    import tf_revnet  # noqa: F401  (registers the layers)
-    from training import train
-
-    config = json.loads((path / "config.json").read_text())
-    weights = path / "model.weights.h5"
-    if not weights.is_file():
-        raise EvaluateError(f"PATH {path}: run directory without model.weights.h5 (the run did "
-                            "not finish an epoch)")
-    shape = tuple(config["image_shape"])
-    normalizer = keras.layers.Normalization(axis=-1, dtype="float32", name="normalization")
-    normalizer.build((None,) + shape)
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(
-        "float32" if config.get("mixed_precision", "none") == "none" else config["mixed_precision"])
+    """The run's classifier rebuilt from its weights (float32), as `python -m training.export`."""
     try:
-        model = train.build_classifier(config["model"], shape, len(config["class_names"]),
-                                       normalizer)
-    finally:
-        keras.config.set_dtype_policy(policy)
-    model.load_weights(str(weights))
-    return model, config
+        return export_lib.load_run(path)
+    except export_lib.ExportError as e:
+        # load_run names its own option (`--model-dir DIR: reason`): name PATH instead.
+        raise EvaluateError(f"PATH {path}: {str(e).split(': ', 1)[-1]}") from None
 
 
 def load_predictor(path):
@@ -103,7 +91,8 @@ def load_predictor(path):
     Returns:
         `(predict, image_size, run_config)`: `predict` maps float32 `(N, H, W, 3)` pixels in
         [0, 255] to `(N, K)` probabilities; `image_size` is the model's input side or None;
-        `run_config` the run's config.json (run directories) or None.
+        `run_config` the run's config.json (run directories; for a version exported by
+        `training.export`, the `run_config` of its `assets.extra/export.json`) or None.
 
     Raises:
         EvaluateError: PATH is none of these or cannot be loaded.
@@ -144,7 +133,11 @@ def load_predictor(path):
             return serve(**{name: tf.cast(x, spec.dtype)})[key]
 
         size = spec.shape[1] if spec.shape.rank == 4 else None
-        return _Predictor(predict, size, None)
+        # A version written by training.export says which run it came from (data, recipe).
+        info_path = path / export_lib.EXPORT_INFO_FILE
+        run_config = json.loads(info_path.read_text()).get("run_config") if info_path.is_file() \
+            else None
+        return _Predictor(predict, size, run_config or None)
     raise EvaluateError(f"PATH {path}: not a run directory (config.json), a .keras file or a "
                         "SavedModel directory (saved_model.pb)")
 
@@ -209,7 +202,9 @@ def evaluate(path, data_dir=None, dataset=None, tfds_data_dir=None, batch_size=1
     per_class = {name: float(confusion[c, c] / max(confusion[c].sum(), 1))
                  for c, name in enumerate(datasets.class_names)}
     if output_dir is None:
-        output_dir = path if predictor.run_config is not None else pathlib.Path.cwd()
+        # Into a run directory, never into an exported version (TF Serving watches those).
+        run_dir = pathlib.Path(path).is_dir() and (pathlib.Path(path) / "config.json").is_file()
+        output_dir = path if run_dir else pathlib.Path.cwd()
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     png = plots.plot_confusion_matrix(confusion, datasets.class_names,

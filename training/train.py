@@ -24,6 +24,14 @@ complete), `model.weights.h5` (weights after the last epoch, replaced atomically
 command with the same `--model-dir` resumes exactly (same final weights as an uninterrupted run on
 CPU); a different command (model, data, recipe values, precision, seed) is refused.
 
+At the end it saves `model.keras` beside the weights (reload it with `keras.saving.load_model` after
+`import tf_revnet` to fine-tune) and exports a new version of the TF Serving model base path
+`--export-dir` (default `saved_models/<model>`; `--no-export` skips it) with `training.export`:
+`<export-dir>/<n>/`, `n` reserved atomically, signatures for uint8 images and encoded JPEG/PNG files
+returning class names, the run's configuration and test accuracy in `assets.extra/export.json`.
+The model takes raw float32 pixels in [0, 255]: per-channel normalization (mean and variance
+adapted on the training images) is its first layer.
+
 `main(argv)` returns the process exit code (0, or 2 after a one-line error on bad input);
 `run(argv)` does the work and returns a `TrainResult` (model, history, test metrics, export path)
 for tests and notebooks.
@@ -54,7 +62,7 @@ from training import checkpoint as checkpoint_lib  # noqa: E402
 from training import data as data_lib  # noqa: E402
 from training import distribute as distribute_lib  # noqa: E402
 from training import export as export_lib  # noqa: E402
-from training import plots, recipes  # noqa: E402
+from training import plots, recipes, serving_layout  # noqa: E402
 
 __all__ = ["main", "run", "build_parser", "resolve_config", "build_classifier", "RunConfig",
            "TrainResult", "ConfigError", "RunMetrics", "AtomicWeightsCheckpoint",
@@ -91,7 +99,9 @@ class RunConfig:
         validation_split: float or None.
         recipe: `recipes.Recipe` with the command-line overrides.
         model_dir: str. Absolute run directory.
-        export_dir: str. Absolute SavedModel directory.
+        export_dir: str. Absolute TF Serving model base path; the export is its next version
+            `<export_dir>/<n>/`.
+        export: bool. Export at the end of the run (False: `--no-export`).
         mixed_precision: str. `"none"`, `"mixed_bfloat16"` or `"mixed_float16"`.
         use_custom_gradient: bool.
         seed: int.
@@ -111,6 +121,7 @@ class RunConfig:
     recipe: recipes.Recipe
     model_dir: str
     export_dir: str
+    export: bool = True
     mixed_precision: str = "none"
     use_custom_gradient: bool = True
     seed: int = 0
@@ -146,7 +157,8 @@ class TrainResult:
             starts at the restored epoch).
         test_accuracy: float. Top-1 accuracy on the test split after training.
         test_loss: float. Loss on the same examples (including the weight-decay penalty).
-        export_dir: `pathlib.Path` of the SavedModel.
+        export_dir: `pathlib.Path` of the exported version `<export-dir>/<n>/`, or None with
+            `--no-export`.
         config: dict. The resolved configuration and data facts (also in `config.json`).
         summary: dict. What the end-of-run summary shows (also in `summary.json`).
     """
@@ -155,7 +167,7 @@ class TrainResult:
     history: dict
     test_accuracy: float
     test_loss: float
-    export_dir: pathlib.Path
+    export_dir: pathlib.Path | None
     config: dict
     summary: dict
 
@@ -290,7 +302,10 @@ def build_parser():
     parser.add_argument("--save-every-steps", type=int, default=None,
                         help="also save the resume state every N steps (default: every epoch)")
     parser.add_argument("--export-dir", default=None,
-                        help="SavedModel directory. Default: saved_models/<model>/<next version>")
+                        help="model base path that TF Serving watches: the export becomes its next "
+                             "version <export-dir>/<n>/. Default: saved_models/<model>")
+    parser.add_argument("--no-export", dest="export", action="store_false",
+                        help="skip the export (export later with python -m training.export)")
     parser.add_argument("--mixed-precision", default="none", choices=MIXED_PRECISION_POLICIES,
                         help="Keras dtype policy. Default: none (float32)")
     parser.add_argument("--distribution", default="none", choices=distribute_lib.STRATEGIES,
@@ -356,12 +371,9 @@ def resolve_config(args):
         model_dir = pathlib.Path(args.model_dir).expanduser().resolve()
     else:
         model_dir = _new_run_dir(REPO_ROOT / "runs" / args.model)
-    if args.export_dir is not None:
-        export_dir = pathlib.Path(args.export_dir)
-    else:
-        export_dir = export_lib.next_version_dir(REPO_ROOT / "saved_models" / args.model)
+    export_dir = pathlib.Path(args.export_dir or REPO_ROOT / "saved_models" / args.model)
     try:
-        export_lib.check_export_dir(export_dir)
+        serving_layout.check_base_path(export_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return RunConfig(
@@ -373,7 +385,8 @@ def resolve_config(args):
         validation_split=args.validation_split,
         recipe=recipe,
         model_dir=str(model_dir),
-        export_dir=str(export_dir.resolve()),
+        export_dir=str(export_dir.expanduser().resolve()),
+        export=args.export,
         mixed_precision=args.mixed_precision,
         use_custom_gradient=args.use_custom_gradient,
         seed=args.seed,
@@ -640,27 +653,39 @@ def _train(config, callbacks):
     best = _best_accuracy(model_dir / "training_log.csv", test_accuracy)
     peak_rss, peak_gpu = _peak_memory_mb()
     images_per_second = run_metrics.images / run_metrics.seconds if run_metrics.seconds else None
-    export_dir = export_lib.export_saved_model(model, config.export_dir)
-    print(f"Exported SavedModel to {export_dir}", flush=True)
+    final_config = {**config_dict, "finished": True, "test_accuracy": test_accuracy,
+                    "test_loss": test_loss, "train_seconds": train_seconds}
+    # model.keras beside the weights (fine-tuning, `python -m training.export --keras-file`).
+    keras_file = model_dir / "model.keras"
+    model.save(keras_file.with_name(".tmp-model.keras"))
+    os.replace(keras_file.with_name(".tmp-model.keras"), keras_file)
+    # Export before the run is marked finished: a failed export leaves a resumable run (rerun the
+    # command: it evaluates and exports again) and no partial version (training.serving_layout).
+    export_dir = export_version = None
+    if config.export:
+        exported = export_lib.export_saved_model(model, config.export_dir,
+                                                 datasets.class_names, run_info=final_config)
+        export_dir, export_version = exported.path, exported.version
     summary = {
         "model": config.model, "data": datasets.source, "test_split": datasets.test_name,
         "test_accuracy": test_accuracy, "test_loss": test_loss,
         "best_test_accuracy": best, "top5_accuracy": test.get("top5_accuracy"),
         "train_seconds": train_seconds, "images_per_second": images_per_second,
         "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu or None,
-        "export_dir": str(export_dir), "model_dir": str(model_dir),
+        "export_dir": None if export_dir is None else str(export_dir),
+        "export_version": export_version, "model_dir": str(model_dir),
+        "keras_file": str(keras_file),
     }
     curves = plots.plot_training_curves(model_dir / "training_log.csv", model_dir / "curves.png",
                                         title=f"{config.model} on {datasets.source}")
     summary["curves"] = str(curves) if curves else None
     _print_summary(summary)
     _write_json(model_dir / "summary.json", summary)
-    _write_json(model_dir / "config.json", {**config_dict, "finished": True, **{
-        k: summary[k] for k in ("test_accuracy", "test_loss", "train_seconds")}})
+    _write_json(model_dir / "config.json", final_config)
     backup.delete()
     return TrainResult(model=model, history=history, test_accuracy=test_accuracy,
-                       test_loss=test_loss, export_dir=export_dir,
-                       config={**config_dict, "finished": True}, summary=summary)
+                       test_loss=test_loss, export_dir=export_dir, config=final_config,
+                       summary=summary)
 
 
 def _best_accuracy(csv_path, final):
@@ -691,8 +716,13 @@ def _print_summary(summary):
         f"Peak memory: {summary['peak_rss_mb']:.0f} MB resident"
         + (f", {summary['peak_gpu_mb']:.0f} MB GPU" if summary["peak_gpu_mb"] else ""),
         f"Run dir: {summary['model_dir']} (curves.png, training_log.csv, logs/)",
-        f"Export: {summary['export_dir']}",
     ]
+    if summary["export_version"] is None:
+        lines.append(f"Export: skipped (--no-export); export later with python -m training.export "
+                     f"--model-dir {summary['model_dir']}")
+    else:
+        lines += [f"Exported version {summary['export_version']} to {summary['export_dir']}",
+                  export_lib.pin_hint(summary["model"], summary["export_version"])]
     print("\n".join(lines), flush=True)
 
 

@@ -74,13 +74,13 @@ def _small_run_args(data_dir, model_dir, export_dir, epochs=EPOCHS, steps=STEPS,
 def trained(cifar10_small_dir, tmp_path_factory):
     """One real CLI run of the tiny RevNet on the CIFAR-10 subset: (TrainResult, stdout, paths)."""
     root = tmp_path_factory.mktemp("train_run")
-    model_dir, export_dir = root / "model_dir", root / "export" / "tiny" / "1"
+    model_dir, base_path = root / "model_dir", root / "export" / "tiny"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(train.MODEL_BUILDERS, "tiny_revnet", tiny_revnet)
-        result, stdout = _run_captured(_small_run_args(cifar10_small_dir, model_dir, export_dir))
+        result, stdout = _run_captured(_small_run_args(cifar10_small_dir, model_dir, base_path))
     if isinstance(result, Exception):
         raise result
-    return result, stdout, model_dir, export_dir
+    return result, stdout, model_dir, base_path / "1"  # the first version of the base path
 
 
 def _h5_arrays(path):
@@ -143,12 +143,22 @@ def test_prints_summary_and_writes_artifacts(trained):
     assert abs(result.test_accuracy * 32 - round(result.test_accuracy * 32)) < 1e-4
     assert result.test_accuracy == pytest.approx(result.history["val_accuracy"][-1])
     assert "Evaluating" not in stdout
-    for label in ("Training time:", "images/s", "Peak memory:", f"Export: {export_dir}"):
+    for label in ("Training time:", "images/s", "Peak memory:"):
         assert label in stdout, label
-    assert f"Exported SavedModel to {export_dir}" in stdout
+    # The summary says which version was written and how to pin it; it never prints "None".
+    assert f"Exported version 1 to {export_dir}" in stdout
+    assert "model_version_policy { specific { versions: 1 } }" in stdout
+    assert "None" not in stdout[stdout.index("Summary:"):]
+    assert result.export_dir == export_dir
 
     assert (export_dir / "saved_model.pb").is_file()
     assert (model_dir / "model.weights.h5").is_file()
+    assert (model_dir / "model.keras").is_file()
+    export_info = json.loads((export_dir / "assets.extra" / "export.json").read_text())
+    assert export_info["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert export_info["class_names"][3] == "cat"
+    assert export_info["run_config"]["model"] == "tiny_revnet"
+    assert export_info["run_config"]["finished"] is True
     assert not (model_dir / "backup").exists(), "the backup is removed when the run is complete"
     assert not list(model_dir.glob(".tmp-*")) and not list(export_dir.parent.glob(".tmp-*"))
     png = (model_dir / "curves.png").read_bytes()
@@ -212,8 +222,8 @@ SERVE_SCRIPT = textwrap.dedent(
     inputs = np.load(inputs_path)
     outputs = {}
     for key in sorted(inputs.files):
-        result = serve(pixels=tf.constant(inputs[key]))
-        outputs[key] = result["output_0"].numpy()
+        result = serve(images=tf.constant(inputs[key].astype(np.uint8)))
+        outputs[key] = result["probabilities"].numpy()
     np.savez(outputs_path, **outputs)
     assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
     assert "training" not in sys.modules
@@ -238,7 +248,7 @@ def test_export_serves_same_predictions_in_fresh_process(trained, cifar10_small_
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK" in proc.stdout and "['pixels']" in proc.stdout, proc.stdout
+    assert "OK" in proc.stdout and "['images']" in proc.stdout, proc.stdout
     served = np.load(tmp_path / "outputs.npz")
     for key, want in expected.items():
         got = served[key]
@@ -308,17 +318,23 @@ def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small
     assert metadata["step"] == 6 and metadata["epoch"] == 1
     assert not (tmp_path / "x" / "2").exists()
 
-    resumed = _cli(script, "-", args)
+    # Resumed with --no-export (not part of what a resume must repeat): nothing is exported and
+    # the summary says so.
+    resumed = _cli(script, "-", args + ["--no-export"])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert "Resuming at step 6 of 12 (epoch 2, batch 2)" in out, out
+    assert not (tmp_path / "x" / "2").exists()
+    assert (f"Export: skipped (--no-export); export later with python -m training.export "
+            f"--model-dir {tmp_path / 'run'}") in out, out
+    assert "Exported" not in out and "None" not in out[out.index("Summary:"):]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["export_dir"] is None and summary["export_version"] is None
     _assert_same_weights(reference_dir / "model.weights.h5", tmp_path / "run" / "model.weights.h5",
                          atol=1e-6)
     with open(tmp_path / "run" / "training_log.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
     assert not (tmp_path / "run" / "backup").exists()
-    # The same command again (with a new export directory): the run is finished, nothing is
-    # overwritten.
     # A new command on the finished run directory (through `python -m`, which also filters
     # TensorFlow's start-up lines): refused in one line, nothing is overwritten.
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
@@ -400,7 +416,7 @@ def test_help_has_examples(capsys):
     out = capsys.readouterr().out
     for option in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size",
                    "--steps-per-epoch", "--test-examples", "--model-dir", "--export-dir",
-                   "--mixed-precision", "--learning-rate", "--recipe"):
+                   "--mixed-precision", "--learning-rate", "--recipe", "--no-export"):
         assert option in out
     assert "python -m training.train --data-dir" in out
 
