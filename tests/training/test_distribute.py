@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
             "--test-examples", "32", "--epochs", "2", "--steps-per-epoch", "4",
             "--batch-size", "32", "--learning-rate", "0.05", "--verbose", "0",
             "--distribution", strategy, "--model-dir", f"{out_dir}/{strategy}",
-            "--export-dir", f"{out_dir}/export-{strategy}/1"])
+            "--no-export"])
         losses[strategy] = {"loss": result.history["loss"], "val_loss": result.history["val_loss"],
                             "replicas": result.config["num_replicas"]}
     print("RESULT " + json.dumps(losses))
@@ -92,7 +92,7 @@ WORKER_SCRIPT = textwrap.dedent(
         "--test-examples", "32", "--epochs", "2", "--steps-per-epoch", "4",
         "--batch-size", "32", "--learning-rate", "0.05", "--verbose", "0",
         "--distribution", strategy, "--model-dir", model_dir,
-        "--export-dir", model_dir + "-export/1"])
+        "--no-export"])
     print("RESULT " + json.dumps({"loss": result.history["loss"],
                                   "replicas": result.config["num_replicas"]}))
     """

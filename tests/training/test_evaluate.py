@@ -1,5 +1,5 @@
-"""Tests of training/evaluate.py on real CIFAR-10 images: SavedModel (uint8 `images` ->
-`probabilities`; the run's own `pixels` export is tested in test_train.py), `.keras` files,
+"""Tests of training/evaluate.py on real CIFAR-10 images: the shared run's directory and its
+exported version (uint8 `images` -> `probabilities`, tests/training/conftest.py), `.keras` files,
 top-5 with more than 10 classes, confusion matrix, one-line errors."""
 
 import contextlib
@@ -9,7 +9,6 @@ import shutil
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tf_revnet.models
 from training import data as data_lib
@@ -43,25 +42,41 @@ def cifar_test(cifar10_small_dir):
     return data_lib.load_image_folder(cifar10_small_dir, train_examples=1).test_split
 
 
-def test_saved_model_with_uint8_images_and_probabilities(cifar10_small_dir, cifar_test, tmp_path):
-    model = _classifier(10, cifar_test.images)
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default",
-        lambda images: {"probabilities": model(tf.cast(images, tf.float32), training=False)},
-        input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.uint8, name="images")],
-    )
-    archive.write_out(str(tmp_path / "sm2"), verbose=False)
-    result = evaluate_lib.evaluate(tmp_path / "sm2", data_dir=cifar10_small_dir,
-                                   output_dir=tmp_path / "out", verbose=0)
-    top1, _, confusion = _reference(model, cifar_test, 10)
-    assert result.num_examples == 200 and result.top5 is None
-    assert result.top1 == pytest.approx(top1)
-    np.testing.assert_array_equal(result.confusion, confusion)
-    assert result.per_class["cat"] == pytest.approx(confusion[3, 3] / 20)
-    assert result.confusion_png == tmp_path / "out" / "confusion_matrix.png"
-    assert result.confusion_png.read_bytes().startswith(b"\x89PNG")
+def test_evaluate_a_run_directory(trained, capsys):
+    result, _, model_dir, _ = trained
+    assert evaluate_lib.main([str(model_dir), "--verbose", "0", "--test-examples", "32"]) == 0
+    out = capsys.readouterr().out
+    # The run's own data (its config.json) and weights: the run's final test accuracy.
+    assert f"Top-1 accuracy: {result.test_accuracy:.4f} (32 images)" in out
+    assert (model_dir / "confusion_matrix.png").is_file()
+
+
+def test_evaluate_the_exported_saved_model(trained, cifar10_small_dir, cifar_test, tmp_path,
+                                           monkeypatch):
+    """`training.evaluate` on the run's exported version (serving_default: uint8 `images` ->
+    `probabilities`) against top-1 and the confusion matrix computed from the Keras model's
+    predictions; without data options it evaluates on the run's own data (from the version's
+    assets.extra/export.json), giving the run's final test accuracy."""
+    result, _, _, export_dir = trained
+    evaluation = evaluate_lib.evaluate(export_dir, data_dir=cifar10_small_dir,
+                                       output_dir=tmp_path, verbose=0)
+    split = cifar_test
+    predicted = result.model.predict(split.images.astype("float32"), verbose=0).argmax(-1)
+    confusion = np.zeros((10, 10), int)
+    np.add.at(confusion, (split.labels, predicted), 1)
+    assert evaluation.num_examples == 200 and evaluation.top5 is None
+    assert evaluation.top1 == pytest.approx(np.mean(predicted == split.labels))
+    np.testing.assert_array_equal(evaluation.confusion, confusion)
+    assert evaluation.per_class["cat"] == pytest.approx(confusion[3, 3] / 20)
+    assert evaluation.confusion_png == tmp_path / "confusion_matrix.png"
+    assert evaluation.confusion_png.read_bytes().startswith(b"\x89PNG")
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the default place of the PNG (never the version)
+    own = evaluate_lib.evaluate(export_dir, verbose=0, test_examples=32)
+    assert own.num_examples == 32 and own.top1 == pytest.approx(result.test_accuracy)
+    assert own.confusion_png == tmp_path / "cwd" / "confusion_matrix.png"
+    assert not (export_dir / "confusion_matrix.png").exists()
 
 
 def test_keras_file_with_more_than_ten_classes_reports_top5(cifar10_small_dir, tmp_path,

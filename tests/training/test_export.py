@@ -1,8 +1,10 @@
 """Tests of the serving export: training/export.py, serving_signatures.py and serving_layout.py.
 
-One tiny RevNet, trained for two steps on real CIFAR-10 images, is exported once (the session
-fixture `exported` of `serving_fixtures.py`) and checked: in a fresh process that never imports
-`tf_revnet`, with `saved_model_cli`, and as TensorFlow Lite. Layout tests (concurrent versions,
+The tiny RevNet of the suite's training run (`trained`, conftest.py: 12 steps on real CIFAR-10
+images) is exported once more with TFLite (the session fixture `exported` of `serving_fixtures.py`)
+and checked: its signatures against Keras, its signature_defs (`saved_model_cli` in an opt-in slow
+test), as TensorFlow Lite, and its run directory through `python -m training.export`. The one
+fresh-process check (no tf_revnet) is in test_predict.py. Layout tests (concurrent versions,
 injected failures) run on the standard library or on a dense model that exports in a second.
 """
 
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.training.serving_fixtures import CLASSES, build_tiny_classifier, exported  # noqa: F401
+from tests.training.serving_fixtures import CLASSES, exported  # noqa: F401
 from training import export, serving_layout, serving_signatures, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -35,59 +37,28 @@ def _dense_classifier(classes, size=8):
     return keras.Model(pixels, keras.layers.Dense(classes, activation="softmax")(x))
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import numpy as np
-    import tensorflow as tf
-
-    export_dir, inputs_path, outputs_path = sys.argv[1:4]
-    files = sys.argv[4:]
-    loaded = tf.saved_model.load(export_dir)
-    inputs = np.load(inputs_path)
-    outputs = {}
+def test_signatures_match_keras_at_two_batch_sizes(exported):  # noqa: F811
+    """All three signatures give the Keras model's probabilities, class ids and names. (That they
+    load and run without tf_revnet is checked in a fresh process in test_predict.py.)"""
+    loaded = tf.saved_model.load(str(exported.result.path))
     for n in (1, 7):  # two batch sizes through every signature
-        images = inputs["images"][:n]
+        images = exported.images[:n]
+        want = exported.expected[:n]
         for name, kwargs in [
             ("serving_default", {"images": tf.constant(images)}),
             ("serving_float", {"images": tf.constant(images.astype("float32"))}),
-            ("serving_bytes", {"image_bytes": tf.constant([open(f, "rb").read() for f in files[:n]])}),
+            ("serving_bytes", {"image_bytes": tf.constant([f.read_bytes()
+                                                           for f in exported.files[:n]])}),
         ]:
-            result = loaded.signatures[name](**kwargs)
-            for key, value in result.items():
-                outputs[f"{name}/{n}/{key}"] = value.numpy()
-    np.savez(outputs_path, **outputs)
-    assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
-    assert not any(m == "training" or m.startswith("training.") for m in sys.modules)
-    print("OK")
-    """
-)
-
-
-def test_fresh_process_without_tf_revnet_matches_keras(exported, tmp_path):  # noqa: F811
-    np.savez(tmp_path / "inputs.npz", images=exported.images)
-    script = tmp_path / "serve.py"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(exported.result.path), str(tmp_path / "inputs.npz"),
-         str(tmp_path / "outputs.npz"), *map(str, exported.files)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK" in proc.stdout
-    served = np.load(tmp_path / "outputs.npz", allow_pickle=True)  # class names: object arrays
-    for signature in serving_signatures.SIGNATURES:
-        for n in (1, 7):
-            want = exported.expected[:n]
-            probabilities = served[f"{signature}/{n}/probabilities"]
+            served = {k: v.numpy() for k, v in loaded.signatures[name](**kwargs).items()}
+            probabilities = served["probabilities"]
             assert probabilities.dtype == np.float32 and probabilities.shape == (n, 10)
-            np.testing.assert_allclose(probabilities, want, atol=1e-5, err_msg=signature)
-            ids = served[f"{signature}/{n}/class_ids"]
-            assert ids.dtype == np.int64
-            np.testing.assert_array_equal(ids, want.argmax(axis=1))
-            names = [s.decode() for s in served[f"{signature}/{n}/class_names"]]
+            np.testing.assert_allclose(probabilities, want, atol=1e-5, err_msg=name)
+            assert served["class_ids"].dtype == np.int64
+            np.testing.assert_array_equal(served["class_ids"], want.argmax(axis=1))
+            names = [s.decode() for s in served["class_names"]]
             assert names == [CLASSES[i] for i in want.argmax(axis=1)]
-            assert not any(k.startswith(f"{signature}/{n}/top_k") for k in served.files)
+            assert not any(k.startswith("top_k") for k in served)
 
 
 def _saved_model_cli_signatures(path):
@@ -103,8 +74,25 @@ def _saved_model_cli_signatures(path):
     return signatures
 
 
-def test_saved_model_cli_lists_signatures(exported):  # noqa: F811
-    signatures = _saved_model_cli_signatures(exported.result.path)
+def _signature_defs(path):
+    """The signature_defs of saved_model.pb, read as TF Serving reads them, in the format
+    `saved_model_cli show --all` prints: {name: {(kind, key): (dtype, shape)}}."""
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((pathlib.Path(path) / "saved_model.pb").read_bytes())
+
+    def tensors(kind, infos):
+        return {(kind, key): (types_pb2.DataType.Name(info.dtype),
+                              "(" + ", ".join(str(d.size) for d in info.tensor_shape.dim) + ")")
+                for key, info in infos.items()}
+
+    return {name: {**tensors("inputs", sig.inputs), **tensors("outputs", sig.outputs)}
+            for name, sig in saved.meta_graphs[0].signature_def.items()}
+
+
+def _assert_expected_signatures(signatures):
     outputs = {("outputs", "probabilities"): ("DT_FLOAT", "(-1, 10)"),
                ("outputs", "class_ids"): ("DT_INT64", "(-1)"),
                ("outputs", "class_names"): ("DT_STRING", "(-1)")}
@@ -114,6 +102,15 @@ def test_saved_model_cli_lists_signatures(exported):  # noqa: F811
                                            **outputs}
     assert signatures["serving_bytes"] == {("inputs", "image_bytes"): ("DT_STRING", "(-1)"),
                                            **outputs}
+
+
+def test_signature_defs_have_the_documented_dtypes_and_shapes(exported):  # noqa: F811
+    _assert_expected_signatures(_signature_defs(exported.result.path))
+
+
+@pytest.mark.slow  # the same signature_defs as the test above, printed by the CLI (TF start-up)
+def test_saved_model_cli_lists_signatures(exported):  # noqa: F811
+    _assert_expected_signatures(_saved_model_cli_signatures(exported.result.path))
 
 
 def _gradient_override_nodes(graph_def):
@@ -138,8 +135,10 @@ def test_version_carries_class_names_and_run_info(exported):  # noqa: F811
     assert exported.result.version == 1 and path == exported.base_path / "1"
     assert (path / "assets.extra" / "class_names.txt").read_text().splitlines() == list(CLASSES)
     info = json.loads((path / "assets.extra" / "export.json").read_text())
-    assert info["version"] == 1 and info["model"] == "tiny"
-    assert info["test_accuracy"] == 0.125 and info["run_config"]["model"] == "tiny"
+    assert info["version"] == 1 and info["model"] == "tiny_revnet"
+    run_config = json.loads((exported.run_dir / "config.json").read_text())
+    assert info["run_config"] == run_config  # the run's finished config.json, as written
+    assert info["test_accuracy"] == run_config["test_accuracy"] and run_config["finished"]
     assert info["image_size"] == [32, 32] and info["class_names"] == list(CLASSES)
     assert sorted(p.name for p in exported.base_path.iterdir()) == ["1"]
 
@@ -334,19 +333,24 @@ def _served(path, images):
     return serve(images=tf.constant(images))["probabilities"].numpy()
 
 
-def test_cli_exports_a_run_dir(dense_run, tmp_path, capsys):
-    run, model, images = dense_run
+def test_cli_exports_a_run_dir(exported, tmp_path, capsys):  # noqa: F811
+    """The shared training run's directory, as `python -m training.train` wrote it: load_run
+    rebuilds the model from its config.json (model, image_shape, class_names) with
+    train.build_classifier and the weights."""
+    run = exported.run_dir
+    config = json.loads((run / "config.json").read_text())
     base = tmp_path / "served"
-    for version in (1, 2):
-        assert export.main(["--model-dir", str(run), "--export-dir", str(base)]) == 0
-        out = capsys.readouterr().out
-        assert f"Exported dense version {version} to {base / str(version)} (test accuracy: 0.5000)" in out
-        assert f"model_version_policy {{ specific {{ versions: {version} }} }}" in out
-    want = model.predict(images.astype("float32"), verbose=0)
-    np.testing.assert_allclose(_served(base / "2", images), want, atol=1e-6)
-    info = json.loads((base / "2" / "assets.extra" / "export.json").read_text())
+    assert export.main(["--model-dir", str(run), "--export-dir", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert (f"Exported tiny_revnet version 1 to {base / '1'} (test accuracy: "
+            f"{config['test_accuracy']:.4f})") in out
+    assert "model_version_policy { specific { versions: 1 } }" in out
+    np.testing.assert_allclose(_served(base / "1", exported.images), exported.expected, atol=1e-5)
+    info = json.loads((base / "1" / "assets.extra" / "export.json").read_text())
     assert info["run_config"]["export_source"] == f"model_dir:{run.resolve()}"
-    assert info["run_config"]["recipe"] == {"epochs": 1} and info["test_accuracy"] == 0.5
+    assert info["run_config"]["recipe"] == config["recipe"]
+    assert info["test_accuracy"] == config["test_accuracy"]
+    assert info["class_names"] == list(CLASSES)
 
 
 def test_cli_exports_an_interrupted_run_with_tflite(dense_run, tmp_path, capsys):

@@ -4,7 +4,8 @@ No TF Serving server can be installed on these machines, so the REST requests ar
 decoding them as TF Serving's REST API documents its row format (`instances`, `{"b64": ...}` for
 binary strings) and feeding the tensors to the loaded signatures; the `--server` client is run
 against a small HTTP server that does the same. The export is the session fixture of
-`serving_fixtures.py` (a tiny RevNet trained for two steps on real CIFAR-10 images).
+`serving_fixtures.py` (the tiny RevNet of the suite's training run, conftest.py, on real CIFAR-10
+images).
 """
 
 import base64
@@ -42,34 +43,52 @@ def _parse_output(stdout):
     return parsed
 
 
-PREDICT_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
     import sys
+    import numpy as np
+    import tensorflow as tf
+
+    # The export alone: TensorFlow, no tf_revnet, nothing of training/.
+    version, inputs_path, outputs_path = sys.argv[1:4]
+    serve = tf.saved_model.load(version).signatures["serving_default"]
+    np.save(outputs_path, serve(images=tf.constant(np.load(inputs_path)))["probabilities"].numpy())
+    assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
+    assert not any(m == "training" or m.startswith("training.") for m in sys.modules)
+
+    # The client: training/predict.py only.
     from training import predict
 
-    code = predict.main(sys.argv[1:])
+    code = predict.main(sys.argv[4:])
     assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
+    assert not any(m.startswith("training.") and m != "training.predict" for m in sys.modules)
     sys.exit(code)
     """
 )
 
 
-def test_predict_cli_in_fresh_process_without_tf_revnet(exported, tmp_path):  # noqa: F811
+def test_export_and_client_in_fresh_process_without_tf_revnet(exported, tmp_path):  # noqa: F811
+    """The suite's one fresh-process serving test: a process that never imports tf_revnet (nor
+    the rest of training/) loads the export (same probabilities as Keras) and runs the client
+    CLI on files and folders."""
     folder = tmp_path / "photos"
     for i, f in enumerate(exported.files[:12]):
         (folder / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
         shutil.copy(f, folder / f"sub{i % 2}" / f"{i:02d}.jpg")
     (folder / "notes.txt").write_text("not an image")
     single = exported.files[12]
+    np.save(tmp_path / "inputs.npy", exported.images[:7])
     script = tmp_path / "client.py"
-    script.write_text(PREDICT_SCRIPT)
+    script.write_text(FRESH_PROCESS_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(script), str(exported.base_path), str(single), str(folder),
+        [sys.executable, str(script), str(exported.result.path), str(tmp_path / "inputs.npy"),
+         str(tmp_path / "outputs.npy"), str(exported.base_path), str(single), str(folder),
          "--top", "3", "--batch-size", "5"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "outputs.npy"), exported.expected[:7], atol=1e-5)
     parsed = _parse_output(proc.stdout)
     order = [single] + sorted(folder.rglob("*.jpg"))
     assert list(parsed) == [str(p) for p in order]

@@ -2,13 +2,12 @@
 
 A tiny RevNet (`RevNet(units=[1, 1], widths=[8, 8, 16])`, registered as `tiny_revnet` through
 `train.MODEL_BUILDERS`) trains for a few steps on 128 real training images; the zoo's names are
-checked through the parser only. The resume test runs the CLI in subprocesses and kills one with
-SIGKILL in the middle of epoch 2.
+checked through the parser only. The run is the session fixture `trained` of conftest.py (shared
+with the export, predict and evaluate tests). The resume test kills a run in a subprocess with
+SIGKILL in the middle of epoch 2 and resumes it here.
 """
 
-import contextlib
 import csv
-import io
 import json
 import os
 import pathlib
@@ -23,64 +22,13 @@ import h5py
 import numpy as np
 import pytest
 
-import tf_revnet.models
+from tests.training.conftest import BATCH, EPOCHS, STEPS, run_captured, small_run_args
 from training import data as data_lib
 from training import plots, train
 
-EPOCHS = 3
-STEPS = 4
-BATCH = 16
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def tiny_revnet(**kwargs):
-    return tf_revnet.models.RevNet(units=[1, 1], widths=[8, 8, 16], name="tiny", **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def _tiny_model(monkeypatch):
-    monkeypatch.setitem(train.MODEL_BUILDERS, "tiny_revnet", tiny_revnet)
-
-
-def _run_captured(argv, callbacks=()):
-    """Runs `train.run(argv)` and returns (result or exception, captured stdout)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            result = train.run(argv, callbacks=callbacks)
-        except Exception as e:  # returned to the caller, which asserts on it
-            result = e
-    return result, out.getvalue()
-
-
-def _small_run_args(data_dir, model_dir, export_dir, epochs=EPOCHS, steps=STEPS, extra=()):
-    return [
-        "--model", "tiny_revnet",
-        "--data-dir", str(data_dir),
-        "--train-examples", "128",
-        "--epochs", str(epochs),
-        "--batch-size", str(BATCH),
-        "--steps-per-epoch", str(steps),
-        "--test-examples", "32",
-        "--learning-rate", "0.05",
-        "--model-dir", str(model_dir),
-        "--export-dir", str(export_dir),
-        "--verbose", "2",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def trained(cifar10_small_dir, tmp_path_factory):
-    """One real CLI run of the tiny RevNet on the CIFAR-10 subset: (TrainResult, stdout, paths)."""
-    root = tmp_path_factory.mktemp("train_run")
-    model_dir, base_path = root / "model_dir", root / "export" / "tiny"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(train.MODEL_BUILDERS, "tiny_revnet", tiny_revnet)
-        result, stdout = _run_captured(_small_run_args(cifar10_small_dir, model_dir, base_path))
-    if isinstance(result, Exception):
-        raise result
-    return result, stdout, model_dir, base_path / "1"  # the first version of the base path
+# The shared run (tests/training/conftest.py): `trained`, `_small_run_args`, `_run_captured`.
+_small_run_args, _run_captured = small_run_args, run_captured
 
 
 def _h5_arrays(path):
@@ -210,53 +158,24 @@ def test_seed_alone_repeats_a_run_exactly(trained, cifar10_small_dir, tmp_path):
     # (Another seed gives other batches and augmentation: tests/training/test_data.py.)
 
 
-SERVE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import numpy as np
+def test_export_serves_the_trained_model(trained, cifar10_small_dir):
+    """The run's version 1 gives the trained model's probabilities through its uint8 signature at
+    two batch sizes. (That serving needs no tf_revnet is checked once, in a fresh process, in
+    test_predict.py.)"""
     import tensorflow as tf
 
-    export_dir, inputs_path, outputs_path = sys.argv[1:4]
-    loaded = tf.saved_model.load(export_dir)
-    serve = loaded.signatures["serving_default"]
-    inputs = np.load(inputs_path)
-    outputs = {}
-    for key in sorted(inputs.files):
-        result = serve(images=tf.constant(inputs[key].astype(np.uint8)))
-        outputs[key] = result["probabilities"].numpy()
-    np.savez(outputs_path, **outputs)
-    assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
-    assert "training" not in sys.modules
-    print("signature inputs:", sorted(serve.structured_input_signature[1]))
-    print("OK")
-    """
-)
-
-
-def test_export_serves_same_predictions_in_fresh_process(trained, cifar10_small_dir, tmp_path):
     result, _, _, export_dir = trained
     datasets = data_lib.load_image_folder(cifar10_small_dir, test_examples=9)
     images = np.stack([x.numpy() for x, _ in datasets.test]).astype("float32")
-    batches = {"b1": images[:1], "b7": images[1:8]}
-    expected = {k: result.model.predict(v, verbose=0) for k, v in batches.items()}
-    np.savez(tmp_path / "inputs.npz", **batches)
-    script = tmp_path / "serve.py"
-    script.write_text(SERVE_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(export_dir), str(tmp_path / "inputs.npz"),
-         str(tmp_path / "outputs.npz")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK" in proc.stdout and "['images']" in proc.stdout, proc.stdout
-    served = np.load(tmp_path / "outputs.npz")
-    for key, want in expected.items():
-        got = served[key]
-        assert got.shape == want.shape == (len(batches[key]), 10)
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    assert sorted(serve.structured_input_signature[1]) == ["images"]
+    for batch in (images[:1], images[1:8]):
+        want = result.model.predict(batch, verbose=0)
+        got = serve(images=tf.constant(batch.astype(np.uint8)))["probabilities"].numpy()
+        assert got.shape == want.shape == (len(batch), 10)
         np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
         diff = float(np.max(np.abs(got - want)))
-        assert diff <= 1e-5, f"batch {key}: max abs diff {diff:.2e}"
-
+        assert diff <= 1e-5, f"batch of {len(batch)}: max abs diff {diff:.2e}"
 
 
 RESUME_SCRIPT = textwrap.dedent(
@@ -280,8 +199,7 @@ RESUME_SCRIPT = textwrap.dedent(
                 print("STALLED", flush=True)
                 time.sleep(600)
 
-    stall = [StallAt(int(sys.argv[1]))] if sys.argv[1] != "-" else []
-    sys.exit(train.main(sys.argv[2:]) if not stall else train.run(sys.argv[2:], callbacks=stall))
+    train.run(sys.argv[2:], callbacks=[StallAt(int(sys.argv[1]))])
     """
 )
 
@@ -294,8 +212,8 @@ def _cli(script, stall_step, argv):
 
 def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small_dir, tmp_path):
     """3 epochs of 4 steps, backups every 2 steps; killed after step 7 (epoch 2, batch 3), whose
-    update was not saved: the rerun restores step 6 and ends with the weights of the
-    uninterrupted run of the `trained` fixture (same options and seed).
+    update was not saved: the rerun (in this process) restores step 6 and ends with the weights
+    of the uninterrupted run of the `trained` fixture (same options and seed).
     """
     _, _, reference_dir, _ = trained
     script = tmp_path / "cli.py"
@@ -318,13 +236,13 @@ def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small
     assert metadata["step"] == 6 and metadata["epoch"] == 1
     assert not (tmp_path / "x" / "2").exists()
 
-    # Resumed with --no-export (not part of what a resume must repeat): nothing is exported and
-    # the summary says so.
-    resumed = _cli(script, "-", args + ["--no-export"])
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
+    # Resumed in this process (the backup on disk is all it shares with the killed one), with
+    # --no-export (not part of what a resume must repeat): nothing is exported and the summary
+    # says so.
+    resumed, out = _run_captured(args + ["--no-export"])
+    assert not isinstance(resumed, Exception), resumed
     assert "Resuming at step 6 of 12 (epoch 2, batch 2)" in out, out
-    assert not (tmp_path / "x" / "2").exists()
+    assert resumed.export_dir is None and not (tmp_path / "x" / "2").exists()
     assert (f"Export: skipped (--no-export); export later with python -m training.export "
             f"--model-dir {tmp_path / 'run'}") in out, out
     assert "Exported" not in out and "None" not in out[out.index("Summary:"):]
@@ -344,7 +262,8 @@ def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small
     assert again.returncode == 2
     assert again.stderr.splitlines() == [
         f"python -m training.train: error: --model-dir {tmp_path / 'run'}: holds a finished run "
-        f"({' '.join(['python -m training.train'] + args)}); pick a new --model-dir or leave it "
+        f"({' '.join(['python -m training.train'] + args + ['--no-export'])}); pick a new "
+        "--model-dir or leave it "
         "out (a new runs/<model>/<time>)"], again.stderr
 
 
@@ -504,17 +423,6 @@ def test_curves_plot_reads_a_resumed_log(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
-def test_evaluate_a_run_directory(trained, capsys):
-    from training import evaluate as evaluate_lib
-
-    result, _, model_dir, _ = trained
-    assert evaluate_lib.main([str(model_dir), "--verbose", "0", "--test-examples", "32"]) == 0
-    out = capsys.readouterr().out
-    # The run's own data (its config.json) and weights: the run's final test accuracy.
-    assert f"Top-1 accuracy: {result.test_accuracy:.4f} (32 images)" in out
-    assert (model_dir / "confusion_matrix.png").is_file()
-
-
 @pytest.mark.slow  # the suite keeps the data-level ImageNet tests (tests/training/test_data.py)
 def test_imagenet_recipe_on_mixed_size_jpegs(mixed_size_jpegs, tmp_path):
     """The ImageNet recipe end to end on real photos of several sizes (tiny model, 24x24 crops)."""
@@ -528,25 +436,6 @@ def test_imagenet_recipe_on_mixed_size_jpegs(mixed_size_jpegs, tmp_path):
     assert "val_top5_accuracy" in result.history  # top-5 reported (2 classes: always 1.0)
     assert result.summary["top5_accuracy"] == 1.0
     assert tuple(result.model.input_shape) == (None, 24, 24, 3)
-
-
-def test_evaluate_the_exported_saved_model(trained, cifar10_small_dir, tmp_path):
-    """`python -m training.evaluate` on the run's SavedModel (serving_default: pixels -> output_0)
-    against top-1 and the confusion matrix computed from the Keras model's predictions."""
-    from training import evaluate as evaluate_lib
-
-    result, _, _, export_dir = trained
-    evaluation = evaluate_lib.evaluate(export_dir, data_dir=cifar10_small_dir,
-                                       output_dir=tmp_path, verbose=0)
-    split = data_lib.load_image_folder(cifar10_small_dir, train_examples=1).test_split
-    predicted = result.model.predict(split.images.astype("float32"), verbose=0).argmax(-1)
-    confusion = np.zeros((10, 10), int)
-    np.add.at(confusion, (split.labels, predicted), 1)
-    assert evaluation.num_examples == 200 and evaluation.top5 is None
-    assert evaluation.top1 == pytest.approx(np.mean(predicted == split.labels))
-    np.testing.assert_array_equal(evaluation.confusion, confusion)
-    assert evaluation.per_class["cat"] == pytest.approx(confusion[3, 3] / 20)
-    assert (tmp_path / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_strict_data_error_names_the_file_and_the_flag(tmp_path, cifar10_small_dir, capsys):
