@@ -30,8 +30,14 @@ setup(
         # tensorflow-datasets imports it without declaring it (see NOTES: TFDS 4.9.10 + TF 2.21).
         "importlib_resources",
         "numpy",
+        # TensorBoard logs of `python -m training.train`; training-curve and confusion-matrix PNGs.
+        "tensorboard",
+        "matplotlib",
     ],
-    extras_require={"test": ["pytest", "ruff", "matplotlib"]},  # matplotlib: benchmark plots
+    # tensorflow-serving-api: the gRPC client of the README's Serving section, run in its test.
+    extras_require={
+        "test": ["pytest", "ruff", "tensorflow-serving-api"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -134,14 +134,16 @@ def test_train_cli_monitor_numerics_flag(tmp_path):
 
     def resolve(*extra):
         args = train.build_parser().parse_args(
-            ["--model-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "export" / "1"),
+            ["--model-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "export"),
              *extra])
         args.argv = list(extra)
         return train.resolve_config(args)
 
     config = resolve("--monitor-numerics", "50", "--max-gradient-angle", "0.5")
-    assert (config["monitor_numerics"], config["max_gradient_angle"],
-            config["max_reconstruction_error"]) == (50, 0.5, 1e-2)
-    assert resolve()["monitor_numerics"] == 0  # off by default
+    assert (config.monitor_numerics, config.max_gradient_angle,
+            config.max_reconstruction_error) == (50, 0.5, 1e-2)
+    assert resolve().monitor_numerics == 0  # off by default
+    # Monitoring does not change training: a run may be resumed with other monitor settings.
+    assert "monitor_numerics" not in config.training_fingerprint()
     with pytest.raises(train.ConfigError, match="--monitor-numerics must be >= 0"):
         resolve("--monitor-numerics", "-1")

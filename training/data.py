@@ -1,21 +1,32 @@
-"""Input pipelines: TFDS datasets or an image-folder tree, the paper's CIFAR augmentation.
+"""Input pipelines: image folders or TFDS, exact-resume data order, CIFAR and ImageNet augmentation.
 
-Both sources give the same thing, a `Datasets` record whose `train` and `test` are unbatched
-`tf.data.Dataset`s of `(image, label)` with `image` a `uint8` tensor of shape `(H, W, C)` (raw
-pixels, 0..255) and `label` an `int32` scalar. `train_pipeline` and `eval_pipeline` turn them into
-batches of `float32` pixels for `model.fit`. Normalization (per-channel mean and standard deviation)
-is not done here: it is a layer inside the model, so the exported SavedModel takes raw pixels.
+A data source is loaded into a `Datasets` record of two `Split`s (train and test). A split is an
+index: labels plus either the decoded images in memory (`uint8 (N, H, W, 3)`, the CIFAR-sized case)
+or the file paths (`--recipe imagenet`: JPEGs of any size, decoded on the fly).
 
-Shuffling never fills a large buffer with decoded float images (a 50,000-element buffer stalled the
-first step of some epochs for 35-50 s, see NOTES.md): datasets that fit in `cache_limit_bytes` are
-cached as `uint8` in memory after the first pass and then fully reshuffled every epoch (a cheap
-in-memory pass); larger ones shuffle file order plus a bounded buffer.
+`train_dataset(split, ..., start_step)` then gives the batches of global steps
+`start_step, start_step + 1, ...`: epoch `e` visits the examples in the order of a permutation drawn
+from `(seed, e)` alone, and the augmentation of the example at position `j` of epoch `e` is drawn with
+stateless random ops from `(seed, e, j)`. The batch of any step is therefore a pure function of the
+seed and the step number, so a run resumed at step `k` sees exactly the batches an uninterrupted run
+sees from step `k` on (this is what makes `python -m training.train` resume exactly; Keras'
+`BackupAndRestore` restores weights and optimizer but not a `tf.data` iterator's position).
+`eval_dataset` gives every test example once, in a fixed order.
+
+Real folders: hidden files and folders (names starting with `.`, e.g. `.DS_Store`, `.git/`) and
+files without an image extension are ignored, as `keras.utils.image_dataset_from_directory` does;
+every listed file is decoded once at load time (`tf.io.decode_image(channels=3)`: JPEG, PNG, GIF
+(first frame), BMP; grayscale and RGBA become RGB), and files that do not decode (truncated, not an
+image) are skipped and reported in `Datasets.skipped`, or raise `DataError` with `strict=True`.
+
+Errors are `DataError`s that name this module's parameters (`data_dir`, `dataset`, ...); the command
+line maps them to its flags.
 
 Example:
 
 ```python
-datasets = data.load(data_dir="/tmp/cifar10", train_examples=512, test_examples=256)
-train = data.train_pipeline(datasets.train, batch_size=64, augment=True)
+datasets = data.load_image_folder("/tmp/cifar10", train_examples=512, test_examples=256)
+train = data.train_dataset(datasets.train_split, batch_size=64, steps_per_epoch=8, seed=0)
 images, labels = next(iter(train))  # float32 (64, 32, 32, 3) in [0, 255], int32 (64,)
 ```
 """
@@ -23,43 +34,90 @@ images, labels = next(iter(train))  # float32 (64, 32, 32, 3) in [0, 255], int32
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
+import os
 import pathlib
 import urllib.error
 import urllib.request
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from training.startup import quiet_stderr
+
 __all__ = [
     "DataError",
+    "Split",
     "Datasets",
     "ARCHIVE_HINT",
+    "IMAGE_EXTENSIONS",
+    "AUGMENTATIONS",
     "load",
     "load_image_folder",
+    "list_image_folder",
     "load_tfds",
     "network_available",
     "augment_cifar",
-    "train_pipeline",
-    "eval_pipeline",
+    "random_resized_crop",
+    "center_crop",
+    "train_dataset",
+    "eval_dataset",
+    "num_steps",
 ]
 
 # How to get data without network; shown in error messages.
 ARCHIVE_HINT = (
     "extract the CIFAR-10 copy with `mkdir -p /tmp/cifar10 && "
-    "tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10` and pass `--data-dir /tmp/cifar10`"
+    "tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10` and read it with "
+    "`data_dir=/tmp/cifar10`"
 )
-
-# Image-folder splits: DIR/train/<class>/* and DIR/test/<class>/*.
-FOLDER_SPLITS = ("train", "test")
+# The extensions keras.utils.image_dataset_from_directory accepts.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-SHUFFLE_BUFFER_UNCACHED = 10_000
+# "cifar": pad 4, random crop, flip (the paper's CIFAR augmentation); "imagenet": random-resized
+# crop and flip for training, resize and centre crop for evaluation.
+AUGMENTATIONS = ("none", "cifar", "imagenet")
+# ImageNet evaluation: resize the shorter side to 256 and crop the central 224 (scaled with size).
+IMAGENET_RESIZE_RATIO = 256 / 224
+MAX_REPORTED_FILES = 5
 
 
 class DataError(ValueError):
-    """Data cannot be loaded as asked; the message is one line that names the option and the fix."""
+    """Data cannot be loaded as asked.
+
+    Attributes:
+        parameter: str. The parameter of this module at fault (`"data_dir"`, `"dataset"`, ...).
+        value: the value received.
+        reason: str. One line: what is wrong and how to fix it.
+    """
+
+    def __init__(self, parameter, value, reason):
+        self.parameter, self.value, self.reason = parameter, value, reason
+        super().__init__(f"{parameter}={value}: {reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The examples of one split, as an index.
+
+    Attributes:
+        labels: int32 array `(N,)`.
+        images: uint8 array `(N, H, W, 3)` of decoded images, or None (read from `paths`).
+        paths: str array `(N,)` of image files, or None (in memory).
+    """
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: np.ndarray | None = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, indices):
+        """The examples at `indices` (int array), in that order."""
+        return Split(
+            labels=self.labels[indices],
+            images=None if self.images is None else self.images[indices],
+            paths=None if self.paths is None else self.paths[indices],
+        )
 
 
 @dataclasses.dataclass
@@ -67,170 +125,306 @@ class Datasets:
     """Train and test splits of one data source.
 
     Attributes:
-        train: `tf.data.Dataset` of `(uint8 (H, W, C), int32 ())`, unbatched, with classes mixed
-            (the order may change between passes; `train_pipeline` caches the first pass when it
-            fits in memory, so a capped subset stays fixed).
-        test: same for the test split, in the same order (and the same capped subset) every pass.
-        num_train: int. Number of training examples (after any cap).
-        num_test: int. Number of test examples (after any cap).
-        image_shape: tuple `(H, W, C)`.
+        train_split: `Split`.
+        test_split: `Split` (the test split, or the held-out part of train with
+            `validation_split`).
+        image_shape: tuple `(H, W, 3)` of the in-memory images, or None (files of any size).
         class_names: list of str, index = label.
         source: str. Human-readable origin, e.g. `tfds:cifar10` or `folder:/tmp/cifar10`.
+        skipped: tuple of str. Files that did not decode and were left out.
+        test_name: str. `"test"`, `"validation"` (TFDS) or `"validation split 0.1 of train"`.
     """
 
-    train: tf.data.Dataset
-    test: tf.data.Dataset
-    num_train: int
-    num_test: int
-    image_shape: tuple
+    train_split: Split
+    test_split: Split
+    image_shape: tuple | None
     class_names: list
     source: str
+    skipped: tuple = ()
+    test_name: str = "test"
+
+    @property
+    def num_train(self):
+        return len(self.train_split)
+
+    @property
+    def num_test(self):
+        return len(self.test_split)
 
     @property
     def num_classes(self):
         return len(self.class_names)
 
+    @property
+    def train(self):
+        """Unbatched `(uint8 (H, W, 3), int32 ())` training examples in index order."""
+        return _examples(self.train_split)
 
-def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32,
-         train_examples=None, test_examples=None, seed=0):
+    @property
+    def test(self):
+        """Unbatched `(uint8 (H, W, 3), int32 ())` test examples in index order."""
+        return _examples(self.test_split)
+
+
+def _decode(contents):
+    """JPEG/PNG/GIF/BMP bytes -> uint8 (H, W, 3): grayscale and RGBA become RGB, GIF frame 1."""
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _resize_uint8(image, size):
+    if size is None:
+        return image
+    shape = tf.shape(image)
+    return tf.cond(
+        tf.logical_and(shape[0] == size, shape[1] == size),
+        lambda: image,
+        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, (size, size))), 0, 255),
+                        tf.uint8),
+    )
+
+
+def _examples(split):
+    indices = tf.data.Dataset.range(len(split))
+    return indices.map(_loader(split, None), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _loader(split, size):
+    """index -> (uint8 image, int32 label), from memory or by reading the file."""
+    labels = tf.constant(split.labels, tf.int32)
+    if split.images is not None:
+        images = tf.constant(split.images)
+
+        def load(i):
+            return tf.gather(images, i), tf.gather(labels, i)
+    else:
+        paths = tf.constant(split.paths)
+
+        def load(i):
+            image = _decode(tf.io.read_file(tf.gather(paths, i)))
+            return _resize_uint8(image, size), tf.gather(labels, i)
+    return load
+
+
+def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in_memory=True,
+         train_examples=None, test_examples=None, seed=0, validation_split=None, strict=False):
     """Loads the training and test splits from an image folder (if `data_dir`) or from TFDS.
 
     Args:
         dataset: str. TFDS name, used when `data_dir` is None. Defaults to `"cifar10"`.
-        data_dir: str or None. Image-folder root with `train/<class>/*` and `test/<class>/*`.
+        data_dir: str or None. Image-folder root (see `load_image_folder`).
         tfds_data_dir: str or None. TFDS storage directory (TFDS' default if None).
-        image_size: int. Side of the square images read from a folder (resized if needed).
-        train_examples: int or None. Keep only this many training examples (a fixed, shuffled
-            subset).
-        test_examples: int or None. Keep only this many test examples.
-        seed: int. Seed of the subset choice and file order.
+        image_size: int. Side of the square images kept in memory (folders only).
+        in_memory: bool. Decode the folder's images into memory (resized to `image_size`), or
+            keep file paths and decode on the fly (images of any size). TFDS: always in memory.
+        train_examples: int or None. Keep a seeded random subset of this many training examples.
+        test_examples: int or None. Same for the test split.
+        seed: int. Seed of the subsets and of `validation_split`.
+        validation_split: float in (0, 1) or None. Folders without `test/`: hold out this
+            fraction of `train/`.
+        strict: bool. Raise on the first file that does not decode instead of skipping it.
 
     Returns:
         `Datasets`.
 
     Raises:
-        DataError: unknown TFDS name, bad folder layout, or no data offline.
+        DataError: unknown TFDS name, bad folder layout, undecodable file with `strict`, or no data
+            offline.
     """
     if data_dir is not None:
-        return load_image_folder(data_dir, image_size=image_size, train_examples=train_examples,
-                                 test_examples=test_examples, seed=seed)
+        return load_image_folder(data_dir, image_size=image_size, in_memory=in_memory,
+                                 train_examples=train_examples, test_examples=test_examples,
+                                 seed=seed, validation_split=validation_split, strict=strict)
+    if validation_split is not None:
+        raise DataError("validation_split", validation_split,
+                        "only for image folders without test/ (TFDS data sets have a test split)")
     return load_tfds(dataset, tfds_data_dir=tfds_data_dir, train_examples=train_examples,
                      test_examples=test_examples, seed=seed)
 
 
-def _class_dirs(split_dir):
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+def _visible(name):
+    return not name.startswith(".")
 
 
-def _check_folder_layout(root):
-    """Raises `DataError` unless `root/{train,test}/<class>/<images>` exist with equal classes."""
-    fix = f"expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg ({ARCHIVE_HINT})"
-    if not root.is_dir():
-        raise DataError(f"--data-dir {root}: no such directory; {fix}")
-    classes = {}
-    for split in FOLDER_SPLITS:
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise DataError(f"--data-dir {root}: missing {split_dir}; {fix}")
-        classes[split] = _class_dirs(split_dir)
-        if not classes[split]:
-            raise DataError(f"--data-dir {root}: no class folders in {split_dir}; {fix}")
-        has_images = any(
-            f.suffix.lower() in IMAGE_EXTENSIONS
-            for c in classes[split]
-            # Look at a few files per class only: fast on huge folders.
-            for f in itertools.islice((split_dir / c).iterdir(), 50)
+def _list_class(class_dir):
+    """Image files under `class_dir` (recursively, as Keras follows sub-folders), sorted."""
+    files = []
+    for parent, dirs, names in os.walk(class_dir, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if _visible(d))
+        files.extend(
+            os.path.join(parent, n) for n in sorted(names)
+            if _visible(n) and n.lower().endswith(IMAGE_EXTENSIONS)
         )
-        if not has_images:
-            raise DataError(f"--data-dir {root}: no images in the class folders of {split_dir}; "
-                            f"{fix}")
-    if classes["train"] != classes["test"]:
+    return files
+
+
+def list_image_folder(split_dir, parameter="data_dir"):
+    """Lists `split_dir/<class>/...` image files like `keras.utils.image_dataset_from_directory`.
+
+    Hidden files and folders (`.DS_Store`, `.git/`, `._x.jpg`) and files without an image
+    extension are ignored; sub-folders of a class folder are followed.
+
+    Args:
+        split_dir: path-like. Folder of class folders.
+        parameter: str. Parameter name used in errors.
+
+    Returns:
+        `(class_names, files)`: sorted class names and a dict class name -> sorted list of paths.
+
+    Raises:
+        DataError: if there are no class folders, or a class folder holds no image (named).
+    """
+    split_dir = pathlib.Path(split_dir)
+    class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and _visible(p.name))
+    if not class_names:
+        raise DataError(parameter, split_dir.parent,
+                        f"no class folders in {split_dir}; expected DIR/train/<class>/*.jpg")
+    files = {name: _list_class(split_dir / name) for name in class_names}
+    empty = [name for name in class_names if not files[name]]
+    if empty:
         raise DataError(
-            f"--data-dir {root}: train and test have different class folders "
-            f"({classes['train']} vs {classes['test']}); both need the same <class> names"
+            parameter, split_dir.parent,
+            f"class folder{'s' if len(empty) > 1 else ''} without images in {split_dir}: "
+            f"{', '.join(empty[:MAX_REPORTED_FILES])}{' ...' if len(empty) > 5 else ''} "
+            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder",
         )
+    return class_names, files
 
 
-def _to_uint8(image, label):
-    # image_dataset_from_directory returns float32 pixels in [0, 255]; store them as uint8.
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-    return image, tf.cast(label, tf.int32)
+def _decode_scan(paths, size, keep_images):
+    """Decodes every file once. Returns (uint8 images or None, boolean ok mask)."""
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.arange(len(paths))))
+
+    def decode(path, i):
+        image = _decode(tf.io.read_file(path))
+        if keep_images:
+            return _resize_uint8(image, size), i
+        return tf.zeros([0], tf.uint8), i
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors().batch(1024)
+    ok = np.zeros(len(paths), dtype=bool)
+    chunks = []
+    with quiet_stderr():
+        for images, indices in ds.as_numpy_iterator():
+            ok[indices] = True
+            if keep_images:
+                chunks.append(images)
+    if not keep_images:
+        return None, ok
+    images = np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
+    return images, ok
 
 
-def _fixed_subset(ds, size, cap, seed):
-    """The same seeded random `cap` of the `size` elements of `ds` on every pass, in `ds`' order."""
-    keep = np.zeros(size, dtype=bool)
-    keep[np.random.default_rng(seed).choice(size, cap, replace=False)] = True
-    keep = tf.constant(keep)
-    ds = ds.enumerate().filter(lambda i, example: tf.gather(keep, i))
-    # Known cardinality: Keras then knows the number of validation steps up front.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(cap))
-    return ds.map(lambda i, example: example)
+def _subset_indices(n, cap, seed):
+    if cap is None or cap >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
 
 
-def load_image_folder(data_dir, image_size=32, train_examples=None, test_examples=None, seed=0):
-    """Reads `data_dir/train/<class>/*` and `data_dir/test/<class>/*` with Keras.
+def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=None,
+                      test_examples=None, seed=0, validation_split=None, strict=False):
+    """Reads `data_dir/train/<class>/*` and `data_dir/test/<class>/*` (or a validation split).
 
-    Uses `keras.utils.image_dataset_from_directory`: class names are the sorted folder names (for
-    CIFAR-10 the standard label order), images are decoded as RGB and resized to
-    `(image_size, image_size)` if they are not already that size.
+    Labels follow the sorted class-folder names (for CIFAR-10 the standard label order). See the
+    module docstring for hidden files, formats and undecodable files.
 
     Args:
         data_dir: str or path-like. Root of the tree.
-        image_size: int. Side of the square images.
+        image_size: int. Side of the square images kept in memory (`in_memory`); images of
+            another size are resized (bilinear).
+        in_memory: bool. Decode into memory, or keep paths (images of any size, decoded by the
+            pipelines; every file is still decoded once here to find bad ones).
         train_examples: int or None. Cap on training examples (a seeded random subset).
-        test_examples: int or None. Cap on test examples (a seeded random subset, the same on every
-            pass).
-        seed: int. Seed of the file-order shuffle and of the subsets.
+        test_examples: int or None. Cap on test examples (a seeded random subset).
+        seed: int. Seed of the subsets and of the validation split.
+        validation_split: float in (0, 1) or None. Required when there is no `test/`: hold out
+            this fraction of `train/` (a seeded random choice) as the test split.
+        strict: bool. Raise `DataError` naming the first file that does not decode.
 
     Returns:
         `Datasets`.
 
     Raises:
-        DataError: if the layout is wrong (names `--data-dir` and the expected layout).
+        DataError: missing folders, empty class folders, different class folders in train and
+            test, `validation_split` out of range or missing, undecodable file with `strict`.
     """
     root = pathlib.Path(data_dir).expanduser()
-    _check_folder_layout(root)
-    splits, counts = {}, {}
-    class_names = None
-    for split, cap in (("train", train_examples), ("test", test_examples)):
-        is_train = split == "train"
-        try:
-            ds = keras.utils.image_dataset_from_directory(
-                root / split,
-                labels="inferred",
-                label_mode="int",
-                color_mode="rgb",
-                batch_size=None,
-                image_size=(image_size, image_size),
-                # Train: Keras shuffles the file list once (seeded), then file paths in a
-                # 1024-element buffer every pass, so batches and a capped subset mix all classes.
-                # Test: the sorted file order, identical on every pass.
-                shuffle=is_train,
-                seed=seed if is_train else None,
-                verbose=False,
+    layout = f"expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg ({ARCHIVE_HINT})"
+    if not root.is_dir():
+        raise DataError("data_dir", root, f"no such directory; {layout}")
+    if not (root / "train").is_dir():
+        raise DataError("data_dir", root, f"missing {root / 'train'}; {layout}")
+    has_test = (root / "test").is_dir()
+    if validation_split is not None:
+        if not 0 < validation_split < 1:
+            raise DataError("validation_split", validation_split, "must be in (0, 1), e.g. 0.1")
+        if has_test:
+            raise DataError("validation_split", validation_split,
+                            f"{root} has a test/ folder, which is the test split; drop "
+                            "validation_split or move test/ away")
+    elif not has_test:
+        raise DataError("data_dir", root,
+                        f"missing {root / 'test'}; add DIR/test/<class>/* or hold out part of "
+                        f"train with `validation_split=0.1`; {layout}")
+    class_names, train_files = list_image_folder(root / "train")
+    split_files = {"train": train_files}
+    if has_test:
+        test_names, split_files["test"] = list_image_folder(root / "test")
+        if test_names != class_names:
+            only_train = sorted(set(class_names) - set(test_names))
+            only_test = sorted(set(test_names) - set(class_names))
+            raise DataError(
+                "data_dir", root,
+                "train/ and test/ have different class folders (only in train: "
+                f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}); "
+                "both need the same <class> names",
             )
-        except ValueError as e:
-            raise DataError(f"--data-dir {root}: {str(e).splitlines()[0]}") from None
-        if class_names is None:
-            class_names = list(ds.class_names)
-        n = len(ds.file_paths)
-        if cap is not None and cap < n:
-            if is_train:
-                ds = ds.take(cap)
-            else:
-                ds = _fixed_subset(ds, n, cap, seed)
-            n = cap
-        splits[split] = ds.map(_to_uint8, num_parallel_calls=tf.data.AUTOTUNE)
-        counts[split] = n
+
+    def index(files):
+        paths = np.array([p for name in class_names for p in files[name]])
+        labels = np.array([i for i, name in enumerate(class_names) for _ in files[name]],
+                          np.int32)
+        return paths, labels
+
+    paths, labels = index(train_files)
+    test_name = "test"
+    if has_test:
+        test_paths, test_labels = index(split_files["test"])
+    else:
+        order = np.random.default_rng(seed).permutation(len(paths))
+        n_val = max(1, int(round(validation_split * len(paths))))
+        if n_val >= len(paths):
+            raise DataError("validation_split", validation_split,
+                            f"leaves no training images of the {len(paths)} in {root / 'train'}")
+        val, keep = np.sort(order[:n_val]), np.sort(order[n_val:])
+        test_paths, test_labels = paths[val], labels[val]
+        paths, labels = paths[keep], labels[keep]
+        test_name = f"validation split {validation_split} of train"
+
+    splits, skipped = {}, []
+    for name, (p, y, cap) in {"train": (paths, labels, train_examples),
+                              "test": (test_paths, test_labels, test_examples)}.items():
+        keep = _subset_indices(len(p), cap, seed)
+        p, y = p[keep], y[keep]
+        images, ok = _decode_scan(p, image_size, keep_images=in_memory)
+        bad = p[~ok].tolist()
+        if bad and strict:
+            raise DataError("data_dir", root, f"cannot decode {bad[0]} (truncated or not an "
+                            "image); remove it, or skip bad files with `strict=False`")
+        skipped.extend(bad)
+        if not ok.any():
+            raise DataError("data_dir", root, f"no decodable images in {root / name}")
+        splits[name] = Split(labels=y[ok], images=images, paths=None if in_memory else p[ok])
     return Datasets(
-        train=splits["train"],
-        test=splits["test"],
-        num_train=counts["train"],
-        num_test=counts["test"],
-        image_shape=(image_size, image_size, 3),
-        class_names=class_names,
+        train_split=splits["train"],
+        test_split=splits["test"],
+        image_shape=(image_size, image_size, 3) if in_memory else None,
+        class_names=list(class_names),
         source=f"folder:{root}",
+        skipped=tuple(skipped),
+        test_name=test_name,
     )
 
 
@@ -250,22 +444,23 @@ def network_available(url="https://storage.googleapis.com/", timeout=3.0):
 
 
 def load_tfds(name="cifar10", tfds_data_dir=None, train_examples=None, test_examples=None, seed=0):
-    """Loads a supervised image dataset from TensorFlow Datasets, downloading it if needed.
+    """Loads a fixed-size image-classification dataset from TensorFlow Datasets into memory.
 
-    The test split is `test`, or `validation` if there is no `test`.
+    Downloads it if needed. The test split is `test`, or `validation` if there is no `test`.
 
     Args:
         name: str. TFDS name, e.g. `"cifar10"`, `"cifar100"`.
         tfds_data_dir: str or None. TFDS storage directory (TFDS' default if None).
-        train_examples: int or None. Cap on training examples (first examples after file shuffle).
+        train_examples: int or None. Cap on training examples (a seeded random subset).
         test_examples: int or None. Cap on test examples.
-        seed: int. Seed of the file shuffle.
+        seed: int. Seed of the subsets.
 
     Returns:
         `Datasets`.
 
     Raises:
-        DataError: unknown name, not an (image, label) dataset, or not prepared and no network.
+        DataError: unknown name, not an (image, label) dataset, variable image size, or not
+            prepared and no network.
     """
     import tensorflow_datasets as tfds
 
@@ -273,9 +468,9 @@ def load_tfds(name="cifar10", tfds_data_dir=None, train_examples=None, test_exam
         builder = tfds.builder(name, data_dir=tfds_data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(
-            f"--dataset {name}: no such TFDS dataset (see "
-            "https://www.tensorflow.org/datasets/catalog/overview), or use --data-dir DIR for an "
-            "image folder"
+            "dataset", name,
+            "no such TFDS dataset (see https://www.tensorflow.org/datasets/catalog/overview); or "
+            "read an image folder with `data_dir=DIR`",
         ) from None
     features = builder.info.features
     keys = builder.info.supervised_keys
@@ -285,128 +480,214 @@ def load_tfds(name="cifar10", tfds_data_dir=None, train_examples=None, test_exam
         or not isinstance(features[keys[0]], tfds.features.Image)
         or not isinstance(features[keys[1]], tfds.features.ClassLabel)
     ):
-        raise DataError(
-            f"--dataset {name}: not an (image, class label) dataset; pick an image classification "
-            "dataset such as cifar10 or cifar100, or use --data-dir DIR"
-        )
+        raise DataError("dataset", name, "not an (image, class label) dataset; pick an image "
+                        "classification dataset such as cifar10 or cifar100")
     image_shape = tuple(features[keys[0]].shape)
     if None in image_shape:
         raise DataError(
-            f"--dataset {name}: images have variable size {image_shape}; this trainer needs "
-            "fixed-size images (e.g. cifar10, cifar100), or use --data-dir DIR (resizes)"
+            "dataset", name,
+            f"images have variable size {image_shape}; this loader keeps fixed-size images in "
+            "memory (e.g. cifar10, cifar100); read such data (e.g. ImageNet) as an image folder",
         )
     if not builder.is_prepared():
         if not network_available():
             raise DataError(
-                f"--dataset {name}: not downloaded yet and there is no network; give data with "
-                f"--data-dir DIR instead, e.g. {ARCHIVE_HINT}"
+                "dataset", name,
+                f"not downloaded yet (looked in {tfds_data_dir or 'the TFDS default directory'}) "
+                f"and there is no network; read {name} from an image folder instead "
+                + (ARCHIVE_HINT if name == "cifar10" else "(`data_dir=DIR`)"),
             )
         builder.download_and_prepare()
     splits = builder.info.splits
     test_split = "test" if "test" in splits else "validation"
     if "train" not in splits or test_split not in splits:
-        raise DataError(f"--dataset {name}: needs train and test (or validation) splits; "
-                        f"has {sorted(splits)}")
-    datasets, counts = {}, {}
-    wanted = (("train", "train", train_examples), ("test", test_split, test_examples))
-    for key, split, cap in wanted:
-        n = splits[split].num_examples
-        if cap is not None and cap < n:
-            n = cap
-            split = f"{split}[:{n}]"
-        ds = builder.as_dataset(
-            split=split,
-            as_supervised=True,
-            shuffle_files=key == "train",
-            read_config=tfds.ReadConfig(shuffle_seed=seed),
-        )
-        datasets[key] = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)),
-                               num_parallel_calls=tf.data.AUTOTUNE)
-        counts[key] = n
+        raise DataError("dataset", name,
+                        f"needs train and test (or validation) splits; has {sorted(splits)}")
+    loaded = {}
+    for key, split, cap in (("train", "train", train_examples), ("test", test_split, test_examples)):
+        images, labels = tfds.as_numpy(builder.as_dataset(split=split, as_supervised=True,
+                                                          batch_size=-1))
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)
+        keep = _subset_indices(len(labels), cap, seed)
+        loaded[key] = Split(labels=labels[keep].astype(np.int32),
+                            images=np.ascontiguousarray(images[keep, ..., :3]))
     return Datasets(
-        train=datasets["train"],
-        test=datasets["test"],
-        num_train=counts["train"],
-        num_test=counts["test"],
-        image_shape=image_shape,
+        train_split=loaded["train"],
+        test_split=loaded["test"],
+        image_shape=image_shape[:2] + (3,),
         class_names=list(features[keys[1]].names),
         source=f"tfds:{name}",
+        test_name=test_split,
     )
 
 
-def augment_cifar(image, label, padding=4):
+def augment_cifar(image, seed, padding=4):
     """The paper's CIFAR augmentation: zero-pad by `padding`, random crop back, random flip.
+
+    Stateless: the same `seed` gives the same result in any process.
 
     Args:
         image: `uint8` or `float32` tensor `(H, W, C)`.
-        label: passed through.
+        seed: int tensor of shape `(2,)`.
         padding: int. Pixels of zero padding on each side. Defaults to 4.
 
     Returns:
-        `(image, label)` with `image` of the same shape and dtype.
+        A tensor of the same shape and dtype.
     """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     shape = tf.shape(image)
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-    image = tf.image.random_crop(padded, shape)
-    image = tf.image.random_flip_left_right(image)
-    return image, label
+    image = tf.image.stateless_random_crop(padded, shape, seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def random_resized_crop(image, size, seed, area_range=(0.08, 1.0),
+                        aspect_ratio_range=(3 / 4, 4 / 3)):
+    """Inception-style random-resized crop to `(size, size)` and random flip (ImageNet training).
+
+    Args:
+        image: uint8 tensor `(H, W, 3)` of any size.
+        size: int. Output side (224 for ImageNet).
+        seed: int tensor of shape `(2,)` (stateless).
+        area_range: fractions of the image area the crop covers.
+        aspect_ratio_range: width / height of the crop.
+
+    Returns:
+        uint8 tensor `(size, size, 3)`.
+    """
+    box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=box_seed,
+        min_object_covered=0.1, aspect_ratio_range=aspect_ratio_range, area_range=area_range,
+        max_attempts=10, use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, crop_size)
+    image = tf.image.resize(image, (size, size))
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def center_crop(image, size, resize_ratio=IMAGENET_RESIZE_RATIO):
+    """Resizes the shorter side to `size * resize_ratio` and crops the central `(size, size)`.
+
+    With `size=224` this is ImageNet's "resize 256, centre crop 224" evaluation.
+
+    Args:
+        image: uint8 tensor `(H, W, 3)` of any size.
+        size: int. Output side.
+        resize_ratio: float. Shorter side after resizing over `size`.
+
+    Returns:
+        uint8 tensor `(size, size, 3)`.
+    """
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = tf.round(size * resize_ratio) / tf.reduce_min(shape)
+    new = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, new)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    image = image[top:top + size, left:left + size]
+    image = tf.ensure_shape(image, (size, size, 3))
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _element_seed(seed, epoch, position, positions_per_epoch):
+    return tf.stack([tf.cast(seed, tf.int64), epoch * positions_per_epoch + position])
+
+
+def train_dataset(split, batch_size, steps_per_epoch, seed=0, augment="cifar", image_size=None,
+                  start_step=0, end_step=None):
+    """Training batches of global steps `start_step, ..., end_step - 1`, resumable exactly.
+
+    Epoch `e` (steps `e * steps_per_epoch` to `(e + 1) * steps_per_epoch - 1`) reads the first
+    `steps_per_epoch * batch_size` examples of a permutation of the split drawn from `(seed, e)`;
+    the augmentation of position `j` of epoch `e` is drawn from `(seed, e, j)`. So the batch of a
+    step does not depend on where the iteration started.
+
+    Args:
+        split: `Split` (`Datasets.train_split`).
+        batch_size: int. Global batch size.
+        steps_per_epoch: int. At most `len(split) // batch_size`.
+        seed: int.
+        augment: str. One of `AUGMENTATIONS`.
+        image_size: int. Output side for `"imagenet"` (random-resized crop) and for files read
+            from `split.paths` without augmentation. Ignored for in-memory images otherwise.
+        start_step: int. First global step.
+        end_step: int or None. One past the last step (None: endless).
+
+    Returns:
+        `tf.data.Dataset` of `(float32 (batch_size, H, W, 3) in [0, 255], int32 (batch_size,))`.
+
+    Raises:
+        ValueError: if `steps_per_epoch * batch_size` exceeds the split, or `augment` is unknown.
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"`augment` must be one of {AUGMENTATIONS}. Received: augment={augment}")
+    n = len(split)
+    per_epoch = steps_per_epoch * batch_size
+    if per_epoch > n:
+        raise ValueError(f"`steps_per_epoch` * `batch_size` = {per_epoch} exceeds the {n} "
+                         "examples of the split")
+    start_epoch, start_batch = divmod(start_step, steps_per_epoch)
+    load = _loader(split, None if augment == "imagenet" else image_size)
+
+    def epoch_positions(epoch):
+        order = tf.argsort(tf.random.stateless_uniform(
+            [n], seed=tf.stack([tf.cast(seed, tf.int64), epoch]), dtype=tf.float32))
+        first = tf.where(epoch == start_epoch, start_batch * batch_size, 0)
+        positions = tf.range(first, per_epoch, dtype=tf.int64)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.gather(order[:per_epoch], positions), positions))
+        return ds.map(lambda i, j: (i, epoch, j))
+
+    end_epoch = None if end_step is None else -(-end_step // steps_per_epoch)
+    epochs = tf.data.Dataset.range(start_epoch, end_epoch if end_epoch is not None else 2**62)
+    ds = epochs.flat_map(epoch_positions)
+
+    def element(i, epoch, j):
+        image, label = load(i)
+        element_seed = _element_seed(seed, epoch, j, per_epoch)
+        if augment == "cifar":
+            image = augment_cifar(image, element_seed)
+        elif augment == "imagenet":
+            image = random_resized_crop(image, image_size, element_seed)
+        return image, label
+
+    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if end_step is not None:
+        ds = ds.take(end_step - start_step)
+    return ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(split, batch_size, augment="cifar", image_size=None):
+    """Every example of `split` once, in index order, preprocessed for evaluation.
+
+    Args:
+        split: `Split`.
+        batch_size: int.
+        augment: str. `"imagenet"`: resize and centre crop to `image_size` (see `center_crop`);
+            otherwise images are used as they are (files resized to `image_size`).
+        image_size: int or None.
+
+    Returns:
+        `tf.data.Dataset` of `(float32 (<=batch_size, H, W, 3) in [0, 255], int32 (<=batch_size,))`.
+    """
+    load = _loader(split, None if augment == "imagenet" else image_size)
+
+    def element(i):
+        image, label = load(i)
+        if augment == "imagenet":
+            image = center_crop(image, image_size)
+        return image, label
+
+    ds = tf.data.Dataset.range(len(split)).map(element, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    return ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _to_float(image, label):
     return tf.cast(image, tf.float32), label
-
-
-def _fits_in_memory(num_examples, image_shape, cache_limit_bytes):
-    return num_examples * math.prod(image_shape) <= cache_limit_bytes
-
-
-def train_pipeline(ds, batch_size, num_examples, image_shape, augment=True, seed=0,
-                   cache_limit_bytes=2 * 2**30):
-    """Infinite, shuffled, augmented batches for `model.fit(..., steps_per_epoch=...)`.
-
-    Args:
-        ds: unbatched `(uint8 (H, W, C), int32 ())` dataset (`Datasets.train`).
-        batch_size: int.
-        num_examples: int. Size of `ds`.
-        image_shape: tuple `(H, W, C)`.
-        augment: bool. Apply `augment_cifar`.
-        seed: int. Shuffle seed.
-        cache_limit_bytes: int. Cache `uint8` images in memory (and shuffle all of them every
-            epoch) when they take at most this many bytes.
-
-    Returns:
-        `tf.data.Dataset` of `(float32 (batch_size, H, W, C) in [0, 255], int32 (batch_size,))`;
-        incomplete final batches are dropped (static shapes).
-    """
-    if _fits_in_memory(num_examples, image_shape, cache_limit_bytes):
-        ds = ds.cache().shuffle(num_examples, seed=seed, reshuffle_each_iteration=True)
-    else:
-        ds = ds.shuffle(min(num_examples, SHUFFLE_BUFFER_UNCACHED), seed=seed,
-                        reshuffle_each_iteration=True)
-    ds = ds.repeat()
-    if augment:
-        ds = ds.map(augment_cifar, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
-def eval_pipeline(ds, batch_size, num_examples, image_shape, cache_limit_bytes=2 * 2**30):
-    """Finite batches of the test split, every example exactly once, in a fixed order.
-
-    Args:
-        ds: unbatched `(uint8 (H, W, C), int32 ())` dataset (`Datasets.test`).
-        batch_size: int.
-        num_examples: int. Size of `ds`.
-        image_shape: tuple `(H, W, C)`.
-        cache_limit_bytes: int. Cache the `uint8` batches in memory when they fit.
-
-    Returns:
-        `tf.data.Dataset` of `(float32 (<=batch_size, H, W, C) in [0, 255], int32 (<=batch_size,))`.
-    """
-    ds = ds.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE)
-    if _fits_in_memory(num_examples, image_shape, cache_limit_bytes):
-        ds = ds.cache()
-    return ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def num_steps(num_examples, batch_size):

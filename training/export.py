@@ -1,86 +1,382 @@
-"""Export a trained classifier as a TF SavedModel in the TF Serving layout.
+"""Export a trained classifier for TF Serving, any TensorFlow runtime and TensorFlow Lite.
 
-TF Serving watches `<base>/<model>/` and serves the highest integer sub-directory (`1/`, `2/`, ...).
-`next_version_dir` picks the next integer, and `export_saved_model` writes into a hidden sibling
-directory first and renames it into place, so TF Serving never sees a half-written version.
+`python -m training.export` (run from the repository root) exports a finished or interrupted run of
+`python -m training.train` (its `--model-dir`: `config.json` and `model.weights.h5`) or a `.keras`
+file, as a new version of a TF Serving model base path:
 
-The exported signature `serving_default` takes `pixels`: float32 `(batch, H, W, C)` raw pixel values
-in [0, 255] (normalization is inside the model) and returns `output_0`: float32 `(batch, classes)`
-class probabilities.
+    python -m training.export --model-dir runs/revnet38/20261130-120000   # -> saved_models/revnet38/<n>/
+    python -m training.export --keras-file runs/revnet38/20261130-120000/model.keras \
+        --export-dir /models/revnet38
+    python -m training.export --model-dir runs/revnet38/20261130-120000 --format tflite
 
-Example:
+Each export is a new integer version `<export-dir>/<n>/`, reserved atomically and renamed into place
+when complete (`training.serving_layout`): concurrent exports get distinct versions, an existing
+version is never overwritten, and a failed export leaves nothing behind. A version holds
 
-```python
-path = export.export_saved_model(model, export.next_version_dir("saved_models/revnet38"))
-reloaded = tf.saved_model.load(path)
-probs = reloaded.signatures["serving_default"](pixels=images)["output_0"]
-```
+- the SavedModel with the signatures of `training.serving_signatures` (`serving_default`: uint8
+  images; `serving_float`: float32 images in [0, 255]; `serving_bytes`: encoded JPEG/PNG files), each
+  returning `probabilities`, `class_ids` and `class_names` (the label names are in the graph);
+- `assets.extra/class_names.txt` (one name per line, index = class id) and
+  `assets.extra/export.json`: the version, the source, the run's configuration and its test
+  accuracy (null for a run that did not finish), so that every served version says what it is;
+- with `--format tflite`: `model.tflite`, the TensorFlow Lite conversion of `serving_default` and
+  `serving_float` (TFLite built-in ops only; `--tflite-select-tf-ops` adds `serving_bytes`, whose
+  `DecodeImage` and `ResizeBilinear` need the TF Select (Flex) ops).
+
+TF Serving serves the highest version: a smoke run exported last becomes the served model. Pin a
+version with `model_version_policy` (see `pin_hint`).
+
+`main(argv)` returns the exit code: 0, or 2 after a one-line error (missing or corrupt checkpoint,
+bad option).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+import datetime
+import json
 import pathlib
-import shutil
+import sys
 
-__all__ = ["next_version_dir", "check_export_dir", "export_saved_model"]
+import keras
+import tensorflow as tf
+
+from training import serving_layout, serving_signatures
+
+__all__ = ["ExportError", "ExportResult", "export_saved_model", "convert_to_tflite",
+           "load_run", "load_keras_file", "pin_hint", "build_parser", "run", "main",
+           "CLASS_NAMES_FILE", "EXPORT_INFO_FILE", "TFLITE_FILE"]
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXTRA_DIR = "assets.extra"
+CLASS_NAMES_FILE = f"{EXTRA_DIR}/class_names.txt"
+EXPORT_INFO_FILE = f"{EXTRA_DIR}/export.json"
+TFLITE_FILE = "model.tflite"
+WEIGHTS_FILE = "model.weights.h5"
+CONFIG_FILE = "config.json"
+FORMATS = ("saved_model", "tflite")
 
 
-def next_version_dir(model_root):
-    """Returns `model_root/<n>` with `n` one more than the largest integer sub-directory (or 1).
+class ExportError(ValueError):
+    """The export cannot be made as asked; the message is one line naming the option and the fix."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What `export_saved_model` returns.
+
+    Attributes:
+        version: int. The new version number.
+        path: `pathlib.Path` of `<base_path>/<version>/`.
+        tflite_path: `pathlib.Path` of `model.tflite` inside it, or None.
+    """
+
+    version: int
+    path: pathlib.Path
+    tflite_path: pathlib.Path | None = None
+
+
+def pin_hint(model_name, version):
+    """One line telling how to make TF Serving serve exactly `version` of `model_name`.
+
+    The `base_path` shown is where the README's `docker run` mounts the model base path.
+    """
+    return (f"TF Serving serves the highest version; to serve only this one, give it a "
+            f"--model_config_file with config {{ name: \"{model_name}\" base_path: "
+            f"\"/models/{model_name}\" "
+            f"model_platform: \"tensorflow\" model_version_policy {{ specific {{ versions: "
+            f"{version} }} }} }}")
+
+
+def _write_extras(directory, class_names, info):
+    extra = directory / EXTRA_DIR
+    extra.mkdir()
+    (directory / CLASS_NAMES_FILE).write_text("".join(f"{name}\n" for name in class_names))
+    (directory / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def export_saved_model(model, base_path, class_names, run_info=None, model_name=None,
+                       tflite=False, tflite_select_tf_ops=False, top_k=serving_signatures.TOP_K,
+                       verbose=False):
+    """Writes `model` as a new version of the TF Serving model base path `base_path`.
 
     Args:
-        model_root: str or path-like, e.g. `saved_models/revnet38`.
+        model: built `keras.Model`, float32 `(N, H, W, 3)` raw pixels in [0, 255] -> float32
+            `(N, classes)` probabilities (as `training.train.build_classifier` makes it).
+        base_path: str or path-like. Model base path (created if missing), e.g.
+            `saved_models/revnet38`.
+        class_names: sequence of str, one per class (index = class id).
+        run_info: dict or None. The training run's configuration; its `test_accuracy` (if any) is
+            copied to the top level of `assets.extra/export.json`.
+        model_name: str or None. Name shown in `export.json` (default: `run_info["model"]` or the
+            Keras model's name).
+        tflite: bool. Also write `model.tflite` (see `convert_to_tflite`).
+        tflite_select_tf_ops: bool. Include `serving_bytes` in the TFLite model (Flex ops).
+        top_k: int. Size of the `top_k_*` outputs (models with more than 10 classes).
+        verbose: bool. Print Keras' list of endpoints.
 
     Returns:
-        `pathlib.Path`.
-    """
-    root = pathlib.Path(model_root)
-    versions = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()] if (
-        root.is_dir()
-    ) else []
-    return root / str(max(versions, default=0) + 1)
-
-
-def check_export_dir(export_dir):
-    """Raises `ValueError` if `export_dir` exists and is not an empty directory.
-
-    Called before training so a run does not fail only at the very end.
-    """
-    path = pathlib.Path(export_dir)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(
-            f"--export-dir {path}: already exists and is not empty; pick a new directory (the "
-            "default is the next free saved_models/<model>/<version>/)"
-        )
-
-
-def export_saved_model(model, export_dir, verbose=False):
-    """Writes `model` as a TF SavedModel (`model.export(..., format="tf_saved_model")`), atomically.
-
-    Args:
-        model: a built `keras.Model`.
-        export_dir: str or path-like. Final directory; must not exist or be empty.
-        verbose: bool. Let Keras print the exported endpoints.
-
-    Returns:
-        `pathlib.Path` of the export.
+        `ExportResult`.
 
     Raises:
-        ValueError: if `export_dir` exists and is not empty.
+        ValueError: bad `base_path`, image input or `class_names`.
     """
-    final = pathlib.Path(export_dir)
-    check_export_dir(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    run_info = dict(run_info or {})
+    archive = serving_signatures.build_archive(model, class_names, top_k=top_k)
+    height, width = serving_signatures.image_size_of(model)
+    tflite_path = []
+
+    def write(directory, version):
+        archive.write_out(str(directory), verbose=verbose)
+        info = {
+            "model": model_name or run_info.get("model") or model.name,
+            "version": version,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tensorflow_version": tf.__version__,
+            "keras_version": keras.__version__,
+            "image_size": [height, width],
+            "class_names": list(class_names),
+            "signatures": list(serving_signatures.SIGNATURES),
+            "test_accuracy": run_info.get("test_accuracy"),
+            "run_config": run_info,
+        }
+        _write_extras(directory, class_names, info)
+        if tflite:
+            tflite_path.append(convert_to_tflite(directory, directory / TFLITE_FILE,
+                                                 select_tf_ops=tflite_select_tf_ops))
+
+    version, path = serving_layout.write_new_version(base_path, write)
+    return ExportResult(version=version, path=path,
+                        tflite_path=path / TFLITE_FILE if tflite_path else None)
+
+
+def convert_to_tflite(saved_model_dir, output_path, select_tf_ops=False):
+    """Converts the serving signatures of an exported SavedModel to TensorFlow Lite.
+
+    Args:
+        saved_model_dir: str or path-like. A version directory written by `export_saved_model`.
+        output_path: str or path-like of the `.tflite` file to write.
+        select_tf_ops: bool. If False (default) convert `serving_default` and `serving_float`
+            with TFLite built-in ops only. If True also convert `serving_bytes`, whose
+            `DecodeImage` and `ResizeBilinear` are not built-in TFLite ops: the file then needs a
+            runtime with the TF Select (Flex) delegate linked in. The `tf.lite.Interpreter` of the
+            `tensorflow` 2.21 pip package does not have it: it runs `serving_default` and
+            `serving_float` of such a file but fails on `serving_bytes`.
+
+    Returns:
+        `pathlib.Path` of the written file. Run it with `tf.lite.Interpreter` (or
+        `ai_edge_litert.interpreter.Interpreter`) and `get_signature_runner("serving_default")`.
+    """
+    keys = [serving_signatures.DEFAULT_SIGNATURE, serving_signatures.FLOAT_SIGNATURE]
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model_dir), signature_keys=keys + ([serving_signatures.BYTES_SIGNATURE]
+                                                     if select_tf_ops else []))
+    if select_tf_ops:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                               tf.lite.OpsSet.SELECT_TF_OPS]
+    output_path = pathlib.Path(output_path)
+    output_path.write_bytes(converter.convert())
+    return output_path
+
+
+def _read_config(model_dir):
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ExportError(f"--model-dir {model_dir}: no {CONFIG_FILE}; give the --model-dir of a "
+                          "python -m training.train run")
     try:
-        model.export(str(tmp), format="tf_saved_model", verbose=verbose)
-        if final.exists():  # an empty directory: os.replace cannot replace it on every platform
-            final.rmdir()
-        os.replace(tmp, final)
+        config = json.loads(path.read_text())
+        missing = [k for k in ("model", "image_shape", "class_names") if k not in config]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ExportError(f"--model-dir {model_dir}: {CONFIG_FILE} is not valid JSON ({e})") from None
+    if missing:
+        raise ExportError(f"--model-dir {model_dir}: {CONFIG_FILE} lacks {', '.join(missing)}; the "
+                          "run stopped before loading its data, so it has no weights to export")
+    return config
+
+
+def _one_line(error):
+    return " ".join(str(error).split())[:300]
+
+
+def load_run(model_dir):
+    """Rebuilds the classifier of a `python -m training.train` run from its weights.
+
+    Works for finished and interrupted runs: `model.weights.h5` holds the weights after the last
+    finished epoch. The model is rebuilt in float32 (whatever `--mixed-precision` the run used).
+
+    Args:
+        model_dir: str or path-like. The run's `--model-dir`.
+
+    Returns:
+        `(model, config)`: the `keras.Model` (raw float32 pixels in, probabilities out) and the
+        run's `config.json` as a dict.
+
+    Raises:
+        ExportError: missing or corrupt `config.json` or weights (one line).
+    """
+    from training import train  # imports tf_revnet (lazily) to build the architecture
+
+    model_dir = pathlib.Path(model_dir)
+    if not model_dir.is_dir():
+        raise ExportError(f"--model-dir {model_dir}: not a directory; give the --model-dir of a "
+                          "python -m training.train run")
+    config = _read_config(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ExportError(f"--model-dir {model_dir}: no {WEIGHTS_FILE}: the run has not finished "
+                          "an epoch yet; train for at least one epoch first")
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        normalizer = keras.layers.Normalization(axis=-1, dtype="float32", name="normalization")
+        model = train.build_classifier(config["model"], tuple(config["image_shape"]),
+                                       len(config["class_names"]), normalizer,
+                                       use_custom_gradient=config.get("use_custom_gradient", True))
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        keras.config.set_dtype_policy(previous_policy)
+    try:
+        model.load_weights(str(weights))
+    except Exception as e:  # h5py/Keras raise OSError, ValueError, KeyError... for bad files
+        raise ExportError(f"--model-dir {model_dir}: cannot read {WEIGHTS_FILE} (corrupt or from "
+                          f"another model): {_one_line(e)}") from None
+    return model, config
+
+
+def load_keras_file(path):
+    """Loads a `.keras` file saved by `python -m training.train` (or any classifier of raw pixels).
+
+    Args:
+        path: str or path-like ending in `.keras`.
+
+    Returns:
+        `(model, config)`: the `keras.Model` and the `config.json` beside the file (the run's), or
+        `{}` if there is none.
+
+    Raises:
+        ExportError: missing or corrupt file (one line).
+    """
+    import tf_revnet  # noqa: F401  (registers the RevNet layers for deserialization)
+
+    path = pathlib.Path(path)
+    if path.suffix != ".keras":
+        raise ExportError(f"--keras-file {path}: must end in .keras (a file saved by model.save)")
+    if not path.is_file():
+        raise ExportError(f"--keras-file {path}: no such file")
+    try:
+        model = keras.saving.load_model(str(path), compile=False)
+    except Exception as e:  # zipfile.BadZipFile, ValueError, ...: all mean "not a valid .keras"
+        raise ExportError(f"--keras-file {path}: cannot load it (corrupt or not a Keras model "
+                          f"file): {_one_line(e)}") from None
+    config_path = path.parent / CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return model, config
+
+
+def _class_names_option(value, num_classes):
+    path = pathlib.Path(value)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in value.split(",")]
+    if len(names) != num_classes:
+        raise ExportError(f"--class-names: the model has {num_classes} classes, got {len(names)} "
+                          "names; give a file with one name per line or a comma-separated list")
+    return names
+
+
+def build_parser():
+    """The command-line interface of `python -m training.export`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.export",
+        description="Export a trained classifier as a new version of a TF Serving model base path "
+        "(SavedModel with serving_default, serving_float and serving_bytes signatures; optionally "
+        "TensorFlow Lite). Every version is new: existing versions are never overwritten.",
+        epilog="Examples: python -m training.export --model-dir runs/revnet38/<date-time> | "
+        "python -m training.export --keras-file runs/revnet38/<date-time>/model.keras "
+        "--format tflite",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir",
+                        help="the --model-dir of a finished or interrupted python -m training.train "
+                             "run (its config.json and model.weights.h5)")
+    source.add_argument("--keras-file",
+                        help="a .keras file (python -m training.train writes <model-dir>/model.keras"
+                             "); class names come from the config.json beside it or --class-names")
+    parser.add_argument("--export-dir", default=None,
+                        help="model base path that TF Serving watches; the export becomes its next "
+                             "version <export-dir>/<n>/. Default: saved_models/<model>")
+    parser.add_argument("--format", default="saved_model", choices=FORMATS,
+                        help="saved_model, or tflite: the SavedModel plus <n>/model.tflite "
+                             "converted from it. Default: saved_model")
+    parser.add_argument("--tflite-select-tf-ops", action="store_true",
+                        help="with --format tflite: also convert serving_bytes (JPEG/PNG decoding "
+                             "needs the TF Select/Flex ops in the TFLite runtime)")
+    parser.add_argument("--class-names", default=None,
+                        help="label names, one per class: a file with one name per line or a "
+                             "comma-separated list. Default: class_names of the run's config.json")
+    parser.add_argument("--top-k", type=int, default=serving_signatures.TOP_K,
+                        help="size of the top_k_* outputs, added for models with more than "
+                             f"{serving_signatures.TOP_K_MIN_CLASSES} classes. "
+                             f"Default: {serving_signatures.TOP_K}")
+    return parser
+
+
+def run(argv=None):
+    """Parses `argv` and exports. Returns the `ExportResult`.
+
+    Raises:
+        ExportError: missing or corrupt checkpoint, bad option.
+        SystemExit: from argparse for malformed options or `--help`.
+    """
+    args = build_parser().parse_args(argv)
+    if args.tflite_select_tf_ops and args.format != "tflite":
+        raise ExportError("--tflite-select-tf-ops: only with --format tflite")
+    if args.top_k < 1:
+        raise ExportError(f"--top-k must be >= 1. Received: {args.top_k}")
+    if args.model_dir is not None:
+        model, config = load_run(args.model_dir)
+        source = f"model_dir:{pathlib.Path(args.model_dir).resolve()}"
+    else:
+        model, config = load_keras_file(args.keras_file)
+        source = f"keras_file:{pathlib.Path(args.keras_file).resolve()}"
+    num_classes = model.outputs[0].shape[-1]
+    if args.class_names is not None:
+        class_names = _class_names_option(args.class_names, num_classes)
+    elif config.get("class_names"):
+        class_names = list(config["class_names"])
+    else:
+        raise ExportError(f"--keras-file {args.keras_file}: no config.json beside it to read the "
+                          "class names from; pass --class-names")
+    model_name = config.get("model") or model.name
+    base_path = pathlib.Path(args.export_dir or REPO_ROOT / "saved_models" / model_name)
+    try:
+        serving_layout.check_base_path(base_path)
+        result = export_saved_model(
+            model, base_path, class_names, run_info={**config, "export_source": source},
+            model_name=model_name, tflite=args.format == "tflite",
+            tflite_select_tf_ops=args.tflite_select_tf_ops, top_k=args.top_k)
+    except ValueError as e:
+        raise ExportError(_one_line(e)) from None
+    accuracy = config.get("test_accuracy")
+    print(f"Exported {model_name} version {result.version} to {result.path} (test accuracy: "
+          f"{'unknown, the run did not finish' if accuracy is None else f'{accuracy:.4f}'})")
+    if result.tflite_path is not None:
+        print(f"TensorFlow Lite model: {result.tflite_path}")
+    print(pin_hint(model_name, result.version), flush=True)
+    return result
+
+
+def main(argv=None):
+    """Command-line entry point. Returns 0 on success, 2 after a one-line error."""
+    try:
+        run(argv)
+    except ExportError as e:
+        print(f"python -m training.export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,8 +10,14 @@ Weight decay is implemented as an L2 penalty added to the loss, not as Keras' de
 gradient `weight_decay * w` goes through SGD momentum. Keras' `SGD(weight_decay=...)` instead
 subtracts `learning_rate * weight_decay * w` outside the momentum buffer, which with momentum 0.9
 is about 10x weaker in steady state for the same coefficient; using it would silently change the
-recipe. See `kernel_l2_regularizer` and `apply_weight_decay` below. BatchNorm scales and offsets,
-biases and the (non-trainable) normalization statistics are not decayed.
+recipe. `kernel_l2_regularizer` gives the penalty as a Keras regularizer, which the training script
+passes to the model builders' `kernel_regularizer` argument (every convolution and the classifier
+kernel); BatchNorm scales and offsets, biases and the (non-trainable) normalization statistics are
+not decayed.
+
+Learning rate and batch size: `batch_size` is the global batch (summed over all devices and
+workers). The learning rate is the recipe's for its own batch size; `Recipe.scaled_to_batch` applies
+the linear scaling rule (Goyal et al. 2017, arXiv:1706.02677): `lr * new_batch / recipe_batch`.
 
 References:
     Gomez, Ren, Urtasun, Grosse, "The Reversible Residual Network: Backpropagation Without Storing
@@ -32,7 +38,7 @@ __all__ = [
     "learning_rate_schedule",
     "make_optimizer",
     "kernel_l2_regularizer",
-    "apply_weight_decay",
+    "decayed_kernels",
 ]
 
 
@@ -58,7 +64,13 @@ class Recipe:
         train_examples: int or None. Cap on the number of training examples used; `None` uses all.
         test_examples: int or None. Cap on the number of test examples used for validation and the
             final evaluation; `None` uses all.
-        augment: bool. Whether to apply the paper's CIFAR augmentation (pad 4, random crop, flip).
+        augment: bool. Whether to augment the training images (see `preprocessing`).
+        preprocessing: str. `"cifar"`: images kept in memory at `image_size` (pad-4 random crop
+            and flip when augmenting); `"imagenet"`: JPEGs of any size decoded on the fly,
+            random-resized crop to `image_size` and flip for training, resize to
+            `image_size * 256 / 224` and centre crop for evaluation.
+        image_size: int. Side of the square images the model sees.
+        top5: bool. Also report top-5 accuracy.
         description: str. One line shown by `--help`.
     """
 
@@ -75,6 +87,9 @@ class Recipe:
     train_examples: int | None = None
     test_examples: int | None = None
     augment: bool = True
+    preprocessing: str = "cifar"
+    image_size: int = 32
+    top5: bool = False
     description: str = ""
 
     def replace(self, **overrides):
@@ -99,7 +114,7 @@ class Recipe:
         Raises:
             ValueError: naming the field and the value received.
         """
-        for field in ("epochs", "batch_size"):
+        for field in ("epochs", "batch_size", "image_size"):
             value = getattr(self, field)
             if value < 1:
                 raise ValueError(f"`{field}` must be >= 1. Received: {field}={value}")
@@ -117,6 +132,9 @@ class Recipe:
             raise ValueError(
                 f"`weight_decay` must be >= 0. Received: weight_decay={self.weight_decay}"
             )
+        if self.preprocessing not in ("cifar", "imagenet"):
+            raise ValueError("`preprocessing` must be 'cifar' or 'imagenet'. "
+                             f"Received: preprocessing={self.preprocessing}")
         if any(not 0 < b < 1 for b in self.decay_boundaries) or list(
             self.decay_boundaries
         ) != sorted(self.decay_boundaries):
@@ -124,6 +142,12 @@ class Recipe:
                 "`decay_boundaries` must be increasing fractions in (0, 1). "
                 f"Received: decay_boundaries={self.decay_boundaries}"
             )
+
+    def scaled_to_batch(self, batch_size):
+        """The linear scaling rule: a copy with `batch_size` and `learning_rate * batch_size /
+        self.batch_size` (Goyal et al. 2017)."""
+        return self.replace(batch_size=batch_size,
+                            learning_rate=self.learning_rate * batch_size / self.batch_size)
 
     def to_dict(self):
         """Returns the recipe as a JSON-serializable dict."""
@@ -154,6 +178,21 @@ RECIPES = {
             test_examples=1000,
             description="smoke run: 2 epochs of 50 steps of batch 64, lr 0.05, "
             "1000 test images",
+        ),
+        Recipe(
+            name="imagenet",
+            # The paper (Section 6.2, following He et al. 2016): SGD momentum 0.9, batch 256,
+            # lr 0.1 divided by 10 at epochs 30, 60 and 80 of 90, weight decay 1e-4; standard
+            # random-resized crop 224 + flip; evaluation on the centre 224 crop of a 256 resize.
+            epochs=90,
+            batch_size=256,
+            weight_decay=1e-4,
+            decay_boundaries=(30 / 90, 60 / 90, 80 / 90),
+            preprocessing="imagenet",
+            image_size=224,
+            top5=True,
+            description="ImageNet: 90 epochs of batch 256, lr 0.1 /10 at epochs 30, 60, 80, "
+            "momentum 0.9, weight decay 1e-4, random-resized crop 224, top-5",
         ),
     )
 }
@@ -214,26 +253,13 @@ def kernel_l2_regularizer(weight_decay):
     return keras.regularizers.L2(weight_decay / 2.0)
 
 
-def apply_weight_decay(model, weight_decay):
-    """Attaches the L2 penalty to every trainable convolution or dense kernel of `model`.
-
-    Kernels are recognized by their variable name `kernel` (Keras' `Conv2D`, `Dense`, ...);
-    biases, BatchNorm `gamma`/`beta` and non-trainable statistics are left alone. Keras adds the
-    penalties to the training loss through `model.losses`.
+def decayed_kernels(model):
+    """Paths of the variables of `model` that carry a regularizer (the weight-decay penalty).
 
     Args:
         model: a built `keras.Model`.
-        weight_decay: float. Coefficient; 0 disables the penalty.
 
     Returns:
-        list of str. Paths of the decayed variables.
+        list of str, e.g. `["revnet_stem_conv/kernel", ..., "revnet_predictions/kernel"]`.
     """
-    decayed = []
-    if weight_decay <= 0:
-        return decayed
-    regularizer = kernel_l2_regularizer(weight_decay)
-    for variable in model.trainable_weights:
-        if variable.path.split("/")[-1] == "kernel":
-            variable.regularizer = regularizer
-            decayed.append(variable.path)
-    return decayed
+    return [v.path for v in model.trainable_weights if v.regularizer is not None]

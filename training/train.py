@@ -9,20 +9,28 @@ Run from the repository root (`training` is not an installed package):
     mkdir -p /tmp/cifar10 && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10
     python -m training.train --data-dir /tmp/cifar10 --recipe quick
 
-    # A short CPU run in bfloat16 with overrides of the paper's recipe:
-    python -m training.train --data-dir /tmp/cifar10 --epochs 10 --batch-size 128 \\
-        --mixed-precision mixed_bfloat16 --model-dir runs/revnet38-bf16
+    # ImageNet (RevNet-104) from a folder of JPEGs DIR/train/<class>/*.JPEG, DIR/test/<class>/*:
+    python -m training.train --recipe imagenet --model revnet104 --data-dir /data/imagenet \\
+        --distribution mirrored
 
-    # A killed run resumes from its last finished epoch: rerun the same command (same --model-dir).
+    # Save every 500 steps; a killed run resumes exactly when started again with its run dir:
+    python -m training.train --data-dir /tmp/cifar10 --save-every-steps 500 --model-dir runs/a
+    python -m training.train --data-dir /tmp/cifar10 --save-every-steps 500 --model-dir runs/a
 
-Each run writes to `--model-dir` (default `runs/<model>`): `config.json` (the resolved options),
-`backup/` (`keras.callbacks.BackupAndRestore`, removed when training finishes), `model.weights.h5`
-(weights after the last finished epoch, replaced atomically), `training_log.csv` and, if
-TensorBoard is installed, its logs in `logs/`. It then evaluates on the test split, prints
-`Test accuracy: <value>`, and exports a SavedModel to `--export-dir` (default
-`saved_models/<model>/<next version>/`, the layout TF Serving expects). The exported model takes raw
-float32 pixels in [0, 255]: per-channel normalization (mean and variance adapted on the training
-images) is its first layer.
+Each run writes to its own run directory (`--model-dir`, default a new `runs/<model>/<time>/`):
+`config.json` (the resolved options), `backup/` (the resume state, removed when the run is
+complete), `model.weights.h5` (weights after the last epoch, replaced atomically),
+`training_log.csv`, TensorBoard logs in `logs/`, `curves.png` and `summary.json`. Starting the same
+command with the same `--model-dir` resumes exactly (same final weights as an uninterrupted run on
+CPU); a different command (model, data, recipe values, precision, seed) is refused.
+
+At the end it saves `model.keras` beside the weights (reload it with `keras.saving.load_model` after
+`import tf_revnet` to fine-tune) and exports a new version of the TF Serving model base path
+`--export-dir` (default `saved_models/<model>`; `--no-export` skips it) with `training.export`:
+`<export-dir>/<n>/`, `n` reserved atomically, signatures for uint8 images and encoded JPEG/PNG files
+returning class names, the run's configuration and test accuracy in `assets.extra/export.json`.
+The model takes raw float32 pixels in [0, 255]: per-channel normalization (mean and variance
+adapted on the training images) is its first layer.
 
 `main(argv)` returns the process exit code (0, or 2 after a one-line error on bad input);
 `run(argv)` does the work and returns a `TrainResult` (model, history, test metrics, export path)
@@ -33,31 +41,116 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import datetime
 import json
 import os
 import pathlib
 import re
+import resource
 import sys
 import time
 
-import keras
-import tensorflow as tf
+if __name__ == "__main__":  # the command line: no TensorFlow start-up noise (see training.startup)
+    from training.startup import import_tensorflow_quietly
 
-from training import data as data_lib
-from training import export as export_lib
-from training import recipes
+    import_tensorflow_quietly()
 
-__all__ = ["main", "run", "build_parser", "build_classifier", "AtomicWeightsCheckpoint",
-           "TrainResult", "ConfigError"]
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from training import checkpoint as checkpoint_lib  # noqa: E402
+from training import data as data_lib  # noqa: E402
+from training import distribute as distribute_lib  # noqa: E402
+from training import export as export_lib  # noqa: E402
+from training import plots, recipes, serving_layout  # noqa: E402
+
+__all__ = ["main", "run", "build_parser", "resolve_config", "build_classifier", "RunConfig",
+           "TrainResult", "ConfigError", "RunMetrics", "AtomicWeightsCheckpoint",
+           "MODEL_BUILDERS"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MIXED_PRECISION_POLICIES = ("none", "mixed_bfloat16", "mixed_float16")
 NORMALIZATION_ADAPT_EXAMPLES = 10_000
+# Extra model builders by name (notebooks, tests): name -> builder(input_shape=, classes=,
+# classifier_activation=, use_custom_gradient=, kernel_regularizer=) -> keras.Model.
+MODEL_BUILDERS = {}
 
 
 class ConfigError(ValueError):
     """Bad command-line options; the message is one line naming the option."""
+
+
+# Fields of `RunConfig` that change what is trained: a backup may only be resumed when they are equal.
+# `deterministic` is one of them: op determinism selects other CPU kernels (measured: BatchNorm
+# scales 3e-4 apart after 12 steps of the tiny test model), so it must not change on resume.
+TRAINING_FIELDS = ("model", "dataset", "data_dir", "validation_split", "recipe", "mixed_precision",
+                   "use_custom_gradient", "seed", "deterministic")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The resolved configuration of a run (recipe with overrides, paths, options).
+
+    Attributes:
+        model: str. Model name as given (any name `tf_revnet.models.get` accepts).
+        dataset: str or None. TFDS name (None with `data_dir`).
+        data_dir: str or None. Absolute image-folder root.
+        tfds_data_dir: str or None.
+        validation_split: float or None.
+        recipe: `recipes.Recipe` with the command-line overrides.
+        model_dir: str. Absolute run directory.
+        export_dir: str. Absolute TF Serving model base path; the export is its next version
+            `<export_dir>/<n>/`.
+        export: bool. Export at the end of the run (False: `--no-export`).
+        mixed_precision: str. `"none"`, `"mixed_bfloat16"` or `"mixed_float16"`.
+        use_custom_gradient: bool.
+        seed: int.
+        deterministic: bool. TensorFlow op determinism.
+        distribution: str. One of `distribute.STRATEGIES`.
+        save_every_steps: int or None.
+        strict_data: bool.
+        monitor_numerics: int. Steps between numerics measurements (0: off).
+        max_gradient_angle: float. Degrees; the monitor warns above it.
+        max_reconstruction_error: float. Relative; the monitor warns above it.
+        verbose: int. Keras `fit` verbosity.
+        command: str. The command line.
+    """
+
+    model: str
+    dataset: str | None
+    data_dir: str | None
+    tfds_data_dir: str | None
+    validation_split: float | None
+    recipe: recipes.Recipe
+    model_dir: str
+    export_dir: str
+    export: bool = True
+    mixed_precision: str = "none"
+    use_custom_gradient: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    distribution: str = "none"
+    save_every_steps: int | None = None
+    strict_data: bool = False
+    monitor_numerics: int = 0
+    max_gradient_angle: float = 1.0
+    max_reconstruction_error: float = 1e-2
+    verbose: int = 1
+    command: str = ""
+
+    def to_dict(self):
+        """JSON-serializable dict (the recipe as a nested dict)."""
+        config = dataclasses.asdict(self)
+        config["recipe"] = self.recipe.to_dict()
+        return config
+
+    def training_fingerprint(self):
+        """The values that change training (model, data, recipe, precision, seed, determinism)."""
+        config = self.to_dict()
+        fingerprint = {key: config[key] for key in TRAINING_FIELDS}
+        fingerprint["recipe"] = {k: v for k, v in fingerprint["recipe"].items()
+                                 if k not in ("name", "description")}
+        return fingerprint
 
 
 @dataclasses.dataclass
@@ -66,20 +159,23 @@ class TrainResult:
 
     Attributes:
         model: the trained `keras.Model` (raw float32 pixels in, class probabilities out).
-        history: `keras.callbacks.History` of this `fit` call (resumed runs start at the restored
-            epoch).
-        test_accuracy: float. Accuracy on the (capped) test split after training.
+        history: dict of per-epoch metric lists of this process' `fit` calls (a resumed run
+            starts at the restored epoch).
+        test_accuracy: float. Top-1 accuracy on the test split after training.
         test_loss: float. Loss on the same examples (including the weight-decay penalty).
-        export_dir: `pathlib.Path` of the SavedModel.
-        config: dict. The resolved configuration (also in `<model-dir>/config.json`).
+        export_dir: `pathlib.Path` of the exported version `<export-dir>/<n>/`, or None with
+            `--no-export`.
+        config: dict. The resolved configuration and data facts (also in `config.json`).
+        summary: dict. What the end-of-run summary shows (also in `summary.json`).
     """
 
     model: keras.Model
-    history: keras.callbacks.History
+    history: dict
     test_accuracy: float
     test_loss: float
-    export_dir: pathlib.Path
+    export_dir: pathlib.Path | None
     config: dict
+    summary: dict
 
 
 class AtomicWeightsCheckpoint(keras.callbacks.Callback):
@@ -110,10 +206,52 @@ class AtomicWeightsCheckpoint(keras.callbacks.Callback):
         os.replace(tmp, self.filepath)
 
 
-def _list_models():
+class RunMetrics(keras.callbacks.Callback):
+    """Adds `learning_rate` and `images_per_second` to each epoch's logs.
+
+    Placed before `CSVLogger` and `TensorBoard` in the callback list, so both record them (Keras
+    passes one logs dict through the callbacks in order).
+
+    Args:
+        batch_size: int. Global batch size.
+    """
+
+    def __init__(self, batch_size):
+        super().__init__()
+        self.batch_size = batch_size
+        self.images = 0
+        self.seconds = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        self._last_batch_time = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or not self._steps:
+            return
+        seconds = self._last_batch_time - self._start  # training steps only, not validation
+        self.images += self._steps * self.batch_size
+        self.seconds += seconds
+        logs["images_per_second"] = self._steps * self.batch_size / max(seconds, 1e-9)
+        # The optimizer's current value of the schedule (the rate of the next step).
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def _model_names():
     import tf_revnet.models
 
-    return list(tf_revnet.models.list_models())
+    return list(tf_revnet.models.list_models()) + sorted(MODEL_BUILDERS)
+
+
+def _builder(name):
+    if name in MODEL_BUILDERS:
+        return MODEL_BUILDERS[name]
+    import tf_revnet.models
+
+    return tf_revnet.models.get(name)
 
 
 def build_parser():
@@ -128,25 +266,33 @@ def build_parser():
         epilog="Example: python -m training.train --data-dir /tmp/cifar10 --recipe quick",
     )
     parser.add_argument("--model", default="revnet38",
-                        help="model name from tf_revnet.models.list_models(). Default: revnet38")
+                        help="model name as tf_revnet.models.get takes it (revnet38, RevNet-38, "
+                             "revnet_38, resnet32, ...). Default: revnet38")
     parser.add_argument("--dataset", default="cifar10",
                         help="TFDS dataset name (ignored with --data-dir). Default: cifar10")
     parser.add_argument("--data-dir", default=None,
                         help="image-folder root DIR with DIR/train/<class>/* and "
                              "DIR/test/<class>/*, used instead of TFDS")
+    parser.add_argument("--validation-split", type=float, default=None,
+                        help="with --data-dir and no DIR/test: hold out this fraction of train "
+                             "as the test split")
+    parser.add_argument("--strict-data", action="store_true",
+                        help="stop at the first image file that does not decode (default: skip "
+                             "and report such files)")
     parser.add_argument("--tfds-data-dir", default=None,
                         help="where TFDS stores datasets. Default: TFDS' default")
-    parser.add_argument("--image-size", type=int, default=32,
-                        help="side of the square images read from --data-dir. Default: 32")
     parser.add_argument("--recipe", default="cifar", choices=recipes.list_recipes(),
                         help=f"named preset ({recipe_help}). Default: cifar")
     group = parser.add_argument_group("recipe overrides (default: the recipe's value)")
     group.add_argument("--epochs", type=int)
-    group.add_argument("--batch-size", type=int)
+    group.add_argument("--batch-size", type=int, help="global batch size (all devices)")
     group.add_argument("--learning-rate", type=float, help="initial learning rate")
+    group.add_argument("--scale-learning-rate", action="store_true",
+                       help="linear scaling rule: lr = recipe lr * batch size / recipe batch size")
     group.add_argument("--momentum", type=float)
     group.add_argument("--weight-decay", type=float,
                        help="L2 coefficient on convolution and dense kernels")
+    group.add_argument("--image-size", type=int, help="side of the square images the model sees")
     group.add_argument("--steps-per-epoch", type=int,
                        help="cap on the training steps of each epoch")
     group.add_argument("--train-examples", type=int,
@@ -154,13 +300,23 @@ def build_parser():
     group.add_argument("--test-examples", type=int,
                        help="use only this many test examples (validation and final evaluation)")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                       help="pad-4 random-crop and horizontal-flip augmentation")
+                       help="training augmentation (CIFAR: pad-4 crop + flip; ImageNet: "
+                            "random-resized crop + flip)")
     parser.add_argument("--model-dir", default=None,
-                        help="checkpoints, logs and config.json. Default: runs/<model>")
+                        help="run directory (checkpoints, logs, config.json); give an existing "
+                             "one to resume it. Default: a new runs/<model>/<date-time>")
+    parser.add_argument("--save-every-steps", type=int, default=None,
+                        help="also save the resume state every N steps (default: every epoch)")
     parser.add_argument("--export-dir", default=None,
-                        help="SavedModel directory. Default: saved_models/<model>/<next version>")
+                        help="model base path that TF Serving watches: the export becomes its next "
+                             "version <export-dir>/<n>/. Default: saved_models/<model>")
+    parser.add_argument("--no-export", dest="export", action="store_false",
+                        help="skip the export (export later with python -m training.export)")
     parser.add_argument("--mixed-precision", default="none", choices=MIXED_PRECISION_POLICIES,
                         help="Keras dtype policy. Default: none (float32)")
+    parser.add_argument("--distribution", default="none", choices=distribute_lib.STRATEGIES,
+                        help="tf.distribute strategy: mirrored (GPUs of this machine), "
+                             "multi_worker (TF_CONFIG), tpu. Default: none")
     parser.add_argument("--no-custom-gradient", dest="use_custom_gradient", action="store_false",
                         help="plain autodiff instead of reversible backprop (for comparison)")
     parser.add_argument("--monitor-numerics", type=int, default=0, metavar="N",
@@ -172,34 +328,49 @@ def build_parser():
     parser.add_argument("--max-reconstruction-error", type=float, default=1e-2, metavar="REL",
                         help="with --monitor-numerics: warn above this relative error. "
                         "Default: 0.01")
-    parser.add_argument("--seed", type=int, default=0, help="random seed. Default: 0")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of initialization, data order and augmentation. Default: 0")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="TensorFlow op determinism (tf.config.experimental."
+                             "enable_op_determinism): bitwise-repeatable runs, slower on GPU")
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                         help="Keras fit verbosity (1 = progress bar). Default: 1")
     return parser
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def resolve_config(args):
     """Merges the recipe with the command-line overrides and fills in default paths.
 
     Args:
-        args: `argparse.Namespace` from `build_parser()`.
+        args: `argparse.Namespace` from `build_parser()` (with `argv`, the list of arguments).
 
     Returns:
-        dict. JSON-serializable configuration.
+        `RunConfig`.
 
     Raises:
         ConfigError: for unknown models or out-of-range values.
     """
-    models = _list_models()
-    if args.model not in models:
-        raise ConfigError(f"--model {args.model}: unknown model; choose from {', '.join(models)}")
+    names = _model_names()
     try:
-        recipe = recipes.get(args.recipe).replace(
+        _builder(args.model)
+    except ValueError:
+        raise ConfigError(f"--model {args.model}: unknown model; choose from {', '.join(names)} "
+                          "(case, '-' and '_' do not matter)") from None
+    try:
+        recipe = recipes.get(args.recipe)
+        if args.scale_learning_rate and args.batch_size is not None:
+            recipe = recipe.scaled_to_batch(args.batch_size)
+        recipe = recipe.replace(
             epochs=args.epochs,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             momentum=args.momentum,
             weight_decay=args.weight_decay,
+            image_size=args.image_size,
             steps_per_epoch=args.steps_per_epoch,
             train_examples=args.train_examples,
             test_examples=args.test_examples,
@@ -207,79 +378,97 @@ def resolve_config(args):
         )
     except ValueError as e:
         # Name the command-line option rather than the recipe field: `batch_size` -> --batch-size.
-        message = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        message = re.sub(r"`(\w+)`", lambda m: _flag(m.group(1)), str(e))
         raise ConfigError(message) from None
     if args.monitor_numerics < 0:
         raise ConfigError(f"--monitor-numerics must be >= 0. Received: {args.monitor_numerics}")
-    if args.image_size < 1:
-        raise ConfigError(f"--image-size must be >= 1. Received: {args.image_size}")
-    model_dir = pathlib.Path(args.model_dir or REPO_ROOT / "runs" / args.model)
-    if args.export_dir is not None:
-        export_dir = pathlib.Path(args.export_dir)
+    if args.save_every_steps is not None and args.save_every_steps < 1:
+        raise ConfigError(f"--save-every-steps must be >= 1. Received: {args.save_every_steps}")
+    if args.model_dir:
+        model_dir = pathlib.Path(args.model_dir).expanduser().resolve()
     else:
-        export_dir = export_lib.next_version_dir(REPO_ROOT / "saved_models" / args.model)
+        model_dir = _new_run_dir(REPO_ROOT / "runs" / args.model)
+    export_dir = pathlib.Path(args.export_dir or REPO_ROOT / "saved_models" / args.model)
     try:
-        export_lib.check_export_dir(export_dir)
+        serving_layout.check_base_path(export_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return {
-        "model": args.model,
-        "dataset": None if args.data_dir else args.dataset,
-        "data_dir": str(pathlib.Path(args.data_dir).expanduser().resolve()) if args.data_dir
+    return RunConfig(
+        model=args.model,
+        dataset=None if args.data_dir else args.dataset,
+        data_dir=str(pathlib.Path(args.data_dir).expanduser().resolve()) if args.data_dir
         else None,
-        "tfds_data_dir": args.tfds_data_dir,
-        "image_size": args.image_size,
-        "recipe": recipe.to_dict(),
-        "model_dir": str(model_dir.resolve()),
-        "export_dir": str(export_dir.resolve()),
-        "mixed_precision": args.mixed_precision,
-        "use_custom_gradient": args.use_custom_gradient,
-        "monitor_numerics": args.monitor_numerics,
-        "max_gradient_angle": args.max_gradient_angle,
-        "max_reconstruction_error": args.max_reconstruction_error,
-        "seed": args.seed,
-        "command": " ".join(["python -m training.train"] + list(args.argv)),
-    }
+        tfds_data_dir=args.tfds_data_dir,
+        validation_split=args.validation_split,
+        recipe=recipe,
+        model_dir=str(model_dir),
+        export_dir=str(export_dir.expanduser().resolve()),
+        export=args.export,
+        mixed_precision=args.mixed_precision,
+        use_custom_gradient=args.use_custom_gradient,
+        seed=args.seed,
+        deterministic=args.deterministic,
+        distribution=args.distribution,
+        save_every_steps=args.save_every_steps,
+        strict_data=args.strict_data,
+        monitor_numerics=args.monitor_numerics,
+        max_gradient_angle=args.max_gradient_angle,
+        max_reconstruction_error=args.max_reconstruction_error,
+        verbose=args.verbose,
+        command=" ".join(["python -m training.train"] + list(args.argv)),
+    )
 
 
-def build_classifier(model_name, image_shape, num_classes, normalizer,
-                     use_custom_gradient=True):
+def _new_run_dir(root):
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = root / stamp, 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{n}"
+    return path
+
+
+def build_classifier(model_name, image_shape, num_classes, normalizer, use_custom_gradient=True,
+                     weight_decay=0.0):
     """Wraps a zoo model so that it takes raw pixels: `Input -> normalizer -> backbone`.
 
     Args:
-        model_name: str. Name from `tf_revnet.models.list_models()`.
+        model_name: str. Any name `tf_revnet.models.get` accepts (or a key of `MODEL_BUILDERS`).
         image_shape: tuple `(H, W, C)`.
         num_classes: int.
         normalizer: an adapted `keras.layers.Normalization` (kept in float32).
         use_custom_gradient: bool. Reversible backprop (True) or plain autodiff.
+        weight_decay: float. L2 penalty on every convolution and the classifier kernel, through
+            the builder's `kernel_regularizer` (0: none).
 
     Returns:
         A functional `keras.Model`: float32 `(batch, H, W, C)` pixels in [0, 255] ->
         float32 `(batch, num_classes)` softmax probabilities.
     """
-    import tf_revnet.models
-
-    backbone = tf_revnet.models.get(model_name)(
+    regularizer = recipes.kernel_l2_regularizer(weight_decay) if weight_decay > 0 else None
+    backbone = _builder(model_name)(
         input_shape=tuple(image_shape),
         classes=num_classes,
         classifier_activation="softmax",
         use_custom_gradient=use_custom_gradient,
+        kernel_regularizer=regularizer,
     )
     pixels = keras.Input(shape=tuple(image_shape), dtype="float32", name="pixels")
     outputs = backbone(normalizer(pixels))
     if outputs.dtype != "float32":
         outputs = keras.layers.Activation("linear", dtype="float32", name="probabilities")(outputs)
-    return keras.Model(pixels, outputs, name=f"{model_name}_classifier")
+    name = re.sub(r"\W", "_", model_name.lower())
+    return keras.Model(pixels, outputs, name=f"{name}_classifier")
 
 
-def _adapted_normalizer(datasets, batch_size):
+def _adapted_normalizer(datasets, recipe):
     """Per-channel mean/variance of (up to 10,000) training images, as a Normalization layer."""
     normalizer = keras.layers.Normalization(axis=-1, dtype="float32", name="normalization")
-    n = min(datasets.num_train, NORMALIZATION_ADAPT_EXAMPLES)
-    sample = datasets.train.take(n).batch(max(batch_size, 256)).map(
-        lambda x, y: tf.cast(x, tf.float32)
-    )
-    normalizer.adapt(sample)
+    split = datasets.train_split
+    n = min(len(split), NORMALIZATION_ADAPT_EXAMPLES if split.images is not None else 2_000)
+    sample = data_lib.eval_dataset(split.subset(slice(0, n)), 256,
+                                   augment=recipe.preprocessing, image_size=recipe.image_size)
+    normalizer.adapt(sample.map(lambda x, y: x))
     return normalizer
 
 
@@ -289,41 +478,90 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-# Options that must match for a backup in --model-dir to be restorable into the new model.
-RESUME_KEYS = ("model", "image_shape", "class_names", "use_custom_gradient")
+def _prepare_run_dir(config):
+    """Checks that `config.model_dir` is new, or an unfinished run of the same training config.
 
+    Returns:
+        bool. True if the directory holds a run to resume.
 
-def _check_resumable(model_dir, config):
-    """Raises `ConfigError` if `model_dir` holds an unfinished run of a different model."""
-    backup = model_dir / "backup" / "training_metadata.json"
+    Raises:
+        ConfigError: the directory holds another run, a finished run, or other files.
+    """
+    model_dir = pathlib.Path(config.model_dir)
     previous = model_dir / "config.json"
-    if not (backup.exists() and previous.exists()):
-        return
+    # worker-<i>/: other workers' state in a multi-worker run (see _train).
+    if not model_dir.exists() or (model_dir.is_dir() and not any(
+            p for p in model_dir.iterdir() if not p.name.startswith("worker-"))):
+        return False
+    if not previous.is_file():
+        raise ConfigError(f"--model-dir {model_dir}: exists and is not a run directory (no "
+                          "config.json); pick a new --model-dir or leave it out")
     old = json.loads(previous.read_text())
-    changed = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+    if old.get("finished"):
+        raise ConfigError(f"--model-dir {model_dir}: holds a finished run ({old.get('command')}); "
+                          "pick a new --model-dir or leave it out (a new runs/<model>/<time>)")
+    old_fingerprint = old.get("fingerprint", {})
+    new_fingerprint = config.training_fingerprint()
+    changed = [k for k in new_fingerprint if old_fingerprint.get(k) != new_fingerprint[k]]
+    if "recipe" in changed:
+        changed.remove("recipe")
+        old_recipe = old_fingerprint.get("recipe", {})
+        changed += [k for k, v in new_fingerprint["recipe"].items() if old_recipe.get(k) != v]
     if changed:
         raise ConfigError(
-            f"--model-dir {model_dir}: holds an unfinished run with different {', '.join(changed)}; "
-            f"rerun it with its own options ({old.get('command')}), or pick another --model-dir, or "
-            f"delete {backup.parent}"
+            f"--model-dir {model_dir}: holds an unfinished run with different "
+            f"{', '.join(changed)}; resume it with its own command ({old.get('command')}), or "
+            "pick another --model-dir"
         )
+    return True
+
+
+def _strategy(config):
+    try:
+        return distribute_lib.make_strategy(config.distribution)
+    except ValueError as e:
+        raise ConfigError(f"--distribution {config.distribution}: {e}") from None
+
+
+def _peak_memory_mb():
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    gpus = tf.config.list_logical_devices("GPU")
+    gpu = sum(tf.config.experimental.get_memory_info(d.name)["peak"] for d in gpus) / 2**20
+    return peak, gpu
 
 
 def _train(config, callbacks):
-    recipe = recipes.Recipe(**{**config["recipe"],
-                               "decay_boundaries": tuple(config["recipe"]["decay_boundaries"])})
-    model_dir = pathlib.Path(config["model_dir"])
-    keras.utils.set_random_seed(config["seed"])
+    if config.distribution == "multi_worker" and not distribute_lib.is_chief():
+        # Workers other than the chief keep their own backup, logs and export in a sub-folder
+        # (the Keras multi-worker convention): the chief's files are the run's.
+        worker = pathlib.Path(config.model_dir) / f"worker-{distribute_lib.task_id()[1]}"
+        config = dataclasses.replace(config, model_dir=str(worker),
+                                     export_dir=str(worker / "export"))
+    recipe = config.recipe
+    model_dir = pathlib.Path(config.model_dir)
+    resuming = _prepare_run_dir(config)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = _strategy(config)
 
     datasets = data_lib.load(
-        dataset=config["dataset"],
-        data_dir=config["data_dir"],
-        tfds_data_dir=config["tfds_data_dir"],
-        image_size=config["image_size"],
+        dataset=config.dataset,
+        data_dir=config.data_dir,
+        tfds_data_dir=config.tfds_data_dir,
+        image_size=recipe.image_size,
+        in_memory=recipe.preprocessing == "cifar",
         train_examples=recipe.train_examples,
         test_examples=recipe.test_examples,
-        seed=config["seed"],
+        seed=config.seed,
+        validation_split=config.validation_split,
+        strict=config.strict_data,
     )
+    if datasets.skipped:
+        shown = ", ".join(datasets.skipped[:data_lib.MAX_REPORTED_FILES])
+        more = " ..." if len(datasets.skipped) > data_lib.MAX_REPORTED_FILES else ""
+        print(f"Skipped {len(datasets.skipped)} files that do not decode: {shown}{more} "
+              "(--strict-data stops instead)", flush=True)
     if datasets.num_train < recipe.batch_size:
         raise ConfigError(
             f"--batch-size {recipe.batch_size}: larger than the {datasets.num_train} training "
@@ -333,88 +571,190 @@ def _train(config, callbacks):
     if recipe.steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, recipe.steps_per_epoch)
     total_steps = steps_per_epoch * recipe.epochs
-    config = {**config, "data_source": datasets.source, "num_train": datasets.num_train,
-              "num_test": datasets.num_test, "image_shape": list(datasets.image_shape),
-              "class_names": datasets.class_names, "steps_per_epoch": steps_per_epoch,
-              "total_steps": total_steps}
-    _check_resumable(model_dir, config)
+    image_shape = (recipe.image_size, recipe.image_size, 3)
+    facts = {"data_source": datasets.source, "num_train": datasets.num_train,
+             "num_test": datasets.num_test, "test_split": datasets.test_name,
+             "image_shape": list(image_shape), "class_names": datasets.class_names,
+             "skipped_files": len(datasets.skipped), "steps_per_epoch": steps_per_epoch,
+             "total_steps": total_steps, "num_replicas": strategy.num_replicas_in_sync}
+    config_dict = {**config.to_dict(), **facts, "fingerprint": config.training_fingerprint()}
     model_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(model_dir / "config.json", config)
+    if not resuming:
+        _write_json(model_dir / "config.json", config_dict)
 
-    train_ds = data_lib.train_pipeline(datasets.train, recipe.batch_size, datasets.num_train,
-                                       datasets.image_shape, augment=recipe.augment,
-                                       seed=config["seed"])
-    test_ds = data_lib.eval_pipeline(datasets.test, recipe.batch_size, datasets.num_test,
-                                     datasets.image_shape)
-
-    normalizer = _adapted_normalizer(datasets, recipe.batch_size)
-    model = build_classifier(config["model"], datasets.image_shape, datasets.num_classes,
-                             normalizer, use_custom_gradient=config["use_custom_gradient"])
-    decayed = recipes.apply_weight_decay(model, recipe.weight_decay)
-    model.compile(
-        optimizer=recipes.make_optimizer(recipe, total_steps),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile="auto",
-    )
+    test_ds = data_lib.eval_dataset(datasets.test_split, recipe.batch_size,
+                                    augment=recipe.preprocessing, image_size=recipe.image_size)
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    if recipe.top5 or datasets.num_classes > 10:
+        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+    with strategy.scope():
+        normalizer = _adapted_normalizer(datasets, recipe)
+        model = build_classifier(config.model, image_shape, datasets.num_classes, normalizer,
+                                 use_custom_gradient=config.use_custom_gradient,
+                                 weight_decay=recipe.weight_decay)
+        model.compile(
+            optimizer=recipes.make_optimizer(recipe, total_steps),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=metrics,
+            jit_compile="auto",
+        )
+    decayed = recipes.decayed_kernels(model)
     print(
-        f"Model {config['model']}: {model.count_params():,} parameters "
+        f"Model {config.model}: {model.count_params():,} parameters "
         f"({len(decayed)} kernels with weight decay {recipe.weight_decay}); "
-        f"dtype policy {keras.config.dtype_policy().name}\n"
-        f"Data {datasets.source}: {datasets.num_train} train / {datasets.num_test} test images "
-        f"{tuple(datasets.image_shape)}, {datasets.num_classes} classes\n"
+        f"dtype policy {keras.config.dtype_policy().name}; "
+        f"{strategy.num_replicas_in_sync} replica(s) ({config.distribution})\n"
+        f"Data {datasets.source}: {datasets.num_train} train / {datasets.num_test} "
+        f"{datasets.test_name} images, {datasets.num_classes} classes, model input "
+        f"{image_shape}\n"
         f"Recipe {recipe.name}: {recipe.epochs} epochs x {steps_per_epoch} steps of batch "
-        f"{recipe.batch_size} = {total_steps} steps; SGD lr {recipe.learning_rate} momentum "
-        f"{recipe.momentum}\nModel dir {model_dir}",
+        f"{recipe.batch_size} = {total_steps} steps; SGD lr {recipe.learning_rate:g} momentum "
+        f"{recipe.momentum}\nRun dir {model_dir}",
         flush=True,
     )
 
-    backup_dir = model_dir / "backup"
-    if (backup_dir / "training_metadata.json").exists():
-        print(f"Resuming from the backup in {backup_dir}", flush=True)
+    backup = checkpoint_lib.ExactBackup(model_dir / "backup",
+                                        save_every_steps=config.save_every_steps)
+    try:
+        step = backup.restore(model)
+    except checkpoint_lib.CheckpointError as e:
+        raise ConfigError(f"--model-dir {model_dir}: {e}") from None
+    if step:
+        print(f"Resuming at step {step} of {total_steps} (epoch {step // steps_per_epoch + 1}, "
+              f"batch {step % steps_per_epoch}) from {backup.directory}", flush=True)
+
+    run_metrics = RunMetrics(recipe.batch_size)
     fit_callbacks = [
-        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+        backup,
         AtomicWeightsCheckpoint(model_dir / "model.weights.h5"),
+        run_metrics,
         keras.callbacks.CSVLogger(str(model_dir / "training_log.csv"), append=True),
+        keras.callbacks.TensorBoard(str(model_dir / "logs"), write_graph=False),
         *callbacks,
     ]
-    if config.get("monitor_numerics"):  # before CSVLogger/TensorBoard, which read its logs
+    if config.monitor_numerics:  # before CSVLogger/TensorBoard, which read its logs
         import tf_revnet.callbacks
 
         if not tf_revnet.diagnostics.reversible_layers(model):
-            raise ConfigError(f"--monitor-numerics: {config['model']} has no reversible layers")
+            raise ConfigError(f"--monitor-numerics: {config.model} has no reversible layers")
         x_val, y_val = next(iter(test_ds.unbatch().batch(16)))
-        fit_callbacks.insert(2, tf_revnet.callbacks.ReversibleNumericsMonitor(
-            x_val, y_val, every_n_steps=config["monitor_numerics"],
-            max_gradient_angle=config["max_gradient_angle"],
-            max_reconstruction_error=config["max_reconstruction_error"],
+        fit_callbacks.insert(3, tf_revnet.callbacks.ReversibleNumericsMonitor(
+            x_val, y_val, every_n_steps=config.monitor_numerics,
+            max_gradient_angle=config.max_gradient_angle,
+            max_reconstruction_error=config.max_reconstruction_error,
             log_dir=str(model_dir / "logs" / "numerics")))
-    if importlib.util.find_spec("tensorboard") is not None:  # optional: TF does not require it
-        fit_callbacks.insert(3, keras.callbacks.TensorBoard(str(model_dir / "logs"),
-                                                            write_graph=False))
+    # Keras runs whole epochs: a run resumed in the middle of epoch e first finishes e with a
+    # fit call of the remaining steps, then runs the following epochs in a second one.
+    segments = []
+    if step % steps_per_epoch:
+        epoch = step // steps_per_epoch
+        segments.append((step, epoch, (epoch + 1) * steps_per_epoch))
+        step = (epoch + 1) * steps_per_epoch
+    if step < total_steps:
+        segments.append((step, step // steps_per_epoch, total_steps))
+    history = {}
     start = time.time()
-    history = model.fit(
-        train_ds,
-        epochs=recipe.epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=test_ds,
-        callbacks=fit_callbacks,
-        shuffle=False,  # train_ds is already shuffled; Keras cannot shuffle a tf.data.Dataset
-        verbose=config["verbose"],
-    )
+    for first, initial_epoch, end in segments:
+        epochs = -(-end // steps_per_epoch)
+        fit_history = model.fit(
+            data_lib.train_dataset(datasets.train_split, recipe.batch_size, steps_per_epoch,
+                                   seed=config.seed,
+                                   augment=recipe.preprocessing if recipe.augment else "none",
+                                   image_size=recipe.image_size, start_step=first, end_step=end),
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            steps_per_epoch=(end - first) // (epochs - initial_epoch),
+            validation_data=test_ds,
+            callbacks=fit_callbacks,
+            shuffle=False,  # the order is train_dataset's (seeded, epoch-indexed)
+            verbose=config.verbose,
+        )
+        for key, values in fit_history.history.items():
+            history.setdefault(key, []).extend(values)
     train_seconds = time.time() - start
 
-    test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
-    print(f"Training time: {train_seconds:.0f} s")
-    print(f"Test loss: {test_loss:.4f}")
-    print(f"Test accuracy: {test_accuracy:.4f}", flush=True)
-    export_dir = export_lib.export_saved_model(model, config["export_dir"])
-    print(f"Exported SavedModel to {export_dir}", flush=True)
-    config = {**config, "test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
-              "train_seconds": train_seconds}
-    _write_json(model_dir / "config.json", config)
-    return TrainResult(model=model, history=history, test_accuracy=float(test_accuracy),
-                       test_loss=float(test_loss), export_dir=export_dir, config=config)
+    # The last epoch's validation ran on the whole test split: it is the final evaluation.
+    # Evaluate only when no epoch ended in this process (resumed after the last epoch).
+    if "val_loss" in history:
+        test = {k[4:]: v[-1] for k, v in history.items() if k.startswith("val_")}
+    else:
+        print(f"Evaluating on the {datasets.num_test} {datasets.test_name} images", flush=True)
+        test = model.evaluate(test_ds, verbose=1 if config.verbose else 0, return_dict=True)
+    test_loss, test_accuracy = float(test["loss"]), float(test["accuracy"])
+    best = _best_accuracy(model_dir / "training_log.csv", test_accuracy)
+    peak_rss, peak_gpu = _peak_memory_mb()
+    images_per_second = run_metrics.images / run_metrics.seconds if run_metrics.seconds else None
+    final_config = {**config_dict, "finished": True, "test_accuracy": test_accuracy,
+                    "test_loss": test_loss, "train_seconds": train_seconds}
+    # model.keras beside the weights (fine-tuning, `python -m training.export --keras-file`).
+    keras_file = model_dir / "model.keras"
+    model.save(keras_file.with_name(".tmp-model.keras"))
+    os.replace(keras_file.with_name(".tmp-model.keras"), keras_file)
+    # Export before the run is marked finished: a failed export leaves a resumable run (rerun the
+    # command: it evaluates and exports again) and no partial version (training.serving_layout).
+    export_dir = export_version = None
+    if config.export:
+        exported = export_lib.export_saved_model(model, config.export_dir,
+                                                 datasets.class_names, run_info=final_config)
+        export_dir, export_version = exported.path, exported.version
+    summary = {
+        "model": config.model, "data": datasets.source, "test_split": datasets.test_name,
+        "test_accuracy": test_accuracy, "test_loss": test_loss,
+        "best_test_accuracy": best, "top5_accuracy": test.get("top5_accuracy"),
+        "train_seconds": train_seconds, "images_per_second": images_per_second,
+        "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu or None,
+        "export_dir": None if export_dir is None else str(export_dir),
+        "export_version": export_version, "model_dir": str(model_dir),
+        "keras_file": str(keras_file),
+    }
+    curves = plots.plot_training_curves(model_dir / "training_log.csv", model_dir / "curves.png",
+                                        title=f"{config.model} on {datasets.source}")
+    summary["curves"] = str(curves) if curves else None
+    _print_summary(summary)
+    _write_json(model_dir / "summary.json", summary)
+    _write_json(model_dir / "config.json", final_config)
+    backup.delete()
+    return TrainResult(model=model, history=history, test_accuracy=test_accuracy,
+                       test_loss=test_loss, export_dir=export_dir, config=final_config,
+                       summary=summary)
+
+
+def _best_accuracy(csv_path, final):
+    import csv
+
+    try:
+        with open(csv_path) as f:
+            values = [float(r["val_accuracy"]) for r in csv.DictReader(f) if r.get("val_accuracy")]
+    except OSError:
+        values = []
+    return max(values + [final])
+
+
+def _print_summary(summary):
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    top5 = summary["top5_accuracy"]
+    lines = [
+        "",
+        f"Summary: {summary['model']} on {summary['data']} ({summary['test_split']} split)",
+        f"Test accuracy: {summary['test_accuracy']:.4f}",
+        f"  best epoch {summary['best_test_accuracy']:.4f}"
+        + (f"; top-5 {top5:.4f}" if top5 is not None else ""),
+        f"Test loss: {summary['test_loss']:.4f}",
+        f"Training time: {summary['train_seconds']:.0f} s in this process, "
+        f"{fmt(summary['images_per_second'], '.1f')} images/s",
+        f"Peak memory: {summary['peak_rss_mb']:.0f} MB resident"
+        + (f", {summary['peak_gpu_mb']:.0f} MB GPU" if summary["peak_gpu_mb"] else ""),
+        f"Run dir: {summary['model_dir']} (curves.png, training_log.csv, logs/)",
+    ]
+    if summary["export_version"] is None:
+        lines.append(f"Export: skipped (--no-export); export later with python -m training.export "
+                     f"--model-dir {summary['model_dir']}")
+    else:
+        lines += [f"Exported version {summary['export_version']} to {summary['export_dir']}",
+                  export_lib.pin_hint(summary["model"], summary["export_version"])]
+    print("\n".join(lines), flush=True)
 
 
 def run(argv=None, callbacks=()):
@@ -431,21 +771,20 @@ def run(argv=None, callbacks=()):
         `TrainResult`.
 
     Raises:
-        ConfigError: bad options.
+        ConfigError: bad options, or a run directory that cannot be used or resumed.
         training.data.DataError: the data cannot be loaded (bad `--data-dir`, unknown
-            `--dataset`, offline without `--data-dir`).
+            `--dataset`, offline without `--data-dir`, undecodable file with `--strict-data`).
         SystemExit: from argparse for malformed options or `--help`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     config = resolve_config(args)
-    config["verbose"] = args.verbose
     previous_policy = keras.config.dtype_policy()
     keras.backend.clear_session()
     try:
         keras.config.set_dtype_policy(
-            "float32" if config["mixed_precision"] == "none" else config["mixed_precision"]
+            "float32" if config.mixed_precision == "none" else config.mixed_precision
         )
         return _train(config, list(callbacks))
     finally:
@@ -456,8 +795,16 @@ def main(argv=None):
     """Command-line entry point. Returns 0 on success, 2 after a one-line error on bad input."""
     try:
         run(argv)
-    except (ConfigError, data_lib.DataError) as e:
+    except ConfigError as e:
         print(f"python -m training.train: error: {e}", file=sys.stderr)
+        return 2
+    except data_lib.DataError as e:
+        # The data module names its own parameters (`data_dir=DIR`); say the flags instead.
+        reason = e.reason.replace("with `strict=False`", "without --strict-data")
+        reason = re.sub(r"`(\w+)=([^`]*)`", lambda m: f"`{_flag(m.group(1))} {m.group(2)}`",
+                        reason)
+        print(f"python -m training.train: error: {_flag(e.parameter)} {e.value}: {reason}",
+              file=sys.stderr)
         return 2
     return 0
 

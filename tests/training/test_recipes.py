@@ -46,25 +46,40 @@ def test_overrides_and_validation():
         recipes.get("nope")
 
 
-def _small_model():
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(3, name="dense")(x)
-    return keras.Model(inputs, outputs)
+def test_imagenet_recipe_is_the_papers():
+    recipe = recipes.get("imagenet")
+    assert (recipe.batch_size, recipe.learning_rate, recipe.momentum) == (256, 0.1, 0.9)
+    assert (recipe.weight_decay, recipe.epochs, recipe.image_size) == (1e-4, 90, 224)
+    assert recipe.preprocessing == "imagenet" and recipe.top5
+    steps_per_epoch = 1_281_167 // 256
+    schedule = recipes.learning_rate_schedule(recipe, 90 * steps_per_epoch)
+    # lr 0.1, /10 after epochs 30, 60 and 80.
+    for epoch, lr in ((0, 0.1), (29.9, 0.1), (30.1, 0.01), (59.9, 0.01), (60.1, 1e-3),
+                      (79.9, 1e-3), (80.1, 1e-4), (89.9, 1e-4)):
+        np.testing.assert_allclose(float(schedule(int(epoch * steps_per_epoch))), lr, rtol=1e-6)
 
 
-def test_weight_decay_only_on_kernels_with_gradient_wd_times_w():
-    model = _small_model()
-    decayed = recipes.apply_weight_decay(model, 2e-4)
-    assert decayed == ["conv/kernel", "dense/kernel"]
-    kernels = [model.get_layer("conv").kernel, model.get_layer("dense").kernel]
+def test_linear_scaling_rule():
+    recipe = recipes.get("imagenet").scaled_to_batch(1024)
+    assert recipe.batch_size == 1024 and recipe.learning_rate == pytest.approx(0.4)
+
+
+def test_weight_decay_through_kernel_regularizer_skips_batch_norm():
+    import tf_revnet.models
+
+    regularizer = recipes.kernel_l2_regularizer(2e-4)
+    model = tf_revnet.models.RevNet(units=[1, 1], widths=[8, 8, 16], input_shape=(8, 8, 3),
+                                    classes=3, kernel_regularizer=regularizer)
+    decayed = recipes.decayed_kernels(model)
+    kernels = [v for v in model.trainable_weights if v.path.endswith("/kernel")]
+    assert sorted(decayed) == sorted(v.path for v in kernels) and len(kernels) >= 5
+    assert not any(s in p for p in decayed for s in ("gamma", "beta", "bias"))
+    # The penalty is wd * sum(w**2) / 2 over the kernels: its gradient is wd * w.
     with tf.GradientTape() as tape:
+        model(tf.zeros((1, 8, 8, 3)))
         penalty = tf.add_n(model.losses)
     expected = 2e-4 * sum(float(tf.reduce_sum(tf.square(k))) for k in kernels) / 2
     np.testing.assert_allclose(float(penalty), expected, rtol=1e-5)
     grads = tape.gradient(penalty, [k.value for k in kernels])
     for grad, kernel in zip(grads, kernels):
         np.testing.assert_allclose(grad.numpy(), 2e-4 * kernel.numpy(), rtol=1e-5, atol=1e-12)
-    assert recipes.apply_weight_decay(_small_model(), 0.0) == []

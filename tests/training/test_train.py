@@ -1,117 +1,135 @@
 """End-to-end tests of `python -m training.train` (training/train.py) on real CIFAR-10 images.
 
-RevNet-38 trains for a few steps on 256 real training images, then the export is reloaded in a fresh
-Python process that never imports `tf_revnet`. Runs are kept tiny (batch 32, 3 epochs of 8 steps,
-64 test images) so the module stays around two minutes on 2 CPU cores.
+A tiny RevNet (`RevNet(units=[1, 1], widths=[8, 8, 16])`, registered as `tiny_revnet` through
+`train.MODEL_BUILDERS`) trains for a few steps on 128 real training images; the zoo's names are
+checked through the parser only. The run is the session fixture `trained` of conftest.py (shared
+with the export, predict and evaluate tests). The resume test kills a run in a subprocess with
+SIGKILL in the middle of epoch 2 and resumes it here.
 """
 
-import contextlib
 import csv
-import io
 import json
+import os
+import pathlib
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 
-import keras
+import h5py
 import numpy as np
 import pytest
 
+from tests.training.conftest import BATCH, EPOCHS, STEPS, run_captured, small_run_args
 from training import data as data_lib
-from training import train
+from training import plots, train
 
-EPOCHS = 3
-STEPS = 8
-BATCH = 32
-
-
-def _run_captured(argv, callbacks=()):
-    """Runs `train.run(argv)` and returns (result or exception, captured stdout)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            result = train.run(argv, callbacks=callbacks)
-        except Exception as e:  # returned to the caller, which asserts on it
-            result = e
-    return result, out.getvalue()
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The shared run (tests/training/conftest.py): `trained`, `_small_run_args`, `_run_captured`.
+_small_run_args, _run_captured = small_run_args, run_captured
 
 
-def _small_run_args(data_dir, model_dir, export_dir, epochs=EPOCHS, steps=STEPS):
-    return [
-        "--model", "revnet38",
-        "--data-dir", str(data_dir),
-        "--train-examples", "256",  # each epoch is one pass over the same real images
-        "--epochs", str(epochs),
-        "--batch-size", str(BATCH),
-        "--steps-per-epoch", str(steps),
-        "--test-examples", "64",
-        "--learning-rate", "0.05",
-        "--model-dir", str(model_dir),
-        "--export-dir", str(export_dir),
-        "--verbose", "2",
-    ]
+def _h5_arrays(path):
+    arrays = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            arrays[name] = obj[()]
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return arrays
 
 
-@pytest.fixture(scope="module")
-def trained(cifar10_small_dir, tmp_path_factory):
-    """One real CLI run of RevNet-38 on the CIFAR-10 subset: (TrainResult, stdout, paths)."""
-    root = tmp_path_factory.mktemp("train_run")
-    model_dir, export_dir = root / "model_dir", root / "export" / "revnet38" / "1"
-    result, stdout = _run_captured(_small_run_args(cifar10_small_dir, model_dir, export_dir))
-    if isinstance(result, Exception):
-        raise result
-    return result, stdout, model_dir, export_dir
+def _assert_same_weights(path_a, path_b, atol=0.0):
+    a, b = _h5_arrays(path_a), _h5_arrays(path_b)
+    assert sorted(a) == sorted(b) and len(a) > 10
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=atol, err_msg=name)
 
 
-def test_training_loss_goes_down(trained):
+def test_training_runs_and_logs_every_epoch(trained):
     result, _, model_dir, _ = trained
-    losses = result.history.history["loss"]
-    assert result.history.epoch == list(range(EPOCHS))
+    losses = result.history["loss"]
     assert len(losses) == EPOCHS and all(np.isfinite(losses))
-    assert losses[-1] < losses[0], f"training loss did not go down: {losses}"
-    # The CSV log holds the same per-epoch losses.
     with open(model_dir / "training_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
     np.testing.assert_allclose([float(r["loss"]) for r in rows], losses, rtol=1e-6)
+    # The learning rate (of the next step) after each epoch follows the step schedule: 0.05,
+    # divided by 10 after 50% and 75% of the 12 steps (steps 6 and 9).
+    np.testing.assert_allclose([float(r["learning_rate"]) for r in rows], [0.05, 0.005, 0.0005],
+                               rtol=1e-6)
+    assert all(float(r["images_per_second"]) > 0 for r in rows)
     assert "val_accuracy" in rows[0]
 
 
-def test_prints_test_accuracy_and_writes_artifacts(trained):
+def test_tensorboard_has_loss_accuracy_learning_rate_and_throughput(trained):
+    import tensorflow as tf
+
+    _, _, model_dir, _ = trained
+    tags = set()
+    for path in (model_dir / "logs").rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(v.tag for v in event.summary.value)
+    for tag in ("epoch_loss", "epoch_accuracy", "epoch_learning_rate",
+                "epoch_images_per_second"):
+        assert tag in tags, sorted(tags)
+
+
+def test_prints_summary_and_writes_artifacts(trained):
     result, stdout, model_dir, export_dir = trained
     lines = [line for line in stdout.splitlines() if line.startswith("Test accuracy:")]
     assert len(lines) == 1, stdout[-2000:]
     match = re.fullmatch(r"Test accuracy: (\d\.\d{4})", lines[0])
     assert match, lines[0]
-    printed = float(match.group(1))
-    assert 0.0 <= printed <= 1.0
-    assert abs(printed - result.test_accuracy) < 1e-4
-    # 64 test images: accuracy is a multiple of 1/64.
-    assert abs(result.test_accuracy * 64 - round(result.test_accuracy * 64)) < 1e-4
-    assert f"Exported SavedModel to {export_dir}" in stdout
+    assert abs(float(match.group(1)) - result.test_accuracy) < 1e-4
+    # 32 test images: accuracy is a multiple of 1/32; it is the last epoch's validation (no
+    # second evaluation pass).
+    assert abs(result.test_accuracy * 32 - round(result.test_accuracy * 32)) < 1e-4
+    assert result.test_accuracy == pytest.approx(result.history["val_accuracy"][-1])
+    assert "Evaluating" not in stdout
+    for label in ("Training time:", "images/s", "Peak memory:"):
+        assert label in stdout, label
+    # The summary says which version was written and how to pin it; it never prints "None".
+    assert f"Exported version 1 to {export_dir}" in stdout
+    assert "model_version_policy { specific { versions: 1 } }" in stdout
+    assert "None" not in stdout[stdout.index("Summary:"):]
+    assert result.export_dir == export_dir
 
     assert (export_dir / "saved_model.pb").is_file()
-    assert (export_dir / "variables").is_dir()
-    assert result.export_dir == export_dir
     assert (model_dir / "model.weights.h5").is_file()
-    assert not (model_dir / "backup").exists(), "BackupAndRestore keeps its backup only mid-run"
+    assert (model_dir / "model.keras").is_file()
+    export_info = json.loads((export_dir / "assets.extra" / "export.json").read_text())
+    assert export_info["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert export_info["class_names"][3] == "cat"
+    assert export_info["run_config"]["model"] == "tiny_revnet"
+    assert export_info["run_config"]["finished"] is True
+    assert not (model_dir / "backup").exists(), "the backup is removed when the run is complete"
     assert not list(model_dir.glob(".tmp-*")) and not list(export_dir.parent.glob(".tmp-*"))
+    png = (model_dir / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert summary["best_test_accuracy"] >= summary["test_accuracy"]
+    assert summary["peak_rss_mb"] > 100 and summary["images_per_second"] > 0
 
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["model"] == "revnet38"
+    assert config["finished"] is True
+    assert config["model"] == "tiny_revnet"
     assert config["recipe"]["batch_size"] == BATCH
     assert config["recipe"]["learning_rate"] == 0.05
     assert config["recipe"]["weight_decay"] == 2e-4  # from the paper's recipe
-    assert config["recipe"]["momentum"] == 0.9
     assert config["steps_per_epoch"] == STEPS and config["total_steps"] == EPOCHS * STEPS
-    assert config["num_train"] == 256 and config["num_test"] == 64
+    assert config["num_train"] == 128 and config["num_test"] == 32
     assert config["class_names"][0] == "airplane" and config["class_names"][-1] == "truck"
-    assert config["test_accuracy"] == pytest.approx(result.test_accuracy)
 
 
-def test_model_takes_raw_pixels(trained):
+def test_model_takes_raw_pixels_and_decays_kernels_only(trained):
+    import keras
+
     result, _, _, _ = trained
     model = result.model
     assert model.inputs[0].dtype == "float32" and tuple(model.inputs[0].shape) == (None, 32, 32, 3)
@@ -121,94 +139,132 @@ def test_model_takes_raw_pixels(trained):
     # Per-channel statistics of CIFAR-10 pixels (about 125/123/114 and 63/62/67 on the full set).
     assert np.all((mean > 100) & (mean < 140)), mean
     assert np.all((std > 50) & (std < 80)), std
-    # Weight decay went onto kernels only (SGD momentum 0.9, L2 penalty in the loss).
+    # Weight decay came through the builder's kernel_regularizer: every convolution and the
+    # classifier kernel, no BatchNorm parameter or bias.
     decayed = [v.path for v in model.trainable_weights if v.regularizer is not None]
-    assert decayed and all(p.endswith("/kernel") for p in decayed)
+    kernels = [v.path for v in model.trainable_weights if v.path.endswith("/kernel")]
+    assert decayed and sorted(decayed) == sorted(kernels)
+    assert not any("gamma" in p or "beta" in p or "bias" in p for p in decayed)
     assert float(model.optimizer.iterations.numpy()) == EPOCHS * STEPS
 
 
-SERVE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import numpy as np
+@pytest.mark.slow  # the suite's SIGKILL test also compares two processes without --deterministic
+def test_seed_alone_repeats_a_run_exactly(trained, cifar10_small_dir, tmp_path):
+    _, _, model_dir, _ = trained
+    again = tmp_path / "again"
+    result, _ = _run_captured(_small_run_args(cifar10_small_dir, again, tmp_path / "e" / "1"))
+    assert not isinstance(result, Exception), result
+    _assert_same_weights(model_dir / "model.weights.h5", again / "model.weights.h5")
+    # (Another seed gives other batches and augmentation: tests/training/test_data.py.)
+
+
+def test_export_serves_the_trained_model(trained, cifar10_small_dir):
+    """The run's version 1 gives the trained model's probabilities through its uint8 signature at
+    two batch sizes. (That serving needs no tf_revnet is checked once, in a fresh process, in
+    test_predict.py.)"""
     import tensorflow as tf
 
-    export_dir, inputs_path, outputs_path = sys.argv[1:4]
-    loaded = tf.saved_model.load(export_dir)
-    serve = loaded.signatures["serving_default"]
-    inputs = np.load(inputs_path)
-    outputs = {}
-    for key in sorted(inputs.files):
-        result = serve(pixels=tf.constant(inputs[key]))
-        outputs[key] = result["output_0"].numpy()
-    np.savez(outputs_path, **outputs)
-    assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
-    assert "training" not in sys.modules
-    print("signature inputs:", sorted(serve.structured_input_signature[1]))
-    print("OK")
+    result, _, _, export_dir = trained
+    datasets = data_lib.load_image_folder(cifar10_small_dir, test_examples=9)
+    images = np.stack([x.numpy() for x, _ in datasets.test]).astype("float32")
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    assert sorted(serve.structured_input_signature[1]) == ["images"]
+    for batch in (images[:1], images[1:8]):
+        want = result.model.predict(batch, verbose=0)
+        got = serve(images=tf.constant(batch.astype(np.uint8)))["probabilities"].numpy()
+        assert got.shape == want.shape == (len(batch), 10)
+        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+        diff = float(np.max(np.abs(got - want)))
+        assert diff <= 1e-5, f"batch of {len(batch)}: max abs diff {diff:.2e}"
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import keras
+    import tf_revnet.models
+    from training import train
+
+    train.MODEL_BUILDERS["tiny_revnet"] = lambda **kw: tf_revnet.models.RevNet(
+        units=[1, 1], widths=[8, 8, 16], name="tiny", **kw)
+
+    class StallAt(keras.callbacks.Callback):
+        # Tells the test, then waits to be killed, after global step `step`.
+        def __init__(self, step):
+            super().__init__()
+            self.step = step
+
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == self.step:
+                print("STALLED", flush=True)
+                time.sleep(600)
+
+    train.run(sys.argv[2:], callbacks=[StallAt(int(sys.argv[1]))])
     """
 )
 
 
-def test_export_serves_same_predictions_in_fresh_process(trained, cifar10_small_dir, tmp_path):
-    result, _, _, export_dir = trained
-    datasets = data_lib.load_image_folder(cifar10_small_dir, test_examples=9)
-    images = np.stack([x.numpy() for x, _ in datasets.test]).astype("float32")
-    batches = {"b1": images[:1], "b7": images[1:8]}
-    expected = {k: result.model.predict(v, verbose=0) for k, v in batches.items()}
-    np.savez(tmp_path / "inputs.npz", **batches)
-    script = tmp_path / "serve.py"
-    script.write_text(SERVE_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(export_dir), str(tmp_path / "inputs.npz"),
-         str(tmp_path / "outputs.npz")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK" in proc.stdout and "['pixels']" in proc.stdout, proc.stdout
-    served = np.load(tmp_path / "outputs.npz")
-    for key, want in expected.items():
-        got = served[key]
-        assert got.shape == want.shape == (len(batches[key]), 10)
-        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
-        diff = float(np.max(np.abs(got - want)))
-        assert diff <= 1e-5, f"batch {key}: max abs diff {diff:.2e}"
+def _cli(script, stall_step, argv):
+    return subprocess.Popen([sys.executable, str(script), str(stall_step), *argv],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
 
 
-class _Interrupt(keras.callbacks.Callback):
-    """Simulates a killed job: raises after the backup of epoch `after_epoch` was written."""
+def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small_dir, tmp_path):
+    """3 epochs of 4 steps, backups every 2 steps; killed after step 7 (epoch 2, batch 3), whose
+    update was not saved: the rerun (in this process) restores step 6 and ends with the weights
+    of the uninterrupted run of the `trained` fixture (same options and seed).
+    """
+    _, _, reference_dir, _ = trained
+    script = tmp_path / "cli.py"
+    script.write_text(RESUME_SCRIPT)
+    extra = ["--save-every-steps", "2"]
+    args = _small_run_args(cifar10_small_dir, tmp_path / "run", tmp_path / "x" / "2", extra=extra)
+    victim = _cli(script, 7, args)
+    try:
+        line = ""
+        deadline = time.time() + 240
+        while "STALLED" not in line and time.time() < deadline and victim.poll() is None:
+            line = victim.stdout.readline()
+        assert "STALLED" in line, victim.stderr.read()[-3000:]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    metadata = json.loads((tmp_path / "run" / "backup" / "training_metadata.json").read_text())
+    assert metadata["step"] == 6 and metadata["epoch"] == 1
+    assert not (tmp_path / "x" / "2").exists()
 
-    def __init__(self, after_epoch):
-        super().__init__()
-        self.after_epoch = after_epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.after_epoch:
-            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
-
-
-def test_resumes_after_interruption(cifar10_small_dir, tmp_path):
-    model_dir = tmp_path / "model_dir"
-    args = _small_run_args(cifar10_small_dir, model_dir, tmp_path / "export" / "1", epochs=2,
-                           steps=2)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(KeyboardInterrupt):
-        train.run(args, callbacks=[_Interrupt(after_epoch=0)])
-    assert (model_dir / "backup" / "training_metadata.json").is_file()
-    assert json.loads((model_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1
-    assert not (tmp_path / "export" / "1").exists()
-
-    result, stdout = _run_captured(args)
-    if isinstance(result, Exception):
-        raise result
-    assert "Resuming from the backup" in stdout
-    # Only the missing epoch ran, and the optimizer state (step counter) came from the backup.
-    assert result.history.epoch == [1]
-    assert float(result.model.optimizer.iterations.numpy()) == 2 * 2
-    with open(model_dir / "training_log.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
-    assert (tmp_path / "export" / "1" / "saved_model.pb").is_file()
-    assert not (model_dir / "backup").exists()
+    # Resumed in this process (the backup on disk is all it shares with the killed one), with
+    # --no-export (not part of what a resume must repeat): nothing is exported and the summary
+    # says so.
+    resumed, out = _run_captured(args + ["--no-export"])
+    assert not isinstance(resumed, Exception), resumed
+    assert "Resuming at step 6 of 12 (epoch 2, batch 2)" in out, out
+    assert resumed.export_dir is None and not (tmp_path / "x" / "2").exists()
+    assert (f"Export: skipped (--no-export); export later with python -m training.export "
+            f"--model-dir {tmp_path / 'run'}") in out, out
+    assert "Exported" not in out and "None" not in out[out.index("Summary:"):]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["export_dir"] is None and summary["export_version"] is None
+    _assert_same_weights(reference_dir / "model.weights.h5", tmp_path / "run" / "model.weights.h5",
+                         atol=1e-6)
+    with open(tmp_path / "run" / "training_log.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+    assert not (tmp_path / "run" / "backup").exists()
+    # A new command on the finished run directory (through `python -m`, which also filters
+    # TensorFlow's start-up lines): refused in one line, nothing is overwritten.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    again = subprocess.run([sys.executable, "-m", "training.train", "--model-dir",
+                            str(tmp_path / "run"), "--export-dir", str(tmp_path / "x" / "3")],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [
+        f"python -m training.train: error: --model-dir {tmp_path / 'run'}: holds a finished run "
+        f"({' '.join(['python -m training.train'] + args + ['--no-export'])}); pick a new "
+        "--model-dir or leave it "
+        "out (a new runs/<model>/<time>)"], again.stderr
 
 
 def _main_error(argv, capsys):
@@ -248,7 +304,10 @@ def test_bad_data_dir_gives_one_line_error(layout, tmp_path, capsys):
     err, _ = _main_error(["--data-dir", str(root), "--model-dir", str(tmp_path / "m"),
                           "--export-dir", str(tmp_path / "export")], capsys)
     assert err.startswith(f"python -m training.train: error: --data-dir {root}")
-    assert "DIR/train/<class>" in err and "tar xzf" in err
+    if layout == "no_images":
+        assert f"class folder without images in {root / 'train'}: cat" in err
+    else:
+        assert "DIR/train/<class>" in err and "tar xzf" in err
 
 
 def test_offline_without_data_dir_fails_fast(tmp_path, capsys, monkeypatch):
@@ -276,20 +335,119 @@ def test_help_has_examples(capsys):
     out = capsys.readouterr().out
     for option in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size",
                    "--steps-per-epoch", "--test-examples", "--model-dir", "--export-dir",
-                   "--mixed-precision", "--learning-rate", "--recipe"):
+                   "--mixed-precision", "--learning-rate", "--recipe", "--no-export"):
         assert option in out
     assert "python -m training.train --data-dir" in out
 
 
-def test_refuses_to_resume_a_different_model(cifar10_small_dir, tmp_path, capsys):
-    model_dir = tmp_path / "model_dir"
+def _unfinished_run(tmp_path, argv):
+    """A run directory as a killed run of `argv` leaves it: config.json and a backup."""
+    args = train.build_parser().parse_args(argv)
+    args.argv = argv
+    config = train.resolve_config(args)
+    model_dir = pathlib.Path(config.model_dir)
     (model_dir / "backup").mkdir(parents=True)
-    (model_dir / "backup" / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')
+    (model_dir / "backup" / "latest.weights.h5").write_bytes(b"")
     (model_dir / "config.json").write_text(json.dumps(
-        {"model": "resnet32", "command": "python -m training.train --model resnet32"}
-    ))
-    err, _ = _main_error(["--model", "revnet38", "--data-dir", str(cifar10_small_dir),
-                          "--model-dir", str(model_dir), "--export-dir", str(tmp_path / "e")],
-                         capsys)
-    assert f"--model-dir {model_dir}: holds an unfinished run with different model" in err
-    assert "--model resnet32" in err
+        {**config.to_dict(), "fingerprint": config.training_fingerprint()}))
+    return model_dir
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--model", "resnet32"], "model"),
+    (["--learning-rate", "0.2"], "learning_rate"),
+    (["--recipe", "quick"], "steps_per_epoch"),
+    (["--seed", "3"], "seed"),
+    (["--mixed-precision", "mixed_bfloat16"], "mixed_precision"),
+    (["--deterministic"], "deterministic"),
+])
+def test_refuses_to_resume_a_different_configuration(change, named, cifar10_small_dir, tmp_path,
+                                                     capsys):
+    base = ["--data-dir", str(cifar10_small_dir), "--model-dir", str(tmp_path / "model_dir"),
+            "--export-dir", str(tmp_path / "e"), "--epochs", "3", "--batch-size", "100"]
+    model_dir = _unfinished_run(tmp_path, base)
+    err, elapsed = _main_error(base + change, capsys)
+    assert f"--model-dir {model_dir}: holds an unfinished run with different" in err
+    assert named in err.split("different")[1].split(";")[0], err
+    assert "python -m training.train --data-dir" in err  # the command that resumes it
+    assert elapsed < 30
+
+
+def test_truncated_checkpoint_gives_one_line_error(cifar10_small_dir, tmp_path, capsys):
+    argv = _small_run_args(cifar10_small_dir, tmp_path / "model_dir", tmp_path / "e", epochs=1)
+    model_dir = _unfinished_run(tmp_path, argv)
+    (model_dir / "backup" / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 50)
+    err, _ = _main_error(argv, capsys)
+    assert f"--model-dir {model_dir}: cannot restore the backup" in err
+    assert "truncated or was written by another model" in err
+
+
+@pytest.mark.parametrize("name", ["RevNet-38", "revnet_38", "REVNET38", "resnet-32", "ResNet_101"])
+def test_model_names_as_the_registry_takes_them(name, tmp_path):
+    args = train.build_parser().parse_args(["--model", name, "--export-dir", str(tmp_path / "e")])
+    args.argv = []
+    assert train.resolve_config(args).model == name
+
+
+def test_default_run_dir_is_new_for_each_run(tmp_path):
+    args = train.build_parser().parse_args(["--export-dir", str(tmp_path / "e")])
+    args.argv = []
+    dirs = []
+    try:
+        for _ in range(3):
+            path = pathlib.Path(train.resolve_config(args).model_dir)
+            assert path.parent == train.REPO_ROOT / "runs" / "revnet38"
+            path.mkdir(parents=True)
+            dirs.append(path)
+        assert len(set(dirs)) == 3
+    finally:
+        for path in dirs:
+            path.rmdir()
+
+
+def test_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    err, _ = _main_error(["--model-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path),
+                          "--export-dir", str(tmp_path / "e")], capsys)
+    assert "is not a run directory" in err
+
+
+def test_curves_plot_reads_a_resumed_log(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,accuracy,loss,val_accuracy,val_loss,learning_rate\n"
+                   "0,0.1,2.3,0.1,2.3,0.1\n1,0.2,2.0,0.15,2.1,0.1\n1,0.25,1.9,0.2,2.0,0.1\n")
+    columns = plots.read_log(log)
+    assert columns["epoch"] == [0, 1] and columns["loss"] == [2.3, 1.9]
+    png = plots.plot_training_curves(log, tmp_path / "c.png")
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow  # the suite keeps the data-level ImageNet tests (tests/training/test_data.py)
+def test_imagenet_recipe_on_mixed_size_jpegs(mixed_size_jpegs, tmp_path):
+    """The ImageNet recipe end to end on real photos of several sizes (tiny model, 24x24 crops)."""
+    result, stdout = _run_captured([
+        "--recipe", "imagenet", "--model", "tiny_revnet", "--data-dir", str(mixed_size_jpegs),
+        "--image-size", "24", "--batch-size", "4", "--epochs", "2", "--verbose", "0",
+        "--model-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "e" / "1")])
+    assert not isinstance(result, Exception), result
+    assert "Recipe imagenet: 2 epochs x 2 steps of batch 4" in stdout
+    assert result.config["image_shape"] == [24, 24, 3] and result.config["total_steps"] == 4
+    assert "val_top5_accuracy" in result.history  # top-5 reported (2 classes: always 1.0)
+    assert result.summary["top5_accuracy"] == 1.0
+    assert tuple(result.model.input_shape) == (None, 24, 24, 3)
+
+
+def test_strict_data_error_names_the_file_and_the_flag(tmp_path, cifar10_small_dir, capsys):
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            good = sorted((cifar10_small_dir / split / label).glob("*.jpg"))[0].read_bytes()
+            (root / split / label / "0.jpg").write_bytes(good)
+    (root / "train" / "cat" / "bad.jpg").write_bytes(good[:200])
+    err, _ = _main_error(["--data-dir", str(root), "--strict-data", "--model-dir",
+                          str(tmp_path / "m"), "--export-dir", str(tmp_path / "e")], capsys)
+    assert err == (f"python -m training.train: error: --data-dir {root}: cannot decode "
+                   f"{root / 'train' / 'cat' / 'bad.jpg'} (truncated or not an image); remove it, "
+                   "or skip bad files without --strict-data")

@@ -1,0 +1,309 @@
+"""Tests of training/predict.py (the client of an export) and of the README's REST request bodies.
+
+No TF Serving server can be installed on these machines, so the REST requests are checked by
+decoding them as TF Serving's REST API documents its row format (`instances`, `{"b64": ...}` for
+binary strings) and feeding the tensors to the loaded signatures; the `--server` client is run
+against a small HTTP server that does the same. The export is the session fixture of
+`serving_fixtures.py` (the tiny RevNet of the suite's training run, conftest.py, on real CIFAR-10
+images).
+"""
+
+import base64
+import http.server
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.training.serving_fixtures import CLASSES, exported  # noqa: F401
+from training import predict
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+README = REPO_ROOT / "README.md"
+README_IMAGE = "/tmp/cifar10/test/cat/0000.jpg"
+
+
+def _parse_output(stdout):
+    """`path: name p, name p` lines -> {path: [(name, p), ...]}."""
+    parsed = {}
+    for line in stdout.strip().splitlines():
+        path, rest = line.split(": ", 1)
+        parsed[path] = [(item.rsplit(" ", 1)[0], float(item.rsplit(" ", 1)[1]))
+                        for item in rest.split(", ")]
+    return parsed
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    # The export alone: TensorFlow, no tf_revnet, nothing of training/.
+    version, inputs_path, outputs_path = sys.argv[1:4]
+    serve = tf.saved_model.load(version).signatures["serving_default"]
+    np.save(outputs_path, serve(images=tf.constant(np.load(inputs_path)))["probabilities"].numpy())
+    assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
+    assert not any(m == "training" or m.startswith("training.") for m in sys.modules)
+
+    # The client: training/predict.py only.
+    from training import predict
+
+    code = predict.main(sys.argv[4:])
+    assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
+    assert not any(m.startswith("training.") and m != "training.predict" for m in sys.modules)
+    sys.exit(code)
+    """
+)
+
+
+def test_export_and_client_in_fresh_process_without_tf_revnet(exported, tmp_path):  # noqa: F811
+    """The suite's one fresh-process serving test: a process that never imports tf_revnet (nor
+    the rest of training/) loads the export (same probabilities as Keras) and runs the client
+    CLI on files and folders."""
+    folder = tmp_path / "photos"
+    for i, f in enumerate(exported.files[:12]):
+        (folder / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, folder / f"sub{i % 2}" / f"{i:02d}.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    single = exported.files[12]
+    np.save(tmp_path / "inputs.npy", exported.images[:7])
+    script = tmp_path / "client.py"
+    script.write_text(FRESH_PROCESS_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(exported.result.path), str(tmp_path / "inputs.npy"),
+         str(tmp_path / "outputs.npy"), str(exported.base_path), str(single), str(folder),
+         "--top", "3", "--batch-size", "5"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "outputs.npy"), exported.expected[:7], atol=1e-5)
+    parsed = _parse_output(proc.stdout)
+    order = [single] + sorted(folder.rglob("*.jpg"))
+    assert list(parsed) == [str(p) for p in order]
+    for path, top in parsed.items():
+        index = 12 if path == str(single) else int(pathlib.Path(path).stem)
+        want = exported.expected[index]
+        ids = np.argsort(-want)[:3]
+        assert [name for name, _ in top] == [CLASSES[i] for i in ids], path
+        np.testing.assert_allclose([p for _, p in top], want[ids], atol=6e-4)
+
+
+def test_decode_predictions_and_class_names(exported):  # noqa: F811
+    export_dir = predict.resolve_export_dir(exported.base_path)
+    assert export_dir == exported.result.path
+    names = predict.read_class_names(export_dir)
+    assert names == list(CLASSES)
+    decoded = predict.decode_predictions(exported.expected, names, top=4)
+    assert len(decoded) == len(exported.expected)
+    for row, want in zip(decoded, exported.expected):
+        ids = np.argsort(-want)[:4]
+        assert [i for i, _, _ in row] == ids.tolist()
+        assert [name for _, name, _ in row] == [CLASSES[i] for i in ids]
+        np.testing.assert_allclose([p for _, _, p in row], want[ids])
+    assert len(predict.decode_predictions(exported.expected[:1], names, top=50)[0]) == 10
+    with pytest.raises(ValueError, match=r"shape \(N, 10\)"):
+        predict.decode_predictions(exported.expected[:, :3], names)
+
+
+def test_resolve_export_dir_and_one_line_errors(exported, tmp_path, capsys):  # noqa: F811
+    base = tmp_path / "m"
+    shutil.copytree(exported.result.path, base / "2")
+    (base / "9").mkdir()  # an empty number (e.g. copied by hand): not a SavedModel, skipped
+    assert predict.resolve_export_dir(base) == base / "2"
+    assert predict.resolve_export_dir(base / "2") == base / "2"
+    for argv, message in [
+        ([str(tmp_path / "none"), str(exported.files[0])], "neither a SavedModel"),
+        ([str(base), str(tmp_path / "missing.jpg")], "no such file or folder"),
+        ([str(base), str(tmp_path)], "no image files"),
+        (["--rest-request", "serving_float", str(exported.files[0])], "invalid choice"),
+    ]:
+        if "invalid choice" in message:
+            with pytest.raises(SystemExit):
+                predict.main(argv)
+            assert message in capsys.readouterr().err
+            continue
+        assert predict.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_corrupt_image_and_unreachable_server_give_one_line_errors(exported, tmp_path, capsys):  # noqa: F811
+    bad = tmp_path / "photos" / "b.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(exported.files[0].read_bytes()[:40])  # truncated JPEG
+    shutil.copy(exported.files[1], tmp_path / "photos" / "a.jpg")
+    assert predict.main([str(exported.result.path), str(bad.parent)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m training.predict: error: image {bad}: cannot decode it (not a JPEG, " \
+        "PNG, GIF or BMP file, or truncated)"
+    assert predict.main(["--server", "http://127.0.0.1:9/v1/models/m", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot reach it" in err, err
+
+
+def _decode_rest_body(body, loaded):
+    """Decodes a REST :predict body as TF Serving does (row format) and runs the signature."""
+    signature = loaded.signatures[body.get("signature_name", "serving_default")]
+    (input_name, spec), = signature.structured_input_signature[1].items()
+    instances = body["instances"]
+    if spec.dtype == tf.string:
+        values = [base64.b64decode(x["b64"]) for x in instances]
+    else:
+        values = np.array(instances, dtype=spec.dtype.as_numpy_dtype)
+    return {k: v.numpy() for k, v in signature(**{input_name: tf.constant(values)}).items()}
+
+
+def _readme_serving_section():
+    text = README.read_text()
+    start = text.index("\n## Serving")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_rest_request_bodies_are_valid_inputs(exported, tmp_path, capsys):  # noqa: F811
+    section = _readme_serving_section()
+    image = exported.files[3]
+    want = exported.expected[3]
+    loaded = tf.saved_model.load(str(exported.result.path))
+    # 1. The pure-shell body (printf + base64) for serving_bytes.
+    shell_lines = [line for line in section.splitlines() if line.startswith("printf '{")]
+    assert len(shell_lines) == 1, shell_lines
+    command = shell_lines[0].replace(README_IMAGE, str(image))
+    command = re.sub(r"> \S+$", f"> {tmp_path / 'request.json'}", command)
+    subprocess.run(["bash", "-c", command], check=True, timeout=60)
+    bodies = [json.loads((tmp_path / "request.json").read_text())]
+    # 2. The bodies written by `python -m training.predict --rest-request ...` (both signatures).
+    client_lines = [line for line in section.splitlines()
+                    if line.startswith("python -m training.predict --rest-request")]
+    assert {shlex.split(line)[4] for line in client_lines} == {"serving_bytes", "serving_default"}
+    for line in client_lines:
+        argv = shlex.split(line.split(">")[0])[3:]
+        argv = [str(image) if a == README_IMAGE else a for a in argv]
+        assert predict.main(argv) == 0
+        bodies.append(json.loads(capsys.readouterr().out))
+    for body in bodies:
+        outputs = _decode_rest_body(body, loaded)
+        np.testing.assert_allclose(outputs["probabilities"][0], want, atol=1e-5)
+        assert outputs["class_names"][0].decode() == CLASSES[want.argmax()]
+    # The curl commands post these files to both signatures' :predict endpoint.
+    assert section.count("curl -s -X POST http://localhost:8501/v1/models/revnet38:predict") >= 2
+
+
+class _FakeTFServing(http.server.BaseHTTPRequestHandler):
+    """Answers `POST /v1/models/<name>:predict` like TF Serving's REST API (row format)."""
+
+    loaded = None
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        if not re.fullmatch(r"/v1/models/tiny(/versions/\d+)?:predict", self.path):
+            self.send_error(404)
+            return
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        outputs = _decode_rest_body(body, self.loaded)
+        rows = [{k: (v[i].decode() if isinstance(v[i], bytes) else v[i].tolist())
+                 for k, v in outputs.items()} for i in range(len(body["instances"]))]
+        data = json.dumps({"predictions": rows}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_rest_client_against_a_server_speaking_tf_serving_rest(exported, capsys):  # noqa: F811
+    _FakeTFServing.loaded = tf.saved_model.load(str(exported.result.path))
+    server = http.server.HTTPServer(("127.0.0.1", 0), _FakeTFServing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1/models/tiny/versions/1"
+        files = exported.files[:5]
+        assert predict.main(["--server", url, *map(str, files), "--top", "2"]) == 0
+    finally:
+        server.shutdown()
+        thread.join()
+    parsed = _parse_output(capsys.readouterr().out)
+    assert list(parsed) == list(map(str, files))
+    for (path, top), want in zip(parsed.items(), exported.expected):
+        ids = np.argsort(-want)[:2]
+        assert top[0][0] == CLASSES[ids[0]]  # the top class by name (class_names output)
+        assert top[1][0] == f"#{ids[1]}"  # <= 10 classes: no top_k outputs, the others by id
+        np.testing.assert_allclose([p for _, p in top], want[ids], atol=6e-4)
+
+
+def test_readme_grpc_client_against_a_prediction_service(exported, capsys):  # noqa: F811
+    """Runs the README's gRPC snippet against a `PredictionService` (tensorflow-serving-api's own
+    stub and servicer) that answers from the loaded SavedModel."""
+    from concurrent import futures
+
+    grpc = pytest.importorskip("grpc")
+    apis = pytest.importorskip("tensorflow_serving.apis.prediction_service_pb2_grpc")
+    from tensorflow_serving.apis import predict_pb2
+
+    loaded = tf.saved_model.load(str(exported.result.path))
+
+    class Service(apis.PredictionServiceServicer):
+        def Predict(self, request, context):  # noqa: N802 (gRPC's naming)
+            assert request.model_spec.name == "revnet38"
+            signature = loaded.signatures[request.model_spec.signature_name or "serving_default"]
+            inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+            response = predict_pb2.PredictResponse()
+            for key, value in signature(**inputs).items():
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
+            return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    apis.add_PredictionServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        blocks = re.findall(r"```python\n(.*?)```", _readme_serving_section(), re.S)
+        snippet, = [b for b in blocks if "prediction_service_pb2_grpc" in b]
+        image = exported.files[5]
+        snippet = snippet.replace("localhost:8500", f"127.0.0.1:{port}").replace(
+            README_IMAGE, str(image))
+        exec(compile(snippet, "README.md", "exec"), {})
+    finally:
+        server.stop(None)
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(np.array([CLASSES[exported.expected[5].argmax()].encode()]))
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_readme_python_examples_run(exported, capsys):  # noqa: F811
+    """The README's SavedModel and TFLite snippets, with its paths pointed at the test export."""
+    blocks = re.findall(r"```python\n(.*?)```", _readme_serving_section(), re.S)
+    replacements = {
+        "saved_models/revnet38/1": str(exported.result.path),
+        "saved_models/revnet38/4/model.tflite": str(exported.result.tflite_path),
+        README_IMAGE: str(exported.files[3]),  # files[i] is of class i for i < 10: 3 = cat
+        "/tmp/cifar10/test/ship/0000.jpg": str(exported.files[8]),
+    }
+    saved_model_block, = [b for b in blocks if 'signatures["serving_bytes"]' in b]
+    tflite_block, = [b for b in blocks if "tf.lite.Interpreter" in b]
+    for block in (saved_model_block, tflite_block):
+        for old, new in replacements.items():
+            block = block.replace(old, new)
+        exec(compile(block, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [CLASSES[i] for i in exported.expected.argmax(axis=1)]
+    assert lines[0].startswith(str(np.array([names[3].encode(), names[8].encode()], dtype=object)))
+    np.testing.assert_allclose(
+        np.array(lines[0].split("] [")[1].rstrip("]").split(), dtype=float),
+        exported.expected[[3, 8]].max(axis=1), rtol=1e-5)
+    assert lines[1] == str(np.array([names[3].encode()], dtype=object))
