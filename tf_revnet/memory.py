@@ -13,8 +13,8 @@ measurement):
 - `recompute`: `tf.recompute_grad` around every unit stores every unit's input, plus one unit's working
   set.
 
-Each adds the head's activations, the gradient tensors alive at once during the backward pass (about two
-of the largest activation), the weight gradients and the input batch. `benchmarks/models.py` compares the
+Each adds the head's activations, the weight gradients and the input batch; plain backprop also the
+gradient tensors alive at once (about two of the largest activation). `benchmarks/models.py` compares the
 estimate with measured per-step peaks (benchmarks/README.md).
 
 `configure_allocator()` sets glibc's `M_MMAP_THRESHOLD` so that large freed buffers go back to the
@@ -132,7 +132,8 @@ def _working_set(unit, shape, batch_size):
 
     A `ReversibleBlock` recomputes G, then F (Algorithm 1), each under its own tape: the larger of the
     two, plus its outputs and their gradients (y1, y2, dy1, dy2) and the rebuilt half and its gradient.
-    Any other unit is recomputed whole under one tape, plus its input and output and their gradients.
+    Any other unit is recomputed whole under one tape from its stored input (counted elsewhere), plus
+    the gradient arriving at its output and the one it passes to its input.
     """
     itemsize = _itemsize(getattr(unit, "stream_dtype", unit.compute_dtype))
     if isinstance(unit, ReversibleBlock):
@@ -140,7 +141,7 @@ def _working_set(unit, shape, batch_size):
         stored = max(_stored(unit.f, half, batch_size)[0], _stored(unit.g, half, batch_size)[0])
         return stored + 3 * itemsize * _elements(shape, batch_size)
     stored, out = _stored(unit, shape, batch_size)
-    return stored + 2 * itemsize * (_elements(shape, batch_size) + _elements(out, batch_size))
+    return stored + itemsize * (_elements(shape, batch_size) + _elements(out, batch_size))
 
 
 def estimate(model, batch_size):
@@ -228,7 +229,9 @@ def estimate(model, batch_size):
     totals = {}
     for m in METHODS:
         parts[m]["input"] = _elements(input_shape, batch_size) * 4
-        parts[m]["activation_gradients"] = 2 * largest
+        # Plain backprop: the gradients in flight next to the stored activations (about two of the
+        # largest). The other methods hold theirs in the working set.
+        parts[m]["activation_gradients"] = 2 * largest if m == "plain" else 0
         parts[m]["weight_gradients"] = weights
         totals[m] = int(sum(parts[m].values()))
         parts[m]["optimizer_state"] = optimizer_state
