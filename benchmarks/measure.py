@@ -88,3 +88,27 @@ class AllocatorMeter:
     def stop(self):
         info = self._tf.config.experimental.get_memory_info(self._device)
         return info["peak"] - self._base, info["current"] - self._base
+
+
+def run_child(command, env, timeout, key):
+    """Runs one measuring child process and returns its `RESULT {json}` line as a dict.
+
+    `key` (a dict naming the configuration) is returned with an `"error"` (the last lines of the
+    child's output, or "timeout") when the child prints no result.
+    """
+    import json
+    import subprocess
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**key, "error": "timeout"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["wall_s"] = time.perf_counter() - t0
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {**key, "error": " | ".join(tail)}

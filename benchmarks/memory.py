@@ -59,7 +59,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -67,6 +66,7 @@ from measure import AllocatorMeter as _AllocatorMeter
 from measure import CpuMeter as _CpuMeter
 from measure import malloc_trim as _malloc_trim
 from measure import proc_status_bytes as _proc_status_bytes
+from measure import run_child as _run_child
 
 MODES = ("eager", "function", "fit", "xla")
 METHODS = ("reversible", "plain", "recompute")
@@ -256,21 +256,8 @@ def _run_one(args, mode, method, depth):
     else:
         env["TF_ENABLE_ONEDNN_OPTS"] = "1"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            _child_command(args, mode, method, depth), env=env, capture_output=True, text=True,
-            timeout=args.timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"mode": mode, "method": method, "depth": depth, "error": "timeout"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-            result["wall_s"] = time.perf_counter() - t0
-            return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"mode": mode, "method": method, "depth": depth, "error": " | ".join(tail)}
+    return _run_child(_child_command(args, mode, method, depth), env, args.timeout,
+                      {"mode": mode, "method": method, "depth": depth})
 
 
 def _slope(depths, values):

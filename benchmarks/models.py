@@ -52,11 +52,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from measure import MIB, AllocatorMeter, CpuMeter, malloc_trim, proc_status_bytes
+from measure import MIB, AllocatorMeter, CpuMeter, malloc_trim, proc_status_bytes, run_child
 
 REVNETS = {"revnet38": "resnet32", "revnet110": "resnet110", "revnet164": "resnet164",
            "revnet104": "resnet101", "revnet56": None, "deep": None}
@@ -117,7 +116,7 @@ def _wrap_units_in_recompute_grad(sequence, tf):
     sequence.call = call
 
 
-def run_child(args):
+def measure_child(args):
     import gc
     import resource
 
@@ -222,19 +221,8 @@ def run_one(args, model, method, batch_size):
         "--warmup", str(args.warmup), "--steps", str(args.steps), "--deep-units",
         str(args.deep_units),
     ] + (["--jit-compile"] if args.jit_compile else []) + (["--quick"] if args.quick else [])
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True,
-                              timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": model, "method": method, "batch_size": batch_size, "error": "timeout"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-            result["wall_s"] = time.perf_counter() - t0
-            return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"model": model, "method": method, "batch_size": batch_size, "error": " | ".join(tail)}
+    return run_child(command, env, args.timeout,
+                     {"model": model, "method": method, "batch_size": batch_size})
 
 
 def _image_size(model):
@@ -347,7 +335,7 @@ def main(argv=None):
         args.model, args.method, args.batch_size = args.models[0], args.methods[0], \
             args.batch_sizes[0]
         args.image_size = args.image_size or _image_size(args.model)
-        run_child(args)
+        measure_child(args)
         return 0
     if args.from_json:
         results = []

@@ -2,12 +2,13 @@
 
 import keras
 
-from tf_revnet.layers.residual_functions import RESIDUAL_FUNCTIONS, make_residual_function
-from tf_revnet.layers.shortcut import SHORTCUTS, Shortcut, shortcut_kind
+from tf_revnet.layers.residual_functions import (
+    init_unit_args,
+    make_residual_function,
+    unit_config,
+)
+from tf_revnet.layers.shortcut import Shortcut, shortcut_kind
 from tf_revnet.layers.utils import (
-    check_batch_norm_args,
-    check_positive_int,
-    default_kernel_initializer,
     strided_shape,
 )
 
@@ -77,29 +78,10 @@ class ResidualBlock(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_positive_int("filters", filters)
-        if residual_function not in RESIDUAL_FUNCTIONS:
-            raise ValueError(
-                f"`residual_function` must be one of {sorted(RESIDUAL_FUNCTIONS)}. "
-                f"Received: residual_function={residual_function!r}"
-            )
-        check_positive_int("strides", strides)
-        if not isinstance(preactivate, bool):
-            raise ValueError(f"`preactivate` must be a bool. Received: preactivate={preactivate!r}")
-        if shortcut not in SHORTCUTS:
-            raise ValueError(f"`shortcut` must be one of {SHORTCUTS}. Received: shortcut={shortcut!r}")
-        check_batch_norm_args(batch_norm_momentum, batch_norm_epsilon)
-        self.filters = filters
-        self.residual_function = residual_function
-        self.strides = strides
-        self.preactivate = preactivate
-        self.shortcut = shortcut
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer if kernel_initializer is not None else default_kernel_initializer()
+        init_unit_args(
+            self, filters, residual_function, strides, preactivate, shortcut, kernel_initializer,
+            kernel_regularizer, batch_norm_momentum, batch_norm_epsilon,
         )
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.batch_norm_momentum = batch_norm_momentum
-        self.batch_norm_epsilon = batch_norm_epsilon
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -136,16 +118,6 @@ class ResidualBlock(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {
-                "filters": self.filters,
-                "residual_function": self.residual_function,
-                "strides": self.strides,
-                "preactivate": self.preactivate,
-                "shortcut": self.shortcut,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-                "batch_norm_momentum": self.batch_norm_momentum,
-                "batch_norm_epsilon": self.batch_norm_epsilon,
-            }
+            unit_config(self)
         )
         return config

@@ -291,3 +291,54 @@ def make_residual_function(
         batch_norm_momentum=batch_norm_momentum, batch_norm_epsilon=batch_norm_epsilon,
         name=name, dtype=dtype,
     )
+
+
+def init_unit_args(
+    layer, filters, residual_function, strides, preactivate, shortcut, kernel_initializer,
+    kernel_regularizer, batch_norm_momentum, batch_norm_epsilon,
+):
+    """Validates and stores the arguments shared by `ResidualBlock` and `StageTransition`.
+
+    Raises:
+        ValueError: naming the argument and the received value.
+    """
+    from tf_revnet.layers.shortcut import SHORTCUTS
+
+    check_positive_int("filters", filters)
+    if residual_function not in RESIDUAL_FUNCTIONS:
+        raise ValueError(
+            f"`residual_function` must be one of {sorted(RESIDUAL_FUNCTIONS)}. "
+            f"Received: residual_function={residual_function!r}"
+        )
+    check_positive_int("strides", strides)
+    if not isinstance(preactivate, bool):
+        raise ValueError(f"`preactivate` must be a bool. Received: preactivate={preactivate!r}")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"`shortcut` must be one of {SHORTCUTS}. Received: shortcut={shortcut!r}")
+    check_batch_norm_args(batch_norm_momentum, batch_norm_epsilon)
+    layer.filters = filters
+    layer.residual_function = residual_function
+    layer.strides = strides
+    layer.preactivate = preactivate
+    layer.shortcut = shortcut
+    layer.kernel_initializer = keras.initializers.get(
+        kernel_initializer if kernel_initializer is not None else default_kernel_initializer()
+    )
+    layer.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+    layer.batch_norm_momentum = batch_norm_momentum
+    layer.batch_norm_epsilon = batch_norm_epsilon
+
+
+def unit_config(layer):
+    """The config entries of the arguments `init_unit_args` stored."""
+    return {
+        "filters": layer.filters,
+        "residual_function": layer.residual_function,
+        "strides": layer.strides,
+        "preactivate": layer.preactivate,
+        "shortcut": layer.shortcut,
+        "kernel_initializer": keras.initializers.serialize(layer.kernel_initializer),
+        "kernel_regularizer": keras.regularizers.serialize(layer.kernel_regularizer),
+        "batch_norm_momentum": layer.batch_norm_momentum,
+        "batch_norm_epsilon": layer.batch_norm_epsilon,
+    }

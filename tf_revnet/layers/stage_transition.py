@@ -2,13 +2,14 @@
 
 import keras
 
-from tf_revnet.layers.residual_functions import RESIDUAL_FUNCTIONS, make_residual_function
-from tf_revnet.layers.shortcut import SHORTCUTS, Shortcut, shortcut_kind
+from tf_revnet.layers.residual_functions import (
+    init_unit_args,
+    make_residual_function,
+    unit_config,
+)
+from tf_revnet.layers.shortcut import Shortcut, shortcut_kind
 from tf_revnet.layers.two_stream import TwoStreamLayer
 from tf_revnet.layers.utils import (
-    check_batch_norm_args,
-    check_positive_int,
-    default_kernel_initializer,
     strided_shape,
 )
 
@@ -83,33 +84,14 @@ class StageTransition(TwoStreamLayer):
         **kwargs,
     ):
         super().__init__(axis=-1, **kwargs)
-        check_positive_int("filters", filters)
-        if filters % 2:
+        init_unit_args(
+            self, filters, residual_function, strides, preactivate, shortcut, kernel_initializer,
+            kernel_regularizer, batch_norm_momentum, batch_norm_epsilon,
+        )
+        if isinstance(filters, int) and not isinstance(filters, bool) and filters % 2:
             raise ValueError(
                 f"`filters` must be even to split into y1 and y2. Received: filters={filters}"
             )
-        if residual_function not in RESIDUAL_FUNCTIONS:
-            raise ValueError(
-                f"`residual_function` must be one of {sorted(RESIDUAL_FUNCTIONS)}. "
-                f"Received: residual_function={residual_function!r}"
-            )
-        check_positive_int("strides", strides)
-        if not isinstance(preactivate, bool):
-            raise ValueError(f"`preactivate` must be a bool. Received: preactivate={preactivate!r}")
-        if shortcut not in SHORTCUTS:
-            raise ValueError(f"`shortcut` must be one of {SHORTCUTS}. Received: shortcut={shortcut!r}")
-        check_batch_norm_args(batch_norm_momentum, batch_norm_epsilon)
-        self.filters = filters
-        self.residual_function = residual_function
-        self.strides = strides
-        self.preactivate = preactivate
-        self.shortcut = shortcut
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer if kernel_initializer is not None else default_kernel_initializer()
-        )
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.batch_norm_momentum = batch_norm_momentum
-        self.batch_norm_epsilon = batch_norm_epsilon
 
     @property
     def input_dtype(self):
@@ -162,16 +144,6 @@ class StageTransition(TwoStreamLayer):
         config = super().get_config()
         config.pop("axis")
         config.update(
-            {
-                "filters": self.filters,
-                "residual_function": self.residual_function,
-                "strides": self.strides,
-                "preactivate": self.preactivate,
-                "shortcut": self.shortcut,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-                "batch_norm_momentum": self.batch_norm_momentum,
-                "batch_norm_epsilon": self.batch_norm_epsilon,
-            }
+            unit_config(self)
         )
         return config
