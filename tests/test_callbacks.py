@@ -91,7 +91,7 @@ def test_monitor_warns_once_per_threshold_with_block_and_figures(tmp_path):
     angle, rebuild = sorted((str(w.message) for w in caught), key=lambda m: "rebuilds" in m)
     first = monitor.history[0]
     assert "step 0" in angle and f"{first[revnet_callbacks.GRADIENT_ANGLE]:.3g} degrees" in angle
-    assert "worst variable 'revnet_stage" in angle
+    assert "worst variable 'revnet_body/revnet_stage" in angle
     assert "step 0" in rebuild and "block 'revnet_stage" in rebuild
     assert f"{first[revnet_callbacks.RECONSTRUCTION_RELATIVE_ERROR]:.3g}" in rebuild
 
