@@ -90,8 +90,14 @@ def random_input(shape=(3, 6, 6, 8), dtype="float64", seed=0):
 # --- gradients equal plain autodiff -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize(
+    "mode, dtype",
+    [
+        ("eager", "float32"), ("eager", "float64"), ("function", "float32"),
+        ("function", "float64"), ("xla", "float64"),
+        pytest.param("xla", "float32", marks=pytest.mark.slow),  # XLA compiles for a minute
+    ],
+)
 def test_gradients_equal_plain_autodiff(mode, dtype):
     reversible, plain = make_pair(dtype=dtype)
     x = random_input(dtype=dtype)
@@ -364,7 +370,8 @@ def classifier(ucg, dtype="float64"):
     return keras.Model(inputs, keras.layers.Dense(3, dtype=dtype)(h))
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+# fit with jit_compile=True is also covered, faster, by test_differentiation::test_cond_inside_model_fit.
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_fit_step_equals_plain(jit_compile):
     a, b = classifier(True), classifier(False)
     copy_state(a, b)
