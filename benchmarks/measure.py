@@ -6,6 +6,7 @@ the OS, so each configuration runs in its own process; `MALLOC_MMAP_THRESHOLD_=1
 `malloc_trim(0)` before a region, and `echo 5 > /proc/self/clear_refs` resets the peak (VmHWM).
 """
 
+import os
 import re
 
 MIB = 2.0**20
@@ -19,6 +20,13 @@ def proc_status_bytes(field):
 
 
 def malloc_trim():
+    """`malloc_trim(0)`, unless `TF_REVNET_BENCH_NO_TRIM=1` (measure what a user's process does)."""
+    if os.environ.get("TF_REVNET_BENCH_NO_TRIM") == "1":  # measure what a user's process does
+        return
+    _malloc_trim()
+
+
+def _malloc_trim():
     """Returns the free pages of every glibc heap to the OS (no-op elsewhere).
 
     glibc serves a large request from a free chunk of an existing heap before it considers `mmap`,

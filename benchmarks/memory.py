@@ -127,6 +127,7 @@ def _build_stack(method, depth, channels, keras, tf):
 def run_child(args):
     """Measures one (mode, method, depth) and prints a JSON line with the results."""
     import gc
+    import resource
 
     import keras
     import numpy as np
@@ -223,6 +224,7 @@ def run_child(args):
         "meter_resettable": meter.resettable,
         "peak_mb": [p / MIB for p in peaks],
         "after_step_mb": [g / MIB for g in growth],
+        "process_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_built) / MIB,
         "warmup_peak_rss_mb": warmup_peak[0] / MIB if warmup_peak else None,
         "warmup_kept_rss_mb": warmup_kept[0] / MIB if warmup_kept else None,
         "step_s": times,
@@ -248,7 +250,15 @@ def _child_command(args, mode, method, depth):
 
 def _run_one(args, mode, method, depth):
     env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if args.allocator == "env":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    elif args.allocator == "glibc":  # glibc's adaptive default: no setting anywhere
+        env["TF_REVNET_MALLOC_MMAP_THRESHOLD"] = "0"
+    else:  # "library": nothing set by the user; `import tf_revnet` calls mallopt
+        env.pop("TF_REVNET_MALLOC_MMAP_THRESHOLD", None)
+    if args.allocator != "env":  # no malloc_trim: the RSS a user's process has
+        env["TF_REVNET_BENCH_NO_TRIM"] = "1"
     if args.meter == "rss":
         # The oneDNN CPU allocator pools large buffers and never gives them back to the OS, which
         # would hide every step's peak behind the warm-up's; TF's plain CPU allocator uses malloc.
@@ -381,6 +391,11 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="Measured steps. Default 3.")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="Seconds before a configuration is abandoned. Default 900.")
+    parser.add_argument(
+        "--allocator", choices=("env", "library", "glibc"), default="env",
+        help="glibc malloc settings of the child: 'env' (MALLOC_MMAP_THRESHOLD_=131072 in its "
+        "environment), 'library' (nothing set: what `import tf_revnet` sets, as for a user), "
+        "'glibc' (glibc's adaptive default: TF_REVNET_MALLOC_MMAP_THRESHOLD=0). Default 'env'.")
     parser.add_argument(
         "--meter", choices=("rss", "allocator"), default="rss",
         help="CPU memory meter: 'rss' (peak RSS, oneDNN off so freed memory leaves the process) "

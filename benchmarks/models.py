@@ -225,6 +225,17 @@ def run_one(args, model, method, batch_size):
                      {"model": model, "method": method, "batch_size": batch_size})
 
 
+def _re_estimate(results, args):
+    import tf_revnet
+
+    for r in results:
+        if "error" in r or r.get("quick"):
+            continue
+        model = build_model(r["model"], r["method"], r["image_size"], deep_units=args.deep_units)
+        estimate = tf_revnet.memory.estimate(model, r["batch_size"])
+        r["estimate_mb"] = {k: v / MIB for k, v in estimate.as_dict().items()}
+
+
 def _image_size(model):
     return 224 if model in ("revnet104", "revnet56") else 32
 
@@ -319,6 +330,9 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="JSON file for the results (a .md and .png are written "
                         "beside it).")
     parser.add_argument("--from-json", nargs="+", help="Re-print tables and plots of saved runs.")
+    parser.add_argument("--re-estimate", action="store_true",
+                        help="With --from-json: recompute `estimate_mb` with the current "
+                        "tf_revnet.memory.estimate (the measurements are kept).")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -342,6 +356,8 @@ def main(argv=None):
         for path in args.from_json:
             with open(path) as f:
                 results += json.load(f)["results"]
+        if args.re_estimate:
+            _re_estimate(results, args)
     else:
         results = []
         for model in args.models:
