@@ -380,3 +380,35 @@ def test_docstring_examples(module):
     results = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+def test_include_preprocessing_takes_raw_pixels():
+    raw = np.random.default_rng(3).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    with_pre = get("RevNet38")(input_shape=(16, 16, 3), include_preprocessing=True)
+    without = get("RevNet38")(input_shape=(16, 16, 3))
+    without.set_weights(with_pre.get_weights())
+    mean, std = np.array([125.3, 123.0, 113.9]), np.array([63.0, 62.1, 66.7])
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(with_pre(raw)),
+        keras.ops.convert_to_numpy(without(((raw - mean) / std).astype("float32"))),
+        rtol=1e-4, atol=1e-6,
+    )
+    assert with_pre.layers[1].name == "revnet38_preprocessing"
+    custom = get("ResNet32")(include_preprocessing=True, preprocessing_mean=[0, 0, 0],
+                             preprocessing_std=[255, 255, 255])
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(custom.layers[1](np.full((1, 1, 1, 3), 255.0, "float32"))), 1.0
+    )
+    with pytest.raises(ValueError, match="preprocessing_std"):
+        get("RevNet38")(include_preprocessing=True, preprocessing_std=[1, 0, 1])
+    with pytest.raises(ValueError, match="need `include_preprocessing=True`"):
+        get("RevNet38")(preprocessing_mean=[0, 0, 0])
+
+
+def test_decode_predictions():
+    preds = np.array([[0.05, 0.6, 0.35] + [0.0] * 7, [0.1] * 10])
+    decoded = tf_revnet.models.decode_predictions(preds, top=2)
+    assert decoded[0] == [(1, "automobile", 0.6), (2, "bird", 0.35)]
+    assert [c for c, _, _ in decoded[1]] == [0, 1]  # ties: label order
+    with pytest.raises(ValueError, match="class names"):
+        tf_revnet.models.decode_predictions(preds, ["a", "b"])

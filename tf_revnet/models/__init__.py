@@ -4,6 +4,7 @@
 """
 
 from tf_revnet.models.architectures import ARCHITECTURES, Architecture
+from tf_revnet.models.decode import CIFAR10_CLASSES, decode_predictions
 from tf_revnet.models.registry import get, list_models
 from tf_revnet.models.resnet import ResNet, ResNet32, ResNet101, ResNet110, ResNet164
 from tf_revnet.models.revnet import RevNet, RevNet38, RevNet56, RevNet104, RevNet110, RevNet164
@@ -11,6 +12,7 @@ from tf_revnet.models.revnet import RevNet, RevNet38, RevNet56, RevNet104, RevNe
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
+    "CIFAR10_CLASSES",
     "ResNet",
     "ResNet32",
     "ResNet101",
@@ -22,6 +24,7 @@ __all__ = [
     "RevNet104",
     "RevNet110",
     "RevNet164",
+    "decode_predictions",
     "get",
     "list_models",
 ]

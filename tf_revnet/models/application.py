@@ -56,6 +56,40 @@ def check_architecture(units, widths, residual_function, strides, stem):
     return units, widths, strides
 
 
+#: Per-channel mean and standard deviation of the pixels (0-255) of each stem's data set: CIFAR-10's
+#: 50,000 training images, and ImageNet's as `keras.applications` uses them.
+PREPROCESSING = {
+    "cifar": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+}
+
+
+def preprocessing_layer(stem, name, mean=None, std=None):
+    """`Normalization` layer mapping raw pixels (0-255) to standardized ones, per channel.
+
+    Raises:
+        ValueError: if `mean` or `std` is not a sequence of numbers, or `std` has a value <= 0.
+    """
+    default_mean, default_std = PREPROCESSING[stem]
+    mean = default_mean if mean is None else mean
+    std = default_std if std is None else std
+    try:
+        mean, std = [float(m) for m in mean], [float(v) for v in std]
+    except (TypeError, ValueError):
+        raise ValueError(
+            "`preprocessing_mean` and `preprocessing_std` must be sequences of numbers (one per "
+            f"channel). Received: preprocessing_mean={mean!r}, preprocessing_std={std!r}"
+        ) from None
+    if len(mean) != len(std) or any(v <= 0 for v in std):
+        raise ValueError(
+            "`preprocessing_std` must hold one positive value per channel of `preprocessing_mean`. "
+            f"Received: preprocessing_mean={mean!r}, preprocessing_std={std!r}"
+        )
+    return keras.layers.Normalization(
+        axis=-1, mean=mean, variance=[v * v for v in std], name=f"{name}_preprocessing"
+    )
+
+
 def check_head_args(include_top, weights, pooling, classes):
     """Validates the `keras.applications` arguments shared by every builder."""
     if weights is not None:
@@ -121,8 +155,16 @@ def build_network(
     name,
     kernel_regularizer,
     bn_kwargs,
+    include_preprocessing=False,
+    preprocessing_mean=None,
+    preprocessing_std=None,
 ):
     """The generic `keras.applications` model: input, `body_fn`, pre-activation head.
+
+    With `include_preprocessing` the model takes raw RGB pixels in [0, 255] and its first layer
+    (`f"{name}_preprocessing"`, a `keras.layers.Normalization`) subtracts `preprocessing_mean` and
+    divides by `preprocessing_std` (per channel, on the 0-255 scale; defaults: the CIFAR-10 training
+    set's for the CIFAR stem, ImageNet's as in `keras.applications` for the ImageNet stem).
 
     `RevNet` and `ResNet` differ only in `body_fn(images) -> features` (stem and stages); this function
     validates the shared arguments, makes the input and adds the head (as `keras.applications`'
@@ -137,7 +179,14 @@ def build_network(
     check_head_args(include_top, weights, pooling, classes)
     default_shape = (32, 32, 3) if stem == "cifar" else (224, 224, 3)
     img_input = model_input(input_tensor, input_shape, default_shape)
-    x = body_fn(img_input)
+    x = img_input
+    if include_preprocessing:
+        x = preprocessing_layer(stem, name, preprocessing_mean, preprocessing_std)(x)
+    elif preprocessing_mean is not None or preprocessing_std is not None:
+        raise ValueError(
+            "`preprocessing_mean`/`preprocessing_std` need `include_preprocessing=True`."
+        )
+    x = body_fn(x)
     x = head(
         x, include_top, pooling, classes, classifier_activation, name, kernel_regularizer, bn_kwargs
     )
@@ -197,8 +246,8 @@ _BUILDER_DOC = """Instantiates {title}, {role}.
         classifier_activation: str or callable; `None` returns logits. Defaults to `"softmax"`.
         use_custom_gradient: bool. {custom_gradient} Defaults to `True`.
         name: str. Model name and layer-name prefix. Defaults to `"{default_name}"`.
-        **kwargs: further arguments of `{generic}` (`kernel_regularizer`, `batch_norm_momentum`,
-            `batch_norm_epsilon`).
+        **kwargs: further arguments of `{generic}` (`include_preprocessing`, `preprocessing_mean`,
+            `preprocessing_std`, `kernel_regularizer`, `batch_norm_momentum`, `batch_norm_epsilon`).
 
     Input shape:
         `(batch_size, height, width, 3)` (NHWC) float images, in the floatx dtype.

@@ -28,6 +28,9 @@ def ResNet(
     kernel_regularizer=None,
     batch_norm_momentum=0.99,
     batch_norm_epsilon=1e-3,
+    include_preprocessing=False,
+    preprocessing_mean=None,
+    preprocessing_std=None,
 ):
     """Instantiates a pre-activation residual network (the RevNet paper's baseline).
 
@@ -61,6 +64,12 @@ def ResNet(
             Defaults to `None`.
         batch_norm_momentum: float. Momentum of every BatchNorm. Defaults to `0.99`.
         batch_norm_epsilon: float. Epsilon of every BatchNorm. Defaults to `1e-3`.
+        include_preprocessing: bool. Whether the model takes raw RGB pixels in [0, 255] and
+            standardizes them in its first layer (`f"{name}_preprocessing"`), as Keras' newer
+            applications do. Defaults to `False`.
+        preprocessing_mean, preprocessing_std: per-channel sequences on the 0-255 scale, with
+            `include_preprocessing`. Default to the CIFAR-10 training set's (CIFAR stem) or
+            ImageNet's (ImageNet stem).
 
     Input shape:
         `(batch_size, height, width, channels)` (NHWC) float images, in the floatx dtype.
@@ -114,7 +123,8 @@ def ResNet(
 
     return application.build_network(
         body, stem, include_top, weights, input_tensor, input_shape, pooling, classes,
-        classifier_activation, name, kernel_regularizer, bn_kwargs,
+        classifier_activation, name, kernel_regularizer, bn_kwargs, include_preprocessing,
+        preprocessing_mean, preprocessing_std,
     )
 
 
