@@ -36,6 +36,9 @@ def test_estimate_counts_what_each_method_stores():
     block_ws = 2 * 2 * half + 3 * full
     assert reversible["working_set"] == max(stem_ws, block_ws)
     weights = 4 * sum(v.numpy().size for v in small_body().trainable_variables)
+    # The block's weights and gradients, stacked for the while loop.
+    block_weights = 4 * sum(v.numpy().size for v in small_body().units[1].trainable_variables)
+    assert reversible["stacked_weights"] == 2 * block_weights
     for method in ("plain", "reversible", "recompute"):
         parts = e.breakdown[method]
         assert parts["weight_gradients"] == weights

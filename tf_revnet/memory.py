@@ -9,7 +9,8 @@ measurement):
   2017, Section 3: "activations which need to be stored");
 - `reversible`: `ReversibleSequence`'s backward pass (Algorithm 1) stores only the inputs of its
   non-invertible units (stem, stage transitions) and its output, plus, while it runs, one unit's
-  recomputed activations and its gradients (the working set);
+  recomputed activations and its gradients (the working set) and the stacked weights and gradients of
+  the blocks it runs as one `tf.while_loop`;
 - `recompute`: `tf.recompute_grad` around every unit stores every unit's input, plus one unit's working
   set.
 
@@ -55,7 +56,8 @@ class MemoryEstimate:
         plain, reversible, recompute: int. Estimated per-step peak in bytes: stored activations,
             working set, gradients and the input batch.
         breakdown: dict `{method: {part: bytes}}` with parts `"input"`, `"stem"`, `"transitions"`,
-            `"blocks"`, `"working_set"`, `"head"`, `"activation_gradients"`, `"weight_gradients"`
+            `"blocks"`, `"working_set"`, `"head"`, `"activation_gradients"`, `"weight_gradients"`,
+            `"stacked_weights"` (reversible: the fused blocks' weights and gradients stacked)
             (and `"optimizer_state"`, held before the step and not in the totals).
         batch_size: int.
     """
@@ -221,6 +223,13 @@ def estimate(model, batch_size):
             unit_shape = out
         out_bytes = _elements(unit_shape, batch_size) * 4
         parts["reversible"]["blocks"] += out_bytes  # the sequence's output
+        # Blocks fused into a while loop: their weights stacked, and their stacked gradients.
+        fused = sum(
+            math.prod(v.shape) * _itemsize(v.dtype)
+            for unit in layer.units if isinstance(unit, ReversibleBlock)
+            for v in unit.trainable_variables
+        ) if layer.fuse_identical_blocks else 0
+        parts["reversible"]["stacked_weights"] = 2 * fused
         for m in ("reversible", "recompute"):
             parts[m]["working_set"] = max(parts[m]["working_set"], working[m])
     input_shape = layers[0][1] if layers else (None,)
