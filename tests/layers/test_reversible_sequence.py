@@ -663,3 +663,9 @@ def test_non_invertible_units_recomputed_from_their_inputs(mode, dtype):
     # BatchNorm statistics (stem, transition, blocks) updated once, as by plain autodiff.
     for v_r, v_p in zip(reversible.non_trainable_variables, plain.non_trainable_variables):
         np.testing.assert_allclose(v_r.numpy(), v_p.numpy(), rtol=10 * RTOL[dtype])
+
+
+def test_symbolic_integer_input_raises():
+    seq = sequence(True, dtype="float32")
+    with pytest.raises(ValueError, match="floating point inputs.*int32"):
+        seq(keras.Input((6, 6, 8), dtype="int32"))

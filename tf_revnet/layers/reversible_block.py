@@ -129,7 +129,10 @@ class ReversibleBlock(TwoStreamLayer):
             if not _shapes_match(out_shape, expected if shown == half_shape else probe_expected):
                 raise ValueError(
                     f"Residual function {arg.upper()} (`{arg}`, layer '{layer.name}') must map a half "
-                    f"of shape {shown} to shape "
+                    f"of shape {shown}"
+                    + ("" if shown == half_shape else
+                       f" (the half {half_shape} with unknown sizes set to {_PROBE_SIZE})")
+                    + " to shape "
                     f"{tuple(expected if shown == half_shape else probe_expected)} for "
                     f"{self.coupling.name} coupling, but it returns shape {out_shape}. A reversible "
                     "block cannot change the shape (no stride > 1, no change of channels): use a "

@@ -208,6 +208,11 @@ class ReversibleSequence(keras.layers.Layer):
         return shape
 
     def compute_output_spec(self, inputs, training=None):
+        if not tf.as_dtype(keras.backend.standardize_dtype(inputs.dtype)).is_floating:
+            raise ValueError(
+                f"Layer '{self.name}' expects floating point inputs. Received: dtype={inputs.dtype}. "
+                "Fix: cast the inputs, e.g. with keras.ops.cast(x, 'float32')."
+            )
         spec = inputs
         for unit in self.units:
             spec = unit.compute_output_spec(spec)
