@@ -333,9 +333,12 @@ def test_generic_revnet_custom_depth_and_width():
     model = RevNet(units=[1, 3], widths=[8, 8, 24], residual_function="bottleneck", name="tiny")
     assert tuple(model(images((2, 32, 32, 3))).shape) == (2, 10)
     assert tuple(model.get_layer("tiny_post_relu").output.shape) == (None, 16, 16, 96)
-    # Stage 1 has a single unit: a transition and no reversible sequence.
-    assert "tiny_stage1_reversible" not in [layer.name for layer in model.layers]
-    assert len(model.get_layer("tiny_stage2_reversible").blocks) == 2
+    # Stage 1 has a single unit (a transition: 8 -> 32 channels); stage 2 a transition and 2 blocks.
+    body = model.get_layer("tiny_body")
+    assert [type(u).__name__ for u in body.units] == [
+        "Stem", "StageTransition", "StageTransition", "ReversibleBlock", "ReversibleBlock"
+    ]
+    assert [len(group) for group in body._get_plan().groups] == [1, 1, 1, 2]
 
 
 def test_docstrings_state_counts_and_paper_comparison():
@@ -363,7 +366,9 @@ def mixed_bfloat16():
 def test_mixed_bfloat16_fit_step(mixed_bfloat16):
     """Under mixed precision the classifier computes in float32 and a training step is finite."""
     model = tf_revnet.models.RevNet38(input_shape=(16, 16, 3))
-    assert model.get_layer("revnet38_stem_conv").compute_dtype == "bfloat16"
+    body = model.get_layer("revnet38_body")
+    assert body.units[0].conv.compute_dtype == "bfloat16"
+    assert body.units[2].coupling.grid_bits == 12  # the fixed-point residual stream
     assert model.get_layer("revnet38_predictions").compute_dtype == "float32"
     assert model.outputs[0].dtype == "float32"
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", run_eagerly=True)
