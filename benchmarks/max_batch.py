@@ -48,7 +48,8 @@ def max_batch(fixed_mb, per_example_mb, budget_mb):
     """The largest batch with `fixed + per_example * batch <= budget` (0 if none fits)."""
     if per_example_mb <= 0:
         return None
-    return max(0, int((budget_mb - fixed_mb) // per_example_mb))
+    # The tiny tolerance keeps a fit's rounding (e.g. 393.9999999) from losing a whole example.
+    return max(0, int((budget_mb - fixed_mb) / per_example_mb + 1e-9))
 
 
 def table(results, budgets_gib):

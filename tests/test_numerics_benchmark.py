@@ -29,7 +29,8 @@ def test_quick_run_writes_json_table_and_plot(cifar10_small_dir, tmp_path, monke
     rows = result["rows"]
     assert [(r["step"], r["policy"]) for r in rows] == [(0, "mixed_bfloat16"), (1, "mixed_bfloat16")]
     for row in rows:
-        assert row["nonfinite"] == 0 and row["reversible_blocks"] == 1
+        # Stage 1 (8 -> 8 channels, stride 1) is a reversible block; stage 2 a transition and a block.
+        assert row["nonfinite"] == 0 and row["reversible_blocks"] == 2
         assert 0 <= row["angle_deg"] < 0.01 and math.isfinite(row["rebuild_relative_error"])
         # Against the float32 reference, low precision shows; float32 is close to float64.
         assert 1e-3 < row["plain_vs_f32_relative_error"] < 1
