@@ -193,7 +193,6 @@ class ReversibleSequence(keras.layers.Layer):
             except ValueError as error:
                 raise ValueError(f"In `units[{index}]` (layer '{unit.name}'): {error}") from None
             spec_shape, dtype = tuple(out.shape), out.dtype
-        self._output_shape, self._output_dtype = spec_shape, dtype
         global_seed_state()  # create Keras' global generator now, outside any trace
         first = self.units[0]
         if isinstance(first, ReversibleBlock):
@@ -347,8 +346,9 @@ class _Unit:
         self.state = list(layer.non_trainable_variables)
         self.weight_ids = [weight_index[id(v)] for v in self.trainable]
         self.state_ids = [state_index[id(v)] for v in self.state]
+        self.signature = self._signature() if self.invertible else None
 
-    def signature(self):
+    def _signature(self):
         """Equal for blocks that one traced loop body can run with each other's weights."""
         layer = self.layer
         try:
@@ -387,10 +387,8 @@ class _Plan:
             if (
                 fuse
                 and group
-                and unit.invertible
-                and group[0].invertible
-                and unit.signature() is not None
-                and unit.signature() == group[0].signature()
+                and unit.signature is not None  # only invertible blocks have one
+                and unit.signature == group[0].signature
                 and _disjoint(group, unit)
             ):
                 group.append(unit)
@@ -401,7 +399,7 @@ class _Plan:
         """Raises `ValueError` if a unit draws from a random op whose state cannot be replayed."""
         seen = set()
         for index, (unit, shape) in enumerate(zip(self.units, shapes)):
-            key = unit.signature() if unit.invertible else None
+            key = unit.signature
             if key is not None and key in seen:
                 continue
             seen.add(key)
