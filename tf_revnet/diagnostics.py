@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_revnet.layers.reversible_block import ReversibleBlock
+from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.utils import global_seed_state, no_autocast, scoped_value
 
@@ -251,7 +252,7 @@ def reversible_layers(layer_or_model):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if isinstance(layer, (ReversibleSequence, ReversibleBlock)):
+        if isinstance(layer, (ReversibleSequence, ReversibleBlock, ReversibleBlockStack)):
             found.append(layer)
             return
         for sub in getattr(layer, "layers", None) or []:
@@ -333,18 +334,28 @@ def _sequence_reconstruction(sequence, x, label):
         for index, unit in enumerate(units):
             weights = [tf.convert_to_tensor(v.value) for v in unit.trainable_variables]
             unit_state = [state[id(v)] for v in unit.non_trainable_variables]
-            if isinstance(unit, ReversibleBlock):
+            if isinstance(unit, (ReversibleBlock, ReversibleBlockStack)):
                 h = unit.check_input(tf.cast(h, unit.stream_dtype))
-                # The block's own inputs: on the fixed-point grid where its coupling keeps one.
-                x1, x2 = (unit.coupling.quantize(t) for t in unit.split(h))
-                (y1, y2), record, (new_state, rng) = unit.stateless_forward(
-                    weights, unit_state, rng_variable, rng, x1, x2
-                )
                 if current is None:
                     current = []
                     segments.append(current)
-                current.append((index, unit, weights, record, (x1, x2), (y1, y2)))
-                h = unit.merge(y1, y2)
+                if isinstance(unit, ReversibleBlock):
+                    slices = [(unit.name, unit, weights, unit_state)]
+                else:  # each block of a stack, its weights sliced from the stacked values
+                    slices = [(f"{unit.name}[{i}]", unit.block, [w[i] for w in weights],
+                               [s[i] for s in unit_state]) for i in range(unit.depth)]
+                new_state = []
+                for name, block, block_weights, block_state in slices:
+                    # The block's own inputs: on the fixed-point grid where its coupling keeps one.
+                    x1, x2 = (block.coupling.quantize(t) for t in block.split(h))
+                    (y1, y2), record, (block_new_state, rng) = block.stateless_forward(
+                        block_weights, block_state, rng_variable, rng, x1, x2
+                    )
+                    current.append((index, name, block, block_weights, record, (x1, x2), (y1, y2)))
+                    new_state.append(block_new_state)
+                    h = block.merge(y1, y2)
+                new_state = (new_state[0] if isinstance(unit, ReversibleBlock)
+                             else [tf.stack(values) for values in zip(*new_state)])
             else:
                 mapping = (list(zip(unit.trainable_variables, weights))
                            + list(zip(unit.non_trainable_variables, unit_state))
@@ -358,10 +369,10 @@ def _sequence_reconstruction(sequence, x, label):
                 state[id(v)] = value
         results = []
         for segment in segments:
-            y1, y2 = segment[-1][5]
+            y1, y2 = segment[-1][6]
             zeros = tf.zeros_like(y1)
             rebuilt = []
-            for index, block, weights, record, inputs, outputs in reversed(segment):
+            for index, name, block, weights, record, inputs, outputs in reversed(segment):
                 # Algorithm 1's rebuild, from the rebuilt output of the block above.
                 (y1, y2), _, _ = block.stateless_backward(
                     weights, record, rng_variable, y1, y2, zeros, zeros
@@ -373,7 +384,7 @@ def _sequence_reconstruction(sequence, x, label):
                 rel, max_abs, nonfinite = _errors((y1, y2), inputs)
                 local_rel, local_max, local_nonfinite = _errors((l1, l2), inputs)
                 rebuilt.append(BlockReconstruction(
-                    name=block.name,
+                    name=name,
                     sequence=label,
                     index=index,
                     relative_error=rel,
@@ -427,7 +438,7 @@ def reconstruction_error(layer_or_model, x):
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Eq. 2, Algorithm 1, Section 5.3.
     """
-    if isinstance(layer_or_model, (ReversibleSequence, ReversibleBlock)):
+    if isinstance(layer_or_model, (ReversibleSequence, ReversibleBlock, ReversibleBlockStack)):
         layer = layer_or_model
         x = _check_input(x)
         if not layer.built:
@@ -450,7 +461,7 @@ def reconstruction_error(layer_or_model, x):
         calls = recorder.records[id(layer)]
         for k, inputs in enumerate(calls):
             label = layer.name if len(calls) == 1 else f"{layer.name}#{k}"
-            if isinstance(layer, ReversibleBlock):
+            if isinstance(layer, (ReversibleBlock, ReversibleBlockStack)):
                 label = None if len(calls) == 1 else label
             results.extend(_sequence_reconstruction(layer, inputs, label))
     return ReconstructionReport(tuple(results))

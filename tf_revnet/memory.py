@@ -36,6 +36,7 @@ import keras
 from tf_revnet.layers.residual_block import ResidualBlock
 from tf_revnet.layers.residual_functions import _PreActivationResidualFunction
 from tf_revnet.layers.reversible_block import ReversibleBlock
+from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.shortcut import Shortcut
 from tf_revnet.layers.stage_transition import StageTransition
@@ -106,6 +107,8 @@ def _stored(layer, shape, batch_size):
         g_bytes, _ = _stored(layer.g, f_out, batch_size)
         shortcut = sum(size(half) for s in (layer.shortcut1, layer.shortcut2) if s.conv is not None)
         return f_bytes + g_bytes + shortcut, tuple(layer.compute_output_shape(shape))
+    if isinstance(layer, ReversibleBlockStack):
+        return layer.depth * _stored(layer.block, shape, batch_size)[0], shape
     if isinstance(layer, ReversibleBlock):
         half = tuple(shape[:-1]) + (shape[-1] // 2,)
         return _stored(layer.f, half, batch_size)[0] + _stored(layer.g, half, batch_size)[0], shape
@@ -138,6 +141,8 @@ def _working_set(unit, shape, batch_size):
     the gradient arriving at its output and the one it passes to its input.
     """
     itemsize = _itemsize(getattr(unit, "stream_dtype", unit.compute_dtype))
+    if isinstance(unit, ReversibleBlockStack):
+        unit = unit.block
     if isinstance(unit, ReversibleBlock):
         half = tuple(shape[:-1]) + (shape[-1] // 2,)
         stored = max(_stored(unit.f, half, batch_size)[0], _stored(unit.g, half, batch_size)[0])
@@ -209,13 +214,14 @@ def estimate(model, batch_size):
             in_bytes = _elements(unit_shape, batch_size) * _itemsize(
                 getattr(unit, "input_dtype", unit.compute_dtype))
             largest = max(largest, _elements(out, batch_size) * _itemsize(unit.compute_dtype))
+            invertible = isinstance(unit, (ReversibleBlock, ReversibleBlockStack))
             part = ("stem" if isinstance(unit, Stem) else
-                    "transitions" if not isinstance(unit, ReversibleBlock) else "blocks")
+                    "transitions" if not invertible else "blocks")
             parts["plain"][part] += stored
             ws = _working_set(unit, unit_shape, batch_size)
             working["recompute"] = max(working["recompute"], ws)
             parts["recompute"][part] += in_bytes
-            if isinstance(unit, ReversibleBlock):
+            if invertible:
                 working["reversible"] = max(working["reversible"], ws)
             else:
                 parts["reversible"][part] += in_bytes  # kept: the unit is not invertible
@@ -223,13 +229,19 @@ def estimate(model, batch_size):
             unit_shape = out
         out_bytes = _elements(unit_shape, batch_size) * 4
         parts["reversible"]["blocks"] += out_bytes  # the sequence's output
-        # Blocks fused into a while loop: their weights stacked, and their stacked gradients.
+        # Blocks fused into a while loop: their weights stacked, and their stacked gradients (a
+        # ReversibleBlockStack's weights are stacked already: only the gradients).
         fused = sum(
             math.prod(v.shape) * _itemsize(v.dtype)
             for unit in layer.units if isinstance(unit, ReversibleBlock)
             for v in unit.trainable_variables
         ) if layer.fuse_identical_blocks else 0
-        parts["reversible"]["stacked_weights"] = 2 * fused
+        stacks = sum(
+            math.prod(v.shape) * _itemsize(v.dtype)
+            for unit in layer.units if isinstance(unit, ReversibleBlockStack)
+            for v in unit.trainable_variables
+        )
+        parts["reversible"]["stacked_weights"] = 2 * fused + stacks
         for m in ("reversible", "recompute"):
             parts[m]["working_set"] = max(parts[m]["working_set"], working[m])
     input_shape = layers[0][1] if layers else (None,)

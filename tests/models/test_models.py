@@ -11,7 +11,13 @@ import pytest
 import tensorflow as tf
 
 import tf_revnet.models
-from tf_revnet.layers import ReversibleBlock, ReversibleSequence, StageTransition, Stem
+from tf_revnet.layers import (
+    ReversibleBlock,
+    ReversibleBlockStack,
+    ReversibleSequence,
+    StageTransition,
+    Stem,
+)
 from tf_revnet.models import ARCHITECTURES, RevNet, get, list_models
 from tf_revnet.models.architectures import markdown_table
 
@@ -135,9 +141,15 @@ def test_layer_names():
     body = model.get_layer("net_body")
     assert isinstance(body, ReversibleSequence)
     assert [u.name for u in body.units] == ["net_stem"] + [
+        name for s in (1, 2, 3) for name in (f"net_stage{s}_block1", f"net_stage{s}_blocks2to3")
+    ]
+    assert body.units[1].f.name == "net_stage1_block1_f"
+    assert body.units[2].block.f.name == "net_stage1_block_f"
+    unstacked = tf_revnet.models.RevNet38(name="net", stack_blocks=False).get_layer("net_body")
+    assert [u.name for u in unstacked.units] == ["net_stem"] + [
         f"net_stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3)
     ]
-    assert body.units[2].f.name == "net_stage1_block2_f"
+    assert unstacked.units[2].f.name == "net_stage1_block2_f"
     assert [la.name for la in model.layers[-4:]] == [
         "net_post_bn", "net_post_relu", "net_avg_pool", "net_predictions"
     ]
@@ -162,10 +174,15 @@ def test_whole_body_is_one_sequence_with_transitions(name, kinds):
     assert len(sequences) == 1
     body = sequences[0]
     arch = ARCHITECTURES[name]
-    firsts = [body.units[0]] + [body.units[1 + sum(arch.units[:s])] for s in range(3)]
-    assert [type(u) for u in firsts] == kinds
-    invertible = [isinstance(u, ReversibleBlock) for u in body.units]
-    assert sum(invertible) == sum(arch.units) - kinds.count(StageTransition)
+    # One entry per residual unit: a stack of n blocks counts n times.
+    expanded = [
+        kind for u in body.units
+        for kind in ([ReversibleBlock] * u.depth if isinstance(u, ReversibleBlockStack) else [type(u)])
+    ]
+    assert len(expanded) == 1 + sum(arch.units)
+    firsts = [expanded[0]] + [expanded[1 + sum(arch.units[:s])] for s in range(3)]
+    assert firsts == kinds
+    assert expanded.count(ReversibleBlock) == sum(arch.units) - kinds.count(StageTransition)
 
 
 def test_use_custom_gradient_switch():
@@ -336,9 +353,16 @@ def test_generic_revnet_custom_depth_and_width():
     # Stage 1 has a single unit (a transition: 8 -> 32 channels); stage 2 a transition and 2 blocks.
     body = model.get_layer("tiny_body")
     assert [type(u).__name__ for u in body.units] == [
+        "Stem", "StageTransition", "StageTransition", "ReversibleBlockStack"
+    ]
+    assert body.units[-1].depth == 2
+    unstacked = RevNet(units=[1, 3], widths=[8, 8, 24], residual_function="bottleneck",
+                       name="tiny", stack_blocks=False).get_layer("tiny_body")
+    assert [type(u).__name__ for u in unstacked.units] == [
         "Stem", "StageTransition", "StageTransition", "ReversibleBlock", "ReversibleBlock"
     ]
-    assert [len(group) for group in body._get_plan().groups] == [1, 1, 1, 2]
+    # Identical consecutive blocks still run as one loop.
+    assert [len(group) for group in unstacked._get_plan().groups] == [1, 1, 1, 2]
 
 
 def test_docstrings_state_counts_and_paper_comparison():

@@ -8,6 +8,7 @@ from tf_revnet.layers.invertibility import is_invertible
 from tf_revnet.layers.residual_block import ResidualBlock
 from tf_revnet.layers.residual_functions import BasicResidualFunction, BottleneckResidualFunction
 from tf_revnet.layers.reversible_block import ReversibleBlock
+from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.shortcut import Shortcut
 from tf_revnet.layers.stage_transition import StageTransition
@@ -22,6 +23,7 @@ __all__ = [
     "Coupling",
     "ResidualBlock",
     "ReversibleBlock",
+    "ReversibleBlockStack",
     "ReversibleSequence",
     "Shortcut",
     "StageTransition",

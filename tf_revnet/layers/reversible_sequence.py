@@ -30,6 +30,7 @@ How it is exact and memory-flat in TensorFlow (see the project's NOTES):
 import keras
 import tensorflow as tf
 
+from tf_revnet.layers import reversible_block_stack as stack_lib
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.utils import (
     add_gradients,
@@ -162,12 +163,9 @@ class ReversibleSequence(keras.layers.Layer):
                     "non-invertible layer such as tf_revnet.layers.StageTransition, which is "
                     f"recomputed from its stored input). Received: units[{index}]={unit!r}"
                 )
-        axes = {u.axis for u in units if isinstance(u, ReversibleBlock)}
-        if len(axes) > 1:
-            raise ValueError(
-                "All blocks must split the same axis. Received: axis values "
-                f"{[u.axis for u in units if isinstance(u, ReversibleBlock)]}"
-            )
+        axes = [u.axis for u in units if _invertible(u)]
+        if len(set(axes)) > 1:
+            raise ValueError(f"All blocks must split the same axis. Received: axis values {axes}")
         self.units = units
         self.use_custom_gradient = bool(use_custom_gradient)
         self.fuse_identical_blocks = bool(fuse_identical_blocks)
@@ -181,7 +179,7 @@ class ReversibleSequence(keras.layers.Layer):
     @property
     def input_dtype(self):
         first = self.units[0]
-        return first.input_dtype if isinstance(first, ReversibleBlock) else self.dtype_policy.variable_dtype
+        return first.input_dtype if _invertible(first) else self.dtype_policy.variable_dtype
 
     def build(self, input_shape):
         spec_shape, dtype = tuple(input_shape), self.input_dtype
@@ -195,7 +193,7 @@ class ReversibleSequence(keras.layers.Layer):
             spec_shape, dtype = tuple(out.shape), out.dtype
         global_seed_state()  # create Keras' global generator now, outside any trace
         first = self.units[0]
-        if isinstance(first, ReversibleBlock):
+        if _invertible(first):
             self.input_spec = first.input_spec
         self._plan = None
         self.built = True
@@ -255,10 +253,10 @@ class ReversibleSequence(keras.layers.Layer):
                 floating point.
         """
         for index, unit in enumerate(self.units):
-            if not isinstance(unit, ReversibleBlock):
+            if not _invertible(unit):
                 raise ValueError(
                     f"`units[{index}]` (layer '{unit.name}') is not invertible: only a sequence of "
-                    "ReversibleBlocks has an inverse."
+                    "ReversibleBlocks (and ReversibleBlockStacks) has an inverse."
                 )
         outputs = self.units[0].check_input(tf.convert_to_tensor(outputs))
         with keras.StatelessScope():
@@ -341,12 +339,12 @@ class _Unit:
 
     def __init__(self, layer, weight_index, state_index):
         self.layer = layer
-        self.invertible = isinstance(layer, ReversibleBlock)
+        self.invertible = _invertible(layer)
         self.trainable = list(layer.trainable_variables)
         self.state = list(layer.non_trainable_variables)
         self.weight_ids = [weight_index[id(v)] for v in self.trainable]
         self.state_ids = [state_index[id(v)] for v in self.state]
-        self.signature = self._signature() if self.invertible else None
+        self.signature = self._signature() if isinstance(layer, ReversibleBlock) else None
 
     def _signature(self):
         """Equal for blocks that one traced loop body can run with each other's weights."""
@@ -459,38 +457,14 @@ class _Plan:
         return x, records, state, rng
 
     def _loop_forward(self, group, weights, state, rng_variable, rng, x1, x2):
-        block = group[0].layer
         n = len(group)
-        stacked_weights = _stack(group, weights, "weight_ids")
-        stacked_state = _stack(group, state, "state_ids")
-
-        def body(i, x1, x2, rng, rng_ta, mid_rng_ta, mid_tas, new_tas):
-            unit_weights = [w[i] for w in stacked_weights]
-            unit_state = [s[i] for s in stacked_state]
-            (y1, y2), record, (new, new_rng) = block.stateless_forward(
-                unit_weights, unit_state, rng_variable, rng, x1, x2
-            )
-            rng_ta = rng_ta.write(i, rng)
-            mid_rng_ta = mid_rng_ta.write(i, record.mid_rng)
-            mid_tas = [ta.write(i, v) for ta, v in zip(mid_tas, record.mid_state)]
-            new_tas = [ta.write(i, v) for ta, v in zip(new_tas, new)]
-            return i + 1, y1, y2, new_rng, rng_ta, mid_rng_ta, mid_tas, new_tas
-
-        def arrays(values):
-            return [tf.TensorArray(v.dtype, size=n, element_shape=v.shape[1:]) for v in values]
-
-        rng_arrays = arrays([tf.expand_dims(rng, 0)] * 2)
-        loop_vars = (
-            tf.constant(0), x1, x2, rng, rng_arrays[0], rng_arrays[1],
-            arrays(stacked_state), arrays(stacked_state),
+        (x1, x2), record, (new_state, rng) = stack_lib.loop_forward(
+            group[0].layer, n, _stack(group, weights, "weight_ids"), _stack(group, state, "state_ids"),
+            rng_variable, rng, x1, x2,
         )
-        _, x1, x2, rng, rng_ta, mid_rng_ta, mid_tas, new_tas = tf.while_loop(
-            lambda i, *_: i < n, body, loop_vars, parallel_iterations=1, maximum_iterations=n
-        )
-        for q, ta in enumerate(new_tas):
-            for unit, value in zip(group, tf.unstack(ta.stack(), num=n)):
+        for q, stacked in enumerate(new_state):
+            for unit, value in zip(group, tf.unstack(stacked, num=n)):
                 state[unit.state_ids[q]] = value
-        record = (stacked_state, rng_ta.stack(), [ta.stack() for ta in mid_tas], mid_rng_ta.stack())
         return (x1, x2), record, rng
 
     # Backward --------------------------------------------------------------------------------------
@@ -546,38 +520,20 @@ class _Plan:
         return dx, dweights
 
     def _loop_backward(self, group, weights, record, rng_variable, y1, y2, dy1, dy2, grads):
-        from tf_revnet.layers.two_stream import StateRecord
-
-        block = group[0].layer
         n = len(group)
-        stacked_weights = _stack(group, weights, "weight_ids")
-        stacked_state, rngs, mid_states, mid_rngs = record
-
-        def body(k, y1, y2, dy1, dy2, grad_tas):
-            i = n - 1 - k
-            unit_record = StateRecord(
-                [s[i] for s in stacked_state], rngs[i], [s[i] for s in mid_states], mid_rngs[i]
-            )
-            (x1, x2), (dx1, dx2), dweights = block.stateless_backward(
-                [w[i] for w in stacked_weights], unit_record, rng_variable, y1, y2, dy1, dy2
-            )
-            grad_tas = [ta.write(i, g) for ta, g in zip(grad_tas, dweights)]
-            return k + 1, x1, x2, dx1, dx2, grad_tas
-
-        grad_tas = [
-            tf.TensorArray(w.dtype, size=n, element_shape=w.shape[1:]) for w in stacked_weights
-        ]
-        _, y1, y2, dy1, dy2, grad_tas = tf.while_loop(
-            lambda k, *_: k < n,
-            body,
-            (tf.constant(0), y1, y2, dy1, dy2, grad_tas),
-            parallel_iterations=1,
-            maximum_iterations=n,
+        (y1, y2), (dy1, dy2), dweights = stack_lib.loop_backward(
+            group[0].layer, n, _stack(group, weights, "weight_ids"), record, rng_variable,
+            y1, y2, dy1, dy2,
         )
-        for p, ta in enumerate(grad_tas):
-            for unit, g in zip(group, tf.unstack(ta.stack(), num=n)):
+        for p, stacked in enumerate(dweights):
+            for unit, g in zip(group, tf.unstack(stacked, num=n)):
                 add_gradients(grads, unit.weight_ids[p], g)
         return (y1, y2), (dy1, dy2)
+
+
+def _invertible(layer):
+    """Whether the sequence rebuilds `layer`'s inputs from its outputs (a reversible unit)."""
+    return bool(getattr(layer, "invertible", False))
 
 
 def _disjoint(group, unit):

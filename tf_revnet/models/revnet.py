@@ -3,6 +3,7 @@
 
 from tf_revnet.layers.residual_functions import RESIDUAL_FUNCTIONS
 from tf_revnet.layers.reversible_block import ReversibleBlock
+from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.stage_transition import StageTransition
 from tf_revnet.layers.stem import Stem
@@ -30,6 +31,7 @@ def RevNet(
     include_preprocessing=False,
     preprocessing_mean=None,
     preprocessing_std=None,
+    stack_blocks=True,
 ):
     """Instantiates a reversible residual network (RevNet) of any depth and width.
 
@@ -44,14 +46,18 @@ def RevNet(
       3.3). Where nothing changes (stage 1 of RevNet-38 and RevNet-110: 32 -> 32 channels, stride 1)
       unit 1 is an ordinary `ReversibleBlock`, F skipping its pre-activation after the stem.
     - units 2..n: `ReversibleBlock`s, `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)` (Eq. 1), F and G being
-      residual functions on half the channels, rebuilt from their outputs; blocks of one structure run
-      as one `tf.while_loop`, so the traced graph does not grow with depth.
+      residual functions on half the channels, rebuilt from their outputs. With `stack_blocks` (the
+      default) they are ONE `ReversibleBlockStack` per stage: one variable per weight of the block,
+      stacked on a leading axis of size `n - 1`, run by one `tf.while_loop`, so that the traced graph,
+      the number of variables and the optimizer's work per step do not grow with depth.
 
     The stem (`"cifar"`: Conv3x3-BN-ReLU; `"imagenet"`: Conv7x7/2-BN-ReLU-MaxPool3x3/2) is the body's
     first unit and keeps only the image. The head is BN-ReLU, global average pooling and
     `Dense(classes)`. Convolutions have no bias. Layers are named `f"{name}_body"` (the sequence),
     `f"{name}_stem"`, `f"{name}_stage{s}_block{b}"` (units inside the body; F and G:
-    `f"{name}_stage{s}_block{b}_f"`/`_g`), `f"{name}_post_bn"` and `f"{name}_predictions"`.
+    `f"{name}_stage{s}_block{b}_f"`/`_g`), `f"{name}_stage{s}_blocks{b}to{n}"` (a stack, whose
+    template block is `f"{name}_stage{s}_block"`), `f"{name}_post_bn"` and
+    `f"{name}_predictions"`.
 
     Args:
         units: sequence of int. Residual units per stage, transition included.
@@ -89,6 +95,10 @@ def RevNet(
         preprocessing_mean, preprocessing_std: per-channel sequences on the 0-255 scale, with
             `include_preprocessing`. Default to the CIFAR-10 training set's (CIFAR stem) or
             ImageNet's (ImageNet stem).
+        stack_blocks: bool. Store each stage's identical reversible blocks as one
+            `ReversibleBlockStack` (stacked weights). `False` makes one `ReversibleBlock` layer, with
+            its own variables, per block (graph and variable count then grow with depth). The
+            architecture, parameter count and gradients are the same. Defaults to `True`.
 
     Input shape:
         `(batch_size, height, width, channels)` (NHWC) float images, in the floatx dtype.
@@ -127,17 +137,17 @@ def RevNet(
         )
     if classes is None:
         classes = 10 if stem == "cifar" else 1000
-    if not isinstance(use_custom_gradient, bool):
-        raise ValueError(
-            "`use_custom_gradient` must be a bool. "
-            f"Received: use_custom_gradient={use_custom_gradient!r}"
-        )
+    for arg, value in (("use_custom_gradient", use_custom_gradient), ("stack_blocks", stack_blocks)):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{arg}` must be a bool. Received: {arg}={value!r}")
     bn_kwargs = {"momentum": batch_norm_momentum, "epsilon": batch_norm_epsilon}
     common = dict(kernel_regularizer=kernel_regularizer, **_prefixed(bn_kwargs))
 
     def body(images):
         body_units = [Stem(widths[0], stem, name=f"{name}_stem", **common)]
-        body_units += revnet_units(units, widths, residual_function, strides, name, common)
+        body_units += revnet_units(
+            units, widths, residual_function, strides, name, common, stack_blocks=stack_blocks
+        )
         return ReversibleSequence(
             body_units, use_custom_gradient=use_custom_gradient, name=f"{name}_body"
         )(images)
@@ -149,7 +159,9 @@ def RevNet(
     )
 
 
-def revnet_units(units, widths, residual_function, strides, name="revnet", common=None):
+def revnet_units(
+    units, widths, residual_function, strides, name="revnet", common=None, stack_blocks=True
+):
     """The units of a RevNet's stages, in order (the stage function of `RevNet`).
 
     Args:
@@ -157,34 +169,49 @@ def revnet_units(units, widths, residual_function, strides, name="revnet", commo
         name: str. Prefix of the layer names.
         common: dict of keyword arguments for every residual function and transition
             (`kernel_regularizer`, `batch_norm_momentum`, `batch_norm_epsilon`).
+        stack_blocks: bool. One `ReversibleBlockStack` for each stage's run of identical blocks
+            (instead of one `ReversibleBlock` per block). Defaults to `True`.
 
     Returns:
-        list of `StageTransition` and `ReversibleBlock` layers.
+        list of `StageTransition`, `ReversibleBlock` and `ReversibleBlockStack` layers.
     """
     common = common or {}
     expansion = 4 if residual_function == "bottleneck" else 1
     function = RESIDUAL_FUNCTIONS[residual_function]
+
+    def block(prefix, preactivate=True):
+        return ReversibleBlock(
+            function(preactivate=preactivate, name=f"{prefix}_f", **common),
+            function(name=f"{prefix}_g", **common),
+            name=prefix,
+        )
+
     layers = []
     channels = widths[0]
     for s, (n_units, width, stride) in enumerate(zip(units, widths[1:], strides), 1):
         filters = width * expansion
-        for b in range(1, n_units + 1):
-            prefix = f"{name}_stage{s}_block{b}"
-            if b == 1 and (stride != 1 or filters != channels):
-                layers.append(
-                    StageTransition(
-                        filters, residual_function, strides=stride, preactivate=s > 1,
-                        name=prefix, **common,
-                    )
-                )
-                continue
+        prefix = f"{name}_stage{s}"
+        first = 2  # the first block of the stage's run of identical blocks
+        if stride != 1 or filters != channels:
             layers.append(
-                ReversibleBlock(
-                    function(preactivate=not (s == 1 and b == 1), name=f"{prefix}_f", **common),
-                    function(name=f"{prefix}_g", **common),
-                    name=prefix,
+                StageTransition(
+                    filters, residual_function, strides=stride, preactivate=s > 1,
+                    name=f"{prefix}_block1", **common,
                 )
             )
+        elif s == 1:  # unit 1 changes nothing: a block, F without pre-activation after the stem
+            layers.append(block(f"{prefix}_block1", preactivate=False))
+        else:
+            first = 1
+        if stack_blocks and n_units - first >= 1:
+            layers.append(
+                ReversibleBlockStack(
+                    block(f"{prefix}_block"), depth=n_units - first + 1,
+                    name=f"{prefix}_blocks{first}to{n_units}",
+                )
+            )
+        else:
+            layers += [block(f"{prefix}_block{b}") for b in range(first, n_units + 1)]
         channels = filters
     return layers
 

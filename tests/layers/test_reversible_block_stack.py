@@ -1,0 +1,257 @@
+"""Tests of tf_revnet/layers/reversible_block_stack.py.
+
+The independent reference is a sequence of separate `ReversibleBlock` layers (their own variables,
+ordinary autodiff), given the stack's weights, BatchNorm statistics and seed states slice by slice.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.layers.test_reversible_sequence import RTOL, random_input, residual_function
+from tests.test_case import (
+    assert_all_close_relative,
+    check_layer,
+    loss_and_gradients,
+    relative_error,
+)
+from tf_revnet.diagnostics import reconstruction_error
+from tf_revnet.layers import (
+    BasicResidualFunction,
+    ReversibleBlock,
+    ReversibleBlockStack,
+    ReversibleSequence,
+    StageTransition,
+)
+
+
+def make_block(kind="basic", half=4, dtype="float64", coupling="additive"):
+    size = half if coupling == "additive" else 2 * half
+    return ReversibleBlock(
+        residual_function(kind, size, dtype), residual_function(kind, size, dtype),
+        coupling=coupling, dtype=dtype,
+    )
+
+
+def separate_blocks(stack, input_shape, use_custom_gradient=False):
+    """A sequence of `stack.depth` separate blocks holding the stack's values, slice by slice."""
+    config = stack.block.get_config()
+    blocks = [ReversibleBlock.from_config(config) for _ in range(stack.depth)]
+    sequence = ReversibleSequence(blocks, use_custom_gradient=use_custom_gradient,
+                                  fuse_identical_blocks=False, dtype=stack.dtype_policy)
+    sequence.build(input_shape)
+    for i, block in enumerate(blocks):
+        for target, stacked in zip(block.trainable_variables + block.non_trainable_variables,
+                                   stack.trainable_variables + stack.non_trainable_variables):
+            target.assign(stacked.value[i])
+    return sequence
+
+
+def stacked_gradients(grads, depth, per_block):
+    """[dx, dW_block1..., dW_block2..., ...] -> [dx, dW_stacked...] (the stack's variable order)."""
+    return [grads[0]] + [
+        tf.stack([grads[1 + i * per_block + p] for i in range(depth)]) for p in range(per_block)
+    ]
+
+
+def unstacked_state(stack):
+    return [v.numpy()[i] for i in range(stack.depth) for v in stack.non_trainable_variables]
+
+
+# --- equal to separate blocks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, mode, dtype",
+    [
+        ("basic", "eager", "float64"), ("basic", "function", "float64"),
+        ("basic", "function", "float32"), ("basic", "xla", "float64"),
+        ("bottleneck", "function", "float64"), ("dropout", "function", "float64"),
+        ("noise", "eager", "float64"),
+    ],
+)
+def test_reversible_stack_equals_separate_blocks(kind, mode, dtype):
+    """Algorithm 1 over a stack: loss, gradients, BN statistics and seed states as separate blocks."""
+    shape = (3, 6, 6, 8)
+    stack = ReversibleBlockStack(make_block(kind, dtype=dtype), depth=4)
+    sequence = ReversibleSequence([stack], dtype=dtype)
+    sequence.build(shape)
+    reference = separate_blocks(stack, shape)
+    x = random_input(shape, dtype=dtype)
+    loss, grads = loss_and_gradients(sequence, x, mode=mode)
+    loss_ref, grads_ref = loss_and_gradients(reference, x, mode=mode)
+    per_block = len(stack.block.trainable_variables)
+    assert len(grads) == 1 + per_block
+    assert relative_error(loss, loss_ref) <= RTOL[dtype]
+    assert_all_close_relative(grads, stacked_gradients(grads_ref, 4, per_block), RTOL[dtype],
+                              what="gradient")
+    # Moving statistics updated once per block and seed states advanced as the separate blocks'.
+    reference_state = [v.numpy() for b in reference.units for v in b.non_trainable_variables]
+    for actual, expected in zip(unstacked_state(stack), reference_state):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6 if dtype == "float32" else 1e-12)
+
+
+def test_plain_autodiff_through_the_stack_equals_separate_blocks():
+    """The stack as an ordinary layer (the loop differentiated by autodiff), in float32 and `fit`."""
+    shape = (2, 6, 6, 8)
+    stack = ReversibleBlockStack(make_block(dtype="float32", coupling="affine"), depth=3)
+    stack.build(shape)
+    reference = separate_blocks(stack, shape)
+    x = random_input(shape, dtype="float32")
+    _, grads = loss_and_gradients(stack, x, mode="function")
+    _, grads_ref = loss_and_gradients(reference, x, mode="function")
+    per_block = len(stack.block.trainable_variables)
+    assert_all_close_relative(grads, stacked_gradients(grads_ref, 3, per_block), RTOL["float32"],
+                              what="gradient")
+
+
+def test_whole_model_gradients_equal_per_block_layers():
+    """A RevNet with stacks against the same RevNet with one layer per block and plain autodiff."""
+    import tf_revnet.models
+
+    def build(stack_blocks, use_custom_gradient):
+        return tf_revnet.models.RevNet(
+            units=[3, 3], widths=[8, 8, 16], input_shape=(8, 8, 3), classes=4,
+            stack_blocks=stack_blocks, use_custom_gradient=use_custom_gradient,
+        )
+
+    stacked, per_block = build(True, True), build(False, False)
+    assert stacked.count_params() == per_block.count_params()
+    assert len(stacked.trainable_variables) < len(per_block.trainable_variables)
+    # Pair every variable of `stacked` with the variables of `per_block` it stands for.
+    pairs = []
+    units = iter(per_block.get_layer("revnet_body").units)
+    for unit in stacked.get_layer("revnet_body").units:
+        if isinstance(unit, ReversibleBlockStack):
+            blocks = [next(units) for _ in range(unit.depth)]
+            for p, v in enumerate(unit.trainable_variables + unit.non_trainable_variables):
+                pairs.append((v, [(b.trainable_variables + b.non_trainable_variables)[p]
+                                  for b in blocks]))
+        else:
+            pairs += [(v, [r]) for v, r in zip(unit.variables, next(units).variables)]
+    for layer, reference in zip(stacked.layers[2:], per_block.layers[2:]):  # the head
+        pairs += [(v, [r]) for v, r in zip(layer.variables, reference.variables)]
+    assert len(pairs) == len(stacked.variables)
+    for v, references in pairs:
+        v.assign(np.stack([r.numpy() for r in references]) if len(references) > 1 or
+                 len(v.shape) > len(references[0].shape) else references[0].numpy())
+
+    x = random_input((2, 8, 8, 3), dtype="float32")
+
+    def gradients(model):
+        with tf.GradientTape() as tape:
+            y = model(x, training=True)
+            loss = tf.reduce_sum(y * tf.constant([1.0, -2.0, 3.0, 0.5]))
+        return loss, dict(zip([id(v) for v in model.trainable_variables],
+                              tape.gradient(loss, model.trainable_variables)))
+
+    loss, grads = gradients(stacked)
+    loss_ref, grads_ref = gradients(per_block)
+    assert relative_error(loss, loss_ref) <= RTOL["float32"]
+    for v, references in pairs:
+        if v.trainable:
+            expected = [grads_ref[id(r)] for r in references]
+            expected = tf.stack(expected) if len(v.shape) > len(references[0].shape) else expected[0]
+            assert relative_error(grads[id(v)], expected) <= RTOL["float32"], v.path
+
+
+# --- structure ---------------------------------------------------------------------------------------
+
+
+def test_variables_are_stacked_once_per_weight():
+    stack = ReversibleBlockStack(make_block(dtype="float32"), depth=5, name="stage")
+    stack.build((None, 6, 6, 8))
+    block = stack.block
+    assert len(stack.variables) == len(block.variables)
+    for v, t in zip(stack.trainable_variables + stack.non_trainable_variables,
+                    block.trainable_variables + block.non_trainable_variables):
+        assert tuple(v.shape) == (5,) + tuple(t.shape)
+        assert v.trainable == t.trainable
+    assert len({v.path for v in stack.variables}) == len(stack.variables)
+    assert stack.count_params() == 5 * block.count_params()
+    # Each block initialised independently, as separate layers would be.
+    kernel = next(v for v in stack.trainable_variables if "kernel" in v.path).numpy()
+    assert not np.allclose(kernel[0], kernel[1])
+    assert all(w.path.startswith("stage/") for w in stack.variables)
+
+
+def test_graph_and_variables_do_not_grow_with_depth():
+    """The traced training step of a stack has the same node count at depth 2 and 12."""
+
+    def count(depth):
+        stack = ReversibleBlockStack(make_block(dtype="float32"), depth=depth)
+        sequence = ReversibleSequence([stack])
+        sequence.build((2, 6, 6, 8))
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                y = sequence(x, training=True)
+            return tape.gradient(tf.reduce_sum(y * y), sequence.trainable_variables)
+
+        graph = step.get_concrete_function(tf.TensorSpec((2, 6, 6, 8))).graph
+        nodes = len(graph.as_graph_def().node) + sum(
+            len(f.node_def) for f in graph.as_graph_def().library.function)
+        return nodes, len(sequence.variables)
+
+    assert count(2) == count(12)
+
+
+def test_inverse_rebuilds_the_input():
+    stack = ReversibleBlockStack(make_block(), depth=3)
+    x = random_input()
+    y = stack(x, training=False)
+    np.testing.assert_allclose(stack.inverse(y, training=False).numpy(), x.numpy(), atol=1e-12)
+    sequence = ReversibleSequence([stack])
+    np.testing.assert_allclose(sequence.inverse(y, training=False).numpy(), x.numpy(), atol=1e-12)
+
+
+def test_layer_contract(tmp_path):
+    stack = ReversibleBlockStack(
+        ReversibleBlock(BasicResidualFunction(4), BasicResidualFunction(4)), depth=3
+    )
+    check_layer(stack, (None, 6, 6, 8), num_trainable_weights=12, tmp_path=tmp_path)
+
+
+def test_model_save_load_keeps_stacks(tmp_path):
+    inputs = keras.Input((6, 6, 8))
+    stack = ReversibleBlockStack(make_block(dtype="float32"), depth=3, name="stack")
+    body = ReversibleSequence([StageTransition(8, strides=1), stack], name="body")
+    model = keras.Model(inputs, body(inputs))
+    x = random_input(dtype="float32")
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    unit = reloaded.get_layer("body").units[1]
+    assert isinstance(unit, ReversibleBlockStack) and unit.depth == 3
+    np.testing.assert_allclose(reloaded(x, training=False), model(x, training=False), atol=1e-6)
+
+
+def test_reconstruction_error_reports_each_block_of_a_stack():
+    stack = ReversibleBlockStack(make_block(), depth=3, name="stack")
+    report = reconstruction_error(ReversibleSequence([stack]), random_input())
+    names = [b.name for b in report.blocks]
+    assert names == ["stack[0]", "stack[1]", "stack[2]"]
+    assert max(b.relative_error for b in report.blocks) < 1e-12
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [BasicResidualFunction(4), "basic", None])
+def test_block_must_be_a_reversible_block(block):
+    with pytest.raises(ValueError, match="`block` must be a tf_revnet.layers.ReversibleBlock"):
+        ReversibleBlockStack(block, depth=2)
+
+
+@pytest.mark.parametrize("depth", [0, -1, 2.5, True, "3"])
+def test_depth_must_be_a_positive_int(depth):
+    with pytest.raises(ValueError, match="`depth` must be a positive integer"):
+        ReversibleBlockStack(make_block(), depth=depth)
+
+
+def test_odd_channels_raise_on_build():
+    stack = ReversibleBlockStack(make_block(), depth=2)
+    with pytest.raises(ValueError, match="even"):
+        stack.build((None, 6, 6, 7))

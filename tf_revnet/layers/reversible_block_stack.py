@@ -1,0 +1,331 @@
+"""A stage's run of identical reversible blocks, its weights stored stacked and run by one loop.
+
+Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3 (Eq. 1-2, Algorithm 1) and
+Table 1: every stage of a RevNet repeats one reversible block structure `n` times.
+
+`ReversibleBlockStack(block, depth)` holds the weights of `depth` copies of `block` as ONE variable per
+weight of the block, with a leading axis of size `depth` (a conv kernel `(3, 3, C, C)` becomes
+`(depth, 3, 3, C, C)`), and runs them with one `tf.while_loop`. Nothing in the traced graph, the
+optimizer or the checkpoint grows with `depth`: one read, one gradient and one optimizer update per
+weight of the block, instead of one per weight of every block.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_revnet.layers.reversible_block import ReversibleBlock
+from tf_revnet.layers.two_stream import StateRecord, TwoStreamLayer
+from tf_revnet.layers.utils import build_sublayer, check_positive_int, global_seed_state, no_autocast
+
+
+@keras.saving.register_keras_serializable(package="tf_revnet")
+class ReversibleBlockStack(TwoStreamLayer):
+    """`depth` reversible blocks of one structure, applied in order, with stacked weights.
+
+    Equivalent to `depth` separate `ReversibleBlock`s built from `block`'s config (each initialised
+    independently), applied one after the other (Eq. 1 per block); `inverse` applies Eq. 2 from the
+    last block to the first. Each weight of `block` is stored once, stacked: the layer's variables have
+    shape `(depth,) + weight.shape` (BatchNorm statistics and seed-generator states likewise), so the
+    number of variables, the size of the traced graph and the per-variable work of the optimizer do not
+    grow with `depth`. Inside a `ReversibleSequence` its blocks backpropagate by Algorithm 1 in one
+    `tf.while_loop`, storing no activation.
+
+    Args:
+        block: `ReversibleBlock`: the structure of every block (its F, G, coupling and axis). It is
+            kept as the template the loop runs; its own variables are not trained (if it is built,
+            their values initialise the first block).
+        depth: int >= 1. The number of blocks.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, ...). The dtype policy is the block's.
+
+    Call arguments:
+        inputs: float tensor, e.g. NHWC `(N, H, W, C)` with `C` even.
+        training: bool or None. Passed to every F and G.
+
+    Input shape:
+        What `block` accepts, e.g. `(N, H, W, C)`.
+
+    Output shape:
+        The input shape; dtype `stream_dtype` (float32 under mixed precision).
+
+    Raises:
+        ValueError: if `block` is not a `ReversibleBlock`; if `depth` is not a
+            positive int; on build, what `ReversibleBlock.build` raises (odd channels, a strided F or G).
+
+    Example:
+
+    >>> from tf_revnet.layers import BasicResidualFunction, ReversibleBlock, ReversibleBlockStack
+    >>> stack = ReversibleBlockStack(
+    ...     ReversibleBlock(BasicResidualFunction(16), BasicResidualFunction(16)), depth=18)
+    >>> y = stack(keras.random.normal((2, 8, 8, 32)), training=True)
+    >>> [tuple(v.shape) for v in stack.trainable_variables][:1]
+    [(18, 3, 3, 16, 16)]
+
+    References:
+        Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3, Table 1, Algorithm 1.
+    """
+
+    invertible = True
+
+    def __init__(self, block, depth, **kwargs):
+        if not isinstance(block, ReversibleBlock):
+            raise ValueError(
+                "`block` must be a tf_revnet.layers.ReversibleBlock (the structure every block of the "
+                f"stack repeats). Received: block={block!r} of type {type(block).__name__}"
+            )
+        check_positive_int("depth", depth)
+        kwargs.setdefault("dtype", block.dtype_policy)
+        super().__init__(axis=block.axis, **kwargs)
+        self.depth = depth
+        # The template is not a tracked sublayer: its variables belong to no checkpoint or optimizer;
+        # the loop maps them to slices of the stacked variables.
+        object.__setattr__(self, "_block", block)
+
+    @property
+    def block(self):
+        """The template `ReversibleBlock` (its own variables are unused)."""
+        return self._block
+
+    @property
+    def coupling(self):
+        return self._block.coupling
+
+    @property
+    def stream_dtype(self):
+        return self._block.stream_dtype
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        block = self._block
+        build_sublayer(block, input_shape, block.input_dtype)
+        template = block.trainable_variables + block.non_trainable_variables
+        # Initial values: those of `depth` independently initialised blocks (the template is the first).
+        initial = [[v.value] for v in template]
+        config = block.get_config()
+        for _ in range(self.depth - 1):
+            copy = type(block).from_config(config)
+            build_sublayer(copy, input_shape, block.input_dtype)
+            for values, v in zip(initial, copy.trainable_variables + copy.non_trainable_variables):
+                values.append(v.value)
+            del copy
+        self._stacked = []
+        names = set()
+        for v, values in zip(template, initial):
+            value = tf.stack(values)
+            name = _relative_name(v.path, block.name)
+            while name in names:
+                name += "_"
+            names.add(name)
+            self._stacked.append(
+                self.add_weight(
+                    shape=tuple(value.shape),
+                    dtype=v.dtype,
+                    initializer=lambda shape, dtype, value=value: tf.cast(value, dtype),
+                    trainable=v.trainable,
+                    name=name,
+                )
+            )
+        self.input_spec = block.input_spec
+        self.built = True
+
+    # ----------------------------------------------------------------------------------------------
+    # Ordinary layer (inference, plain autodiff, gradients of gradients).
+
+    def call(self, inputs, training=None):
+        self.check_input(inputs)
+        x1, x2 = self.split(tf.cast(inputs, self.stream_dtype))
+        rng_variable = global_seed_state() if training else None
+        with no_autocast():
+            weights = [tf.convert_to_tensor(v.value) for v in self.trainable_variables]
+            state = [tf.convert_to_tensor(v.value) for v in self.non_trainable_variables]
+            rng = (tf.convert_to_tensor(rng_variable.value) if rng_variable is not None
+                   else tf.zeros((2,), "int64"))
+        (y1, y2), new_state, new_rng = loop_call(
+            self._block, self.depth, weights, state, rng_variable, rng, x1, x2, training
+        )
+        for variable, value in zip(self.non_trainable_variables, new_state):
+            variable.assign(value)
+        if rng_variable is not None:
+            rng_variable.assign(new_rng)
+        return self.merge(y1, y2)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def compute_output_spec(self, inputs, training=None):
+        return keras.KerasTensor(inputs.shape, dtype=self.stream_dtype)
+
+    def inverse_halves(self, y1, y2, training=None):
+        """Eq. 2 through every block, last to first: returns the stack's input halves `(x1, x2)`."""
+        with no_autocast():
+            weights = [tf.convert_to_tensor(v.value) for v in self.trainable_variables]
+            state = [tf.convert_to_tensor(v.value) for v in self.non_trainable_variables]
+        block = self._block
+
+        def body(k, y1, y2):
+            i = self.depth - 1 - k
+            mapping = block.state_mapping([w[i] for w in weights], [s[i] for s in state], None, None)
+            with keras.StatelessScope(state_mapping=mapping):
+                x1, x2 = block.inverse_halves(y1, y2, training=training)
+            return k + 1, x1, x2
+
+        _, x1, x2 = tf.while_loop(
+            lambda k, *_: k < self.depth, body, (tf.constant(0), y1, y2),
+            maximum_iterations=self.depth,
+        )
+        return x1, x2
+
+    def inverse(self, outputs, training=None):
+        """Rebuilds the stack's inputs from its outputs (Eq. 2), without side effects.
+
+        Args:
+            outputs: float tensor `(..., C)`, the stack's output.
+            training: bool or None, passed to F and G; use the value of the forward call.
+
+        Returns:
+            The rebuilt inputs, same shape and dtype as `outputs`.
+        """
+        outputs = self.check_input(tf.convert_to_tensor(outputs))
+        with keras.StatelessScope():
+            return self.merge(*self.inverse_halves(*self.split(outputs), training=training))
+
+    # ----------------------------------------------------------------------------------------------
+    # The stateless form `ReversibleSequence` runs (the contract of `ReversibleBlock`).
+
+    def stateless_forward(self, weights, state, rng_variable, rng, x1, x2, training=True):
+        """Eq. 1 through every block with the stacked values given (see `ReversibleBlock`).
+
+        Args:
+            weights, state: lists of stacked tensors `(depth, ...)`, the values of
+                `trainable_variables` and `non_trainable_variables`.
+            rng_variable, rng: Keras' global seed state variable (or None) and its value.
+            x1, x2: the input halves, `stream_dtype`.
+
+        Returns:
+            `((y1, y2), record, (new_state, new_rng))`, `new_state` stacked like `state`.
+        """
+        return loop_forward(self._block, self.depth, weights, state, rng_variable, rng, x1, x2,
+                            training)
+
+    def stateless_backward(self, weights, record, rng_variable, y1, y2, dy1, dy2, training=True):
+        """Algorithm 1 through every block, last to first (see `ReversibleBlock`).
+
+        Returns:
+            `((x1, x2), (dx1, dx2), dweights)`, `dweights` stacked like `weights`.
+        """
+        return loop_backward(self._block, self.depth, weights, record, rng_variable, y1, y2, dy1,
+                             dy2, training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("axis", None)  # the block's
+        config.pop("dtype", None)  # the block's policy
+        config.update(
+            {"block": keras.saving.serialize_keras_object(self._block), "depth": self.depth}
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        block = config.pop("block")
+        if not isinstance(block, keras.layers.Layer):
+            block = keras.saving.deserialize_keras_object(block)
+        return cls(block=block, **config)
+
+
+def _relative_name(path, block_name):
+    """`.../{block}/{block}_f/conv1/kernel` -> `f_conv1_kernel`: a variable's path inside the block."""
+    relative = path.split(block_name + "/", 1)[-1]
+    if relative.startswith(block_name + "_"):
+        relative = relative[len(block_name) + 1 :]
+    return relative.replace("/", "_")
+
+
+# --------------------------------------------------------------------------------------------------
+# The loops over stacked values (shared with `ReversibleSequence`'s fusion of identical blocks).
+
+
+def _arrays(values, n):
+    return [tf.TensorArray(v.dtype, size=n, element_shape=v.shape[1:]) for v in values]
+
+
+def loop_call(block, n, weights, state, rng_variable, rng, x1, x2, training):
+    """Eq. 1 through `n` blocks as an ordinary differentiable loop (autodiff stores activations).
+
+    The stacked weights are read through `TensorArray`s, so that the loop's gradient with respect to
+    them is written slice by slice (linear in `n`) rather than as `n` full-size slice gradients.
+
+    Returns:
+        `((y1, y2), new_state, new_rng)`.
+    """
+    weight_arrays = [ta.unstack(w) for ta, w in zip(_arrays(weights, n), weights)]
+
+    def body(i, x1, x2, rng, new_tas):
+        unit_weights = [ta.read(i) for ta in weight_arrays]
+        unit_state = [s[i] for s in state]
+        (y1, y2), _, (new, new_rng) = block.stateless_forward(
+            unit_weights, unit_state, rng_variable, rng, x1, x2, training=training
+        )
+        return i + 1, y1, y2, new_rng, [ta.write(i, v) for ta, v in zip(new_tas, new)]
+
+    _, y1, y2, rng, new_tas = tf.while_loop(
+        lambda i, *_: i < n, body, (tf.constant(0), x1, x2, rng, _arrays(state, n)),
+        maximum_iterations=n,
+    )
+    return (y1, y2), [ta.stack() for ta in new_tas], rng
+
+
+def loop_forward(block, n, weights, state, rng_variable, rng, x1, x2, training=True):
+    """Eq. 1 through `n` blocks with stacked values, recording what each block's recompute replays.
+
+    Returns:
+        `((y1, y2), record, (new_state, new_rng))` with `new_state` stacked.
+    """
+
+    def body(i, x1, x2, rng, rng_ta, mid_rng_ta, mid_tas, new_tas):
+        (y1, y2), record, (new, new_rng) = block.stateless_forward(
+            [w[i] for w in weights], [s[i] for s in state], rng_variable, rng, x1, x2,
+            training=training,
+        )
+        rng_ta = rng_ta.write(i, rng)
+        mid_rng_ta = mid_rng_ta.write(i, record.mid_rng)
+        mid_tas = [ta.write(i, v) for ta, v in zip(mid_tas, record.mid_state)]
+        new_tas = [ta.write(i, v) for ta, v in zip(new_tas, new)]
+        return i + 1, y1, y2, new_rng, rng_ta, mid_rng_ta, mid_tas, new_tas
+
+    rng_arrays = _arrays([tf.expand_dims(rng, 0)] * 2, n)
+    loop_vars = (
+        tf.constant(0), x1, x2, rng, rng_arrays[0], rng_arrays[1], _arrays(state, n),
+        _arrays(state, n),
+    )
+    _, x1, x2, new_rng, rng_ta, mid_rng_ta, mid_tas, new_tas = tf.while_loop(
+        lambda i, *_: i < n, body, loop_vars, parallel_iterations=1, maximum_iterations=n
+    )
+    record = StateRecord(list(state), rng_ta.stack(), [ta.stack() for ta in mid_tas],
+                         mid_rng_ta.stack())
+    return (x1, x2), record, ([ta.stack() for ta in new_tas], new_rng)
+
+
+def loop_backward(block, n, weights, record, rng_variable, y1, y2, dy1, dy2, training=True):
+    """Algorithm 1 through `n` blocks, last to first, with stacked values (one traced step).
+
+    Returns:
+        `((x1, x2), (dx1, dx2), dweights)` with `dweights` stacked like `weights`.
+    """
+
+    def body(k, y1, y2, dy1, dy2, grad_tas):
+        i = n - 1 - k
+        unit_record = StateRecord(
+            [s[i] for s in record.state], record.rng[i], [s[i] for s in record.mid_state],
+            record.mid_rng[i],
+        )
+        (x1, x2), (dx1, dx2), dweights = block.stateless_backward(
+            [w[i] for w in weights], unit_record, rng_variable, y1, y2, dy1, dy2, training=training
+        )
+        return k + 1, x1, x2, dx1, dx2, [ta.write(i, g) for ta, g in zip(grad_tas, dweights)]
+
+    _, x1, x2, dx1, dx2, grad_tas = tf.while_loop(
+        lambda k, *_: k < n, body, (tf.constant(0), y1, y2, dy1, dy2, _arrays(weights, n)),
+        parallel_iterations=1, maximum_iterations=n,
+    )
+    return (x1, x2), (dx1, dx2), [ta.stack() for ta in grad_tas]
