@@ -3,9 +3,10 @@
 For each model of the zoo at CIFAR size (or 224x224 for the ImageNet models) and each method
 
 - `reversible`: the RevNet as built (`use_custom_gradient=True`: one memory-saving backward pass for
-  stem, transitions and blocks);
-- `plain`: the same architecture and weights with ordinary autodiff (`use_custom_gradient=False`);
-- `recompute`: the same architecture with `tf.recompute_grad` around each residual unit (and the stem);
+  stem, transitions and blocks; each stage's identical blocks a `ReversibleBlockStack`);
+- `plain`: the same architecture with ordinary autodiff (`use_custom_gradient=False`), one layer per
+  block (`stack_blocks=False`), as an ordinary Keras network is built;
+- `recompute`: the same, with `tf.recompute_grad` around each residual unit (and the stem);
 - `baseline`: a ResNet of the zoo (ResNet-32/110/164/101), ordinary autodiff;
 
 it runs `model.fit` on random images in its own process (TensorFlow does not return freed memory to
@@ -81,18 +82,20 @@ def build_model(name, method, image_size, quick=False, deep_units=166):
         else:
             model = tf_revnet.models.RevNet(
                 units=depth_units, widths=(8, 8, 16),
-                use_custom_gradient=method == "reversible",
+                use_custom_gradient=method == "reversible", stack_blocks=method == "reversible",
             )
     elif name == "deep":  # the generic RevNet with `deep_units` basic units per stage (RevNet-110's widths)
         model = tf_revnet.models.RevNet(
             units=(deep_units,) * 3, widths=(32, 32, 64, 128), input_shape=(image_size, image_size, 3),
-            use_custom_gradient=method == "reversible", name=f"revnet{2 + 12 * deep_units}",
+            use_custom_gradient=method == "reversible", stack_blocks=method == "reversible",
+            name=f"revnet{2 + 12 * deep_units}",
         )
     elif method == "baseline":
         model = tf_revnet.models.get(REVNETS[name])(input_shape=(image_size, image_size, 3))
     else:
         model = tf_revnet.models.get(name)(
-            input_shape=(image_size, image_size, 3), use_custom_gradient=method == "reversible"
+            input_shape=(image_size, image_size, 3), use_custom_gradient=method == "reversible",
+            stack_blocks=method == "reversible",
         )
     if method == "recompute":
         for layer in model.layers:
