@@ -5,6 +5,8 @@ stack of N `tf_revnet.layers.ReversibleBlock`s (F and G: `BasicResidualFunction`
 twice) with three ways of back-propagating through the same blocks:
 
 - `reversible`: `ReversibleSequence(blocks)` (Algorithm 1 under one custom gradient);
+- `stacked`: `ReversibleSequence([ReversibleBlockStack(block, N)])`, the same N blocks with their
+  weights stored stacked (one variable per weight of the block);
 - `plain`: `ReversibleSequence(blocks, use_custom_gradient=False)` (ordinary autodiff);
 - `recompute`: `tf.recompute_grad` around each block (keeps each block's input, recomputes the rest);
 
@@ -69,7 +71,7 @@ from measure import proc_status_bytes as _proc_status_bytes
 from measure import run_child as _run_child
 
 MODES = ("eager", "function", "fit", "xla")
-METHODS = ("reversible", "plain", "recompute")
+METHODS = ("reversible", "stacked", "plain", "recompute")
 DEPTHS = (2, 8, 32, 64)
 QUICK_DEPTHS = (2, 8, 16)
 MIB = 2.0**20
@@ -82,8 +84,16 @@ MIB = 2.0**20
 
 def _build_stack(method, depth, channels, keras, tf):
     """The N-block stack for `method`; every method uses the same kind of blocks."""
-    from tf_revnet.layers import BasicResidualFunction, ReversibleBlock, ReversibleSequence
+    from tf_revnet.layers import (
+        BasicResidualFunction,
+        ReversibleBlock,
+        ReversibleBlockStack,
+        ReversibleSequence,
+    )
 
+    if method == "stacked":
+        block = ReversibleBlock(BasicResidualFunction(), BasicResidualFunction(), name="block")
+        return ReversibleSequence([ReversibleBlockStack(block, depth, name="blocks")], name="stack")
     blocks = [
         ReversibleBlock(BasicResidualFunction(), BasicResidualFunction(), name=f"block{i}")
         for i in range(depth)

@@ -87,7 +87,9 @@ def build_model(name, method, image_size, quick=False, deep_units=166):
     elif name == "deep":  # the generic RevNet with `deep_units` basic units per stage (RevNet-110's widths)
         model = tf_revnet.models.RevNet(
             units=(deep_units,) * 3, widths=(32, 32, 64, 128), input_shape=(image_size, image_size, 3),
-            use_custom_gradient=method == "reversible", stack_blocks=method == "reversible",
+            # Plain backprop keeps the stacks too: with ~10,000 per-block variables its first step
+            # alone would take most of an hour here (what is compared is the activations' memory).
+            use_custom_gradient=method == "reversible", stack_blocks=method != "recompute",
             name=f"revnet{2 + 12 * deep_units}",
         )
     elif method == "baseline":
@@ -201,10 +203,15 @@ def _depth(model, tf_revnet):
     """Weighted layers (convolutions and dense) of the model, nested ones included."""
     import keras
 
-    count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        count += isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
-    return count
+    def count(layer):
+        weighted = 0
+        for sub in layer._flatten_layers(include_self=False, recursive=True):
+            weighted += isinstance(sub, (keras.layers.Conv2D, keras.layers.Dense))
+            if isinstance(sub, tf_revnet.layers.ReversibleBlockStack):  # its template, depth times
+                weighted += sub.depth * count(sub.block)
+        return weighted
+
+    return count(model)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -255,3 +255,90 @@ def test_odd_channels_raise_on_build():
     stack = ReversibleBlockStack(make_block(), depth=2)
     with pytest.raises(ValueError, match="even"):
         stack.build((None, 6, 6, 7))
+
+
+# --- higher order, forward mode, replay check ----------------------------------------------------------
+
+
+def dense_stack_pair(depth=3):
+    def block():
+        return ReversibleBlock(keras.layers.Dense(2, activation="tanh", dtype="float64"),
+                               keras.layers.Dense(2, activation="tanh", dtype="float64"),
+                               dtype="float64")
+
+    stack = ReversibleBlockStack(block(), depth=depth)
+    reversible = ReversibleSequence([stack], dtype="float64")
+    reversible.build((3, 4))
+    return reversible, separate_blocks(stack, (3, 4))
+
+
+def test_hessian_vector_product_through_a_stack():
+    reversible, reference = dense_stack_pair()
+    x = random_input((3, 4))
+
+    def hvp(seq):
+        v = [tf.ones_like(w) for w in seq.trainable_variables]
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = tf.reduce_sum(tf.sin(seq(x, training=True)))
+            grads = inner.gradient(loss, seq.trainable_variables)
+            gv = tf.add_n([tf.reduce_sum(g * u) for g, u in zip(grads, v)])
+        return [x] + outer.gradient(gv, seq.trainable_variables)
+
+    per_block = len(reversible.units[0].block.trainable_variables)
+    assert_all_close_relative(hvp(reversible), stacked_gradients(hvp(reference), 3, per_block),
+                              RTOL["float64"], "HVP")
+
+
+def test_forward_mode_jvp_through_a_stack():
+    reversible, reference = dense_stack_pair()
+    x, tangent = random_input((3, 4), seed=1), random_input((3, 4), seed=2)
+    jvps = []
+    for seq in (reversible, reference):
+        with tf.autodiff.ForwardAccumulator(x, tangent) as acc:
+            y = seq(x, training=True)
+        jvps.append(acc.jvp(y))
+    assert jvps[0] is not None
+    assert_all_close_relative([jvps[0]], [jvps[1]], RTOL["float64"])
+
+
+class TFUniformNoise(keras.layers.Layer):
+    def call(self, x, training=None):
+        return x * tf.random.uniform(tf.shape(x), dtype=x.dtype)
+
+
+def test_unreplayable_randomness_in_a_stack_raises_naming_it():
+    block = ReversibleBlock(TFUniformNoise(dtype="float64"), keras.layers.Dense(2, dtype="float64"),
+                            dtype="float64")
+    seq = ReversibleSequence(
+        [ReversibleBlock(keras.layers.Dense(2, dtype="float64"), keras.layers.Dense(2, dtype="float64"),
+                         dtype="float64"),
+         ReversibleBlockStack(block, depth=2, name="noisy_stack")],
+        dtype="float64",
+    )
+    with pytest.raises(ValueError, match=r"units\[1\].*noisy_stack.*keras.random"):
+        seq(random_input((3, 4)), training=True)
+
+
+class Scale:
+    """A plain Python object: Keras cannot capture it in a layer's automatic config."""
+
+    value = 2.0
+
+
+class NoConfigScale(keras.layers.Layer):
+    """A residual function whose constructor argument cannot be serialized (no get_config)."""
+
+    def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def call(self, x):
+        return self.scale.value * x
+
+
+def test_residual_function_that_cannot_be_copied_is_named():
+    block = ReversibleBlock(keras.layers.Dense(2), NoConfigScale(Scale(), name="my_g"))
+    stack = ReversibleBlockStack(block, depth=2)
+    with pytest.raises(ValueError, match=r"residual function G \(layer 'my_g'.*get_config"):
+        stack.build((3, 4))

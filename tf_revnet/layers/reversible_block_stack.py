@@ -100,9 +100,8 @@ class ReversibleBlockStack(TwoStreamLayer):
         template = block.trainable_variables + block.non_trainable_variables
         # Initial values: those of `depth` independently initialised blocks (the template is the first).
         initial = [[v.value] for v in template]
-        config = block.get_config()
         for _ in range(self.depth - 1):
-            copy = type(block).from_config(config)
+            copy = self._copy_block()
             build_sublayer(copy, input_shape, block.input_dtype)
             for values, v in zip(initial, copy.trainable_variables + copy.non_trainable_variables):
                 values.append(v.value)
@@ -126,6 +125,31 @@ class ReversibleBlockStack(TwoStreamLayer):
             )
         self.input_spec = block.input_spec
         self.built = True
+
+    def _copy_block(self):
+        """A new block of the template's structure, F and G rebuilt from their configs."""
+        block = self._block
+        copies = {}
+        for arg in ("f", "g"):
+            layer = getattr(block, arg)
+            if arg == "g" and layer is block.f:
+                copies["g"] = copies["f"]
+                continue
+            try:
+                copies[arg] = type(layer).from_config(layer.get_config())
+            except Exception as error:  # noqa: BLE001 - any failure of a user's get_config/from_config
+                reason = " ".join(str(error).split())
+                reason = reason if len(reason) <= 160 else reason[:157] + "..."
+                raise ValueError(
+                    f"ReversibleBlockStack '{self.name}' initialises each of its {self.depth} blocks "
+                    f"as a new copy of `block`, but residual function {arg.upper()} (layer "
+                    f"'{layer.name}', {type(layer).__name__}) cannot be rebuilt from its config "
+                    f"({type(error).__name__}: {reason}). Fix: give the layer a get_config() that returns its constructor "
+                    "arguments (as Keras layers do)."
+                ) from None
+        config = block.get_config()
+        config.update(copies)
+        return type(block).from_config(config)
 
     # ----------------------------------------------------------------------------------------------
     # Ordinary layer (inference, plain autodiff, gradients of gradients).

@@ -16,9 +16,10 @@ How it is exact and memory-flat in TensorFlow (see the project's NOTES):
    the variables are explicit inputs of the custom gradient (so it works under `tf.cond`, `tf.switch_case`
    and `tf.while_loop`), BatchNorm statistics are assigned once from the forward pass, and the recompute
    replays the state every unit saw (seed generators, Keras' global generator).
-3. Consecutive blocks of one structure (same classes, configs and shapes, no shared variables) run as one
-   `tf.while_loop` over their stacked weights, forward and backward: the traced graph holds one block
-   whatever the depth, so graph memory and tracing/compile time do not grow with it.
+3. A `ReversibleBlockStack` (weights stored stacked) runs as one `tf.while_loop`, forward and backward;
+   so do consecutive blocks of one structure (same classes, configs and shapes, no shared variables),
+   over their weights stacked at each call: the traced graph holds one block whatever the depth, so
+   graph memory and tracing/compile time do not grow with it.
 4. In a graph, the recompute of each unit waits for the gradient of the unit above (control
    dependencies, or the loop's carried gradient); otherwise the executor would run every recompute right
    after the forward pass and keep all their tensors.
@@ -75,7 +76,8 @@ _STATEFUL_RANDOM_OPS = frozenset(
 class ReversibleSequence(keras.layers.Layer):
     """Residual units applied in order, with activation-free backprop (Algorithm 1).
 
-    `units` holds `ReversibleBlock`s and, between them, any other Keras layers (a
+    `units` holds `ReversibleBlock`s (or `ReversibleBlockStack`s: many blocks of one structure with
+    stacked weights) and, between them, any other Keras layers (a
     `StageTransition` that changes the stride or the channels, a stem, ...). In training mode the
     backward pass stores no activation: it keeps the sequence's output and the input of each
     non-invertible unit, rebuilds every block's inputs from its outputs (Eq. 2) and recomputes each unit
@@ -95,8 +97,9 @@ class ReversibleSequence(keras.layers.Layer):
     replayed: building such a sequence for training raises a `ValueError` naming the unit.
 
     Args:
-        units: list of Keras layers, non-empty: `ReversibleBlock`s (rebuilt from their outputs) and
-            other layers (recomputed from their stored inputs). Alias: `blocks`.
+        units: list of Keras layers, non-empty: `ReversibleBlock`s and `ReversibleBlockStack`s
+            (rebuilt from their outputs) and other layers (recomputed from their stored inputs).
+            Alias: `blocks`.
         use_custom_gradient: bool. If False, backpropagate with ordinary autodiff on the same weights
             (stores activations; for comparison and debugging). Defaults to True.
         fuse_identical_blocks: bool. Run consecutive blocks of one structure as one `tf.while_loop`

@@ -13,9 +13,12 @@ are split on the channel axis into two halves x1 and x2 (the residual stream), a
 - the state a unit must replay when `ReversibleSequence` recomputes it during the backward pass
   (`StateRecord`).
 
-Two kinds of unit follow the contract: `ReversibleBlock` (invertible: `ReversibleSequence` rebuilds its
-inputs from its outputs, Eq. 2) and `StageTransition` (not invertible: changes the stride or the
-channels, so `ReversibleSequence` keeps its input and recomputes it, Section 3.3).
+Three kinds of unit follow the contract: `ReversibleBlock` (invertible: `ReversibleSequence` rebuilds its
+inputs from its outputs, Eq. 2), `ReversibleBlockStack` (invertible: `depth` blocks of one structure with
+stacked weights) and `StageTransition` (not invertible: changes the stride or the channels, so
+`ReversibleSequence` keeps its input and recomputes it, Section 3.3). An invertible unit has
+`invertible = True` and provides `inverse_halves`, `stateless_forward` and `stateless_backward` (see
+`ReversibleBlock`): what `ReversibleSequence` calls.
 """
 
 import collections
