@@ -220,7 +220,8 @@ def estimate(model, batch_size):
             parts["plain"][part] += stored
             ws = _working_set(unit, unit_shape, batch_size)
             working["recompute"] = max(working["recompute"], ws)
-            parts["recompute"][part] += in_bytes
+            # tf.recompute_grad around each unit keeps each block's input (a stack: `depth` of them).
+            parts["recompute"][part] += in_bytes * getattr(unit, "depth", 1)
             if invertible:
                 working["reversible"] = max(working["reversible"], ws)
             else:

@@ -87,10 +87,12 @@ class ReversibleBlockStack(TwoStreamLayer):
 
     @property
     def coupling(self):
+        """The template block's `Coupling` (every block's)."""
         return self._block.coupling
 
     @property
     def stream_dtype(self):
+        """The residual stream's dtype: the template block's (float32 under mixed precision)."""
         return self._block.stream_dtype
 
     def build(self, input_shape):
