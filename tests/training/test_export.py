@@ -448,16 +448,3 @@ def test_readme_shows_the_summary_lines_the_code_prints():
     assert f"Exported version 3 to /work/main/saved_models/revnet38/3\n{export.pin_hint('revnet38', 3)}" \
         in readme
 
-
-@pytest.mark.slow  # a TensorFlow start-up per command; predict and train check it in the suite
-@pytest.mark.parametrize("module", ["training.export", "training.evaluate"])
-def test_command_line_starts_without_tensorflow_noise(module):
-    """`python -m training.export|evaluate --help` imports TensorFlow: nothing on stderr (no absl,
-    cudart, cuInit or CPU-instruction lines), the help on stdout."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**env, "PYTHONPATH": str(REPO_ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr == "", proc.stderr
-    assert f"usage: python -m {module}" in proc.stdout
