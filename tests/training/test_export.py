@@ -447,4 +447,3 @@ def test_readme_shows_the_summary_lines_the_code_prints():
     readme = (REPO_ROOT / "README.md").read_text()
     assert f"Exported version 3 to /work/main/saved_models/revnet38/3\n{export.pin_hint('revnet38', 3)}" \
         in readme
-
