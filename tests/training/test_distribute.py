@@ -1,7 +1,6 @@
 """`--distribution mirrored` on two logical CPU devices trains like one device (same global batch).
 
-The mirrored run is in a subprocess (logical devices must be configured before TensorFlow
-initializes); the one-device run it is compared with runs in the test process meanwhile. The model
+Runs in a subprocess: logical devices must be configured before TensorFlow initializes. The model
 has no BatchNorm (a small CNN registered through `train.MODEL_BUILDERS`): under a `tf.distribute`
 strategy BatchNorm normalizes each replica's part of the batch (Keras' default,
 `synchronized=False`), which by design differs from one device; everything else (data sharding,
@@ -19,31 +18,6 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, **kwargs):
-    """A BatchNorm-free CNN with the builders' signature (registered as `small_cnn`)."""
-    import keras
-
-    inputs = keras.Input(input_shape)
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu",
-                            kernel_regularizer=kernel_regularizer)(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(classes, activation=classifier_activation,
-                                 kernel_regularizer=kernel_regularizer)(x)
-    return keras.Model(inputs, outputs)
-
-
-def small_run_argv(data_dir, model_dir, strategy):
-    return ["--model", "small_cnn", "--data-dir", str(data_dir), "--train-examples", "128",
-            "--test-examples", "32", "--epochs", "2", "--steps-per-epoch", "4",
-            "--batch-size", "32", "--learning-rate", "0.05", "--verbose", "0",
-            "--distribution", strategy, "--model-dir", str(model_dir), "--no-export"]
-
-
-def run_result(result):
-    return {"loss": result.history["loss"], "val_loss": result.history["val_loss"],
-            "replicas": result.config["num_replicas"]}
-
-
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -51,43 +25,49 @@ SCRIPT = textwrap.dedent(
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from tests.training.test_distribute import run_result, small_cnn, small_run_argv
+    import keras
     from training import train
 
+    def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, **kwargs):
+        inputs = keras.Input(input_shape)
+        x = keras.layers.Conv2D(8, 3, strides=2, activation="relu",
+                                kernel_regularizer=kernel_regularizer)(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        outputs = keras.layers.Dense(classes, activation=classifier_activation,
+                                     kernel_regularizer=kernel_regularizer)(x)
+        return keras.Model(inputs, outputs)
+
     train.MODEL_BUILDERS["small_cnn"] = small_cnn
-    result = train.run(small_run_argv(sys.argv[1], sys.argv[2], "mirrored"))
-    print("RESULT " + json.dumps(run_result(result)))
+    data_dir, out_dir = sys.argv[1:3]
+    losses = {}
+    for strategy in ("none", "mirrored"):
+        result = train.run([
+            "--model", "small_cnn", "--data-dir", data_dir, "--train-examples", "128",
+            "--test-examples", "32", "--epochs", "2", "--steps-per-epoch", "4",
+            "--batch-size", "32", "--learning-rate", "0.05", "--verbose", "0",
+            "--distribution", strategy, "--model-dir", f"{out_dir}/{strategy}",
+            "--no-export"])
+        losses[strategy] = {"loss": result.history["loss"], "val_loss": result.history["val_loss"],
+                            "replicas": result.config["num_replicas"]}
+    print("RESULT " + json.dumps(losses))
     """
 )
 
 
-def test_mirrored_on_two_cpus_matches_one_device(cifar10_small_dir, tmp_path, monkeypatch):
-    """The mirrored run in its own process (two logical CPUs); meanwhile the same run on one
-    device in this process (same seed, data and global batch)."""
-    from training import train
-
+def test_mirrored_on_two_cpus_matches_one_device(cifar10_small_dir, tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(cifar10_small_dir),
-                             str(tmp_path / "mirrored")], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO_ROOT})
-    try:
-        monkeypatch.setitem(train.MODEL_BUILDERS, "small_cnn", small_cnn)
-        single = run_result(train.run(small_run_argv(cifar10_small_dir, tmp_path / "none",
-                                                     "none")))
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
-    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
-    mirrored = json.loads(line[len("RESULT "):])
-    assert single["replicas"] == 1 and mirrored["replicas"] == 2
+    proc = subprocess.run([sys.executable, str(script), str(cifar10_small_dir), str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    assert result["none"]["replicas"] == 1 and result["mirrored"]["replicas"] == 2
     for key in ("loss", "val_loss"):
-        np.testing.assert_allclose(mirrored[key], single[key], rtol=1e-5)
+        np.testing.assert_allclose(result["mirrored"][key], result["none"][key], rtol=1e-5)
     # The losses moved (a real run, not a constant).
-    assert single["loss"][0] != single["loss"][1]
+    assert result["none"]["loss"][0] != result["none"]["loss"][1]
 
 
 WORKER_SCRIPT = textwrap.dedent(
