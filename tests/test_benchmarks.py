@@ -1,8 +1,14 @@
 """Smoke tests of the benchmark scripts (`--quick`): they run and write their outputs.
 
-The real figures come from full runs recorded in benchmarks/README.md, never from tests.
+The real figures come from full runs recorded in benchmarks/README.md, never from tests. Each
+script's parent part runs in this process (the child processes that measure are real);
+`graph.py`'s child, which only traces a tiny model, runs in this process too, from the very
+command line its parent builds (its own process: `pytest -m slow`).
 """
 
+import contextlib
+import importlib.util
+import io
 import json
 import pathlib
 import subprocess
@@ -13,14 +19,24 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_models_quick(tmp_path):
+def _benchmark(name):
+    """benchmarks/<name>.py as a module (`benchmark_<name>`; its sibling imports resolve)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_models_quick(tmp_path, capsys):
+    """`models.py --quick`: the parent here, the measuring child in its own process."""
     output = tmp_path / "models.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "models.py"), "--quick", "--methods", "reversible",
-         "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    models = _benchmark("models")
+    code = models.main(["--quick", "--methods", "reversible", "--output", str(output)])
+    assert code == 0, capsys.readouterr().out[-2000:]
     results = json.loads(output.read_text())["results"]
     assert len(results) == 1 and "error" not in results[0]
     r = results[0]
@@ -42,12 +58,40 @@ def test_max_batch_fit(budget):
     assert max_batch.max_batch(fixed, slope, budget * 1024) == expected
 
 
-def test_graph_quick(tmp_path):
+def _check_graph_output(output):
+    (result,) = json.loads(output.read_text())["results"]
+    assert "error" not in result, result
+    assert result["graph_nodes"] > 100 and result["trace_s"] > 0
+    assert result["variables"] > 10 and result["params"] > 0
+    assert (output.parent / "graph.md").read_text().startswith("| Model")
+
+
+def test_graph_quick(tmp_path, monkeypatch):
+    """`graph.py --quick`, its child run in this process from the command line the parent built."""
+    graph = _benchmark("graph")
+    real_run = subprocess.run
+
+    def run_child_here(command, env=None, capture_output=False, text=False, **kwargs):
+        if command[:2] != [sys.executable, graph.__file__]:
+            return real_run(command, env=env, capture_output=capture_output, text=text, **kwargs)
+        assert "--child" in command
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = graph.main(command[2:])
+        return subprocess.CompletedProcess(command, code, out.getvalue(), "")
+
+    monkeypatch.setattr(graph.subprocess, "run", run_child_here)
+    output = tmp_path / "graph.json"
+    assert graph.main(["--quick", "--output", str(output)]) == 0
+    _check_graph_output(output)
+
+
+@pytest.mark.slow  # test_graph_quick runs the same child command in the test process
+def test_graph_quick_in_its_own_process(tmp_path):
     output = tmp_path / "graph.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "graph.py"), "--quick", "--output", str(output)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (result,) = json.loads(output.read_text())["results"]
-    assert result["graph_nodes"] > 100 and result["trace_s"] > 0
+    _check_graph_output(output)

@@ -157,7 +157,7 @@ def test_diagnostics_have_no_side_effects_and_replay_dropout():
 
 
 def test_reconstruction_error_of_a_model_matches_each_sequence_on_its_input():
-    model = tf_revnet.models.RevNet(units=[2, 3], widths=[8, 8, 16], input_shape=(12, 12, 3))
+    model = tf_revnet.models.RevNet(units=[1, 2], widths=[8, 8, 16], input_shape=(12, 12, 3))
     x = np.random.default_rng(4).random((4, 12, 12, 3)).astype("float32")
     report = diagnostics.reconstruction_error(model, x)
     sequences = [layer for layer in model.layers if isinstance(layer, ReversibleSequence)]
@@ -210,7 +210,7 @@ def test_angle_degrees_rejects_different_sizes():
 
 
 def _tiny_revnet(**kwargs):
-    return tf_revnet.models.RevNet(units=[2, 3], widths=[8, 8, 16], input_shape=(12, 12, 3),
+    return tf_revnet.models.RevNet(units=[1, 2], widths=[8, 8, 16], input_shape=(12, 12, 3),
                                    **kwargs)
 
 

@@ -10,7 +10,8 @@ which also give the data set), a `.keras` file, or a SavedModel version director
 named `probabilities` or the only output; a version written by `training.export` takes uint8
 `images` and returns `probabilities`). The data are the test split of `--data-dir` (an image
 folder) or `--dataset` (TFDS), by default the run's own (for an exported version, the run's named
-in its `assets.extra/export.json`). It prints top-1 accuracy, top-5 accuracy
+in its `assets.extra/export.json`), with the run's test subset (its `--test-examples`, same seed)
+unless `--test-examples N` (or `all`) says otherwise. It prints top-1 accuracy, top-5 accuracy
 when there are more than 10 classes, and each class' accuracy, and writes `confusion_matrix.png`
 (into the run directory, or `--output-dir`, default the current directory).
 
@@ -156,7 +157,10 @@ def evaluate(path, data_dir=None, dataset=None, tfds_data_dir=None, batch_size=1
         preprocessing: `"cifar"` or `"imagenet"` (resize and centre crop); defaults to the run's
             recipe or `"cifar"`.
         image_size: int or None. Model input side when PATH does not fix it.
-        test_examples: int or None. Evaluate a seeded subset of this many test images.
+        test_examples: int, `"all"` or None. Evaluate a seeded subset of this many test images
+            (`"all"`: the whole test split). Defaults to None: the run's own subset (its
+            `--test-examples`, drawn with its seed) when the data are the run's (neither
+            `data_dir` nor `dataset` given), else the whole test split.
         output_dir: path-like or None. Where `confusion_matrix.png` goes (default: the run
             directory, else the current directory).
         verbose: int. 1 shows a progress bar.
@@ -171,8 +175,12 @@ def evaluate(path, data_dir=None, dataset=None, tfds_data_dir=None, batch_size=1
     predictor = load_predictor(path)
     run = predictor.run_config or {}
     recipe = run.get("recipe", {})
-    if data_dir is None and dataset is None:
+    if data_dir is None and dataset is None:  # the run's own data, and its test subset
         data_dir, dataset = run.get("data_dir"), run.get("dataset") or "cifar10"
+        if test_examples is None:
+            test_examples = recipe.get("test_examples")
+    if test_examples == "all":
+        test_examples = None
     preprocessing = preprocessing or recipe.get("preprocessing", "cifar")
     image_size = predictor.image_size or image_size or recipe.get("image_size", 32)
     datasets = data_lib.load(dataset=dataset, data_dir=data_dir, tfds_data_dir=tfds_data_dir,
@@ -215,6 +223,19 @@ def evaluate(path, data_dir=None, dataset=None, tfds_data_dir=None, batch_size=1
                       num_examples=len(labels), confusion_png=png)
 
 
+def _test_examples(value):
+    """`--test-examples`: a positive int or `all`."""
+    if value == "all":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or all, got {value!r}")
+    return number
+
+
 def build_parser():
     """The command-line interface of `python -m training.evaluate`."""
     parser = argparse.ArgumentParser(
@@ -231,7 +252,9 @@ def build_parser():
     parser.add_argument("--preprocessing", choices=("cifar", "imagenet"),
                         help="imagenet: resize and centre crop; default: the run's recipe, or cifar")
     parser.add_argument("--image-size", type=int, help="input side if PATH does not fix it")
-    parser.add_argument("--test-examples", type=int, help="evaluate a subset of this many images")
+    parser.add_argument("--test-examples", type=_test_examples, metavar="N|all",
+                        help="evaluate a seeded subset of N test images, or all of them; default: "
+                             "the run's own subset when evaluating on the run's data, else all")
     parser.add_argument("--output-dir", help="where confusion_matrix.png goes")
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1))
     return parser

@@ -39,10 +39,15 @@ import json
 import pathlib
 import sys
 
-import keras
-import tensorflow as tf
+if __name__ == "__main__":  # the command line: no TensorFlow start-up noise (training.startup)
+    from training.startup import import_tensorflow_quietly
 
-from training import serving_layout, serving_signatures
+    import_tensorflow_quietly()
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from training import serving_layout, serving_signatures  # noqa: E402
 
 __all__ = ["ExportError", "ExportResult", "export_saved_model", "convert_to_tflite",
            "load_run", "load_keras_file", "pin_hint", "build_parser", "run", "main",

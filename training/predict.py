@@ -2,8 +2,11 @@
 
 A client needs only TensorFlow (for a local SavedModel) or nothing but the standard library (for a
 TF Serving server): this file imports neither `tf_revnet` nor the rest of `training/`, so it can be
-copied on its own. The images are sent as encoded files to the `serving_bytes` signature, which
-decodes, resizes and normalizes them inside the model and returns the class names.
+copied on its own. Run as `python -m training.predict`, it imports TensorFlow (only when it needs it)
+without TensorFlow's start-up lines and libjpeg's warnings on stderr, through `training/startup.py`
+(a copy of this file without that module prints them). The images are sent as encoded files to
+the `serving_bytes` signature, which decodes, resizes and normalizes them inside the model and
+returns the class names.
 
     # Local SavedModel (a model base path picks its highest version):
     python -m training.predict saved_models/revnet38 /tmp/cifar10/test/cat/0000.jpg photos/
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import pathlib
 import sys
@@ -46,6 +50,37 @@ PIXEL_SIGNATURE = "serving_default"
 
 class PredictError(ValueError):
     """Bad input to the client; the message is one line naming the argument and the fix."""
+
+
+_COMMAND_LINE = False  # True when run as `python -m training.predict` (set at the end of the file)
+
+
+def _startup():
+    """`training.startup` when running as the command line and it is importable, else None."""
+    if not _COMMAND_LINE:
+        return None
+    try:
+        from training import startup
+    except ImportError:  # this file copied on its own: TensorFlow's own stderr lines stay
+        return None
+    return startup
+
+
+def _tensorflow():
+    """Imports TensorFlow; on the command line without its start-up noise (absl, CUDA stubs)."""
+    startup = _startup()
+    if startup is not None:
+        return startup.import_tensorflow_quietly()
+    import tensorflow as tf
+
+    return tf
+
+
+def _quiet_decoding():
+    """On the command line, drops libjpeg's stderr lines ("Corrupt JPEG data", ...) while decoding
+    (the one-line error names the file instead); elsewhere, leaves stderr alone."""
+    startup = _startup()
+    return startup.quiet_stderr() if startup is not None else contextlib.nullcontext()
 
 
 def resolve_export_dir(path):
@@ -153,23 +188,24 @@ def classify_files(export_dir, files, batch_size=64):
         PredictError: a file cannot be decoded (names the file).
     """
     import numpy as np
-    import tensorflow as tf
 
+    tf = _tensorflow()
     serve = tf.saved_model.load(str(export_dir)).signatures[BYTES_SIGNATURE]
     batches = []
-    for start in range(0, len(files), batch_size):
-        batch = files[start:start + batch_size]
-        try:
-            data = [pathlib.Path(f).read_bytes() for f in batch]
-            batches.append(serve(image_bytes=tf.constant(data))["probabilities"].numpy())
-        except tf.errors.InvalidArgumentError:
-            for f in batch:  # find the culprit for a one-line message
-                try:
-                    tf.io.decode_image(pathlib.Path(f).read_bytes(), expand_animations=False)
-                except tf.errors.InvalidArgumentError:
-                    raise PredictError(f"image {f}: cannot decode it (not a JPEG, PNG, GIF or BMP "
-                                       "file, or truncated)") from None
-            raise
+    with _quiet_decoding():
+        for start in range(0, len(files), batch_size):
+            batch = files[start:start + batch_size]
+            try:
+                data = [pathlib.Path(f).read_bytes() for f in batch]
+                batches.append(serve(image_bytes=tf.constant(data))["probabilities"].numpy())
+            except tf.errors.InvalidArgumentError:
+                for f in batch:  # find the culprit for a one-line message
+                    try:
+                        tf.io.decode_image(pathlib.Path(f).read_bytes(), expand_animations=False)
+                    except tf.errors.InvalidArgumentError:
+                        raise PredictError(f"image {f}: cannot decode it (not a JPEG, PNG, GIF or "
+                                           "BMP file, or truncated)") from None
+                raise
     return np.concatenate(batches)
 
 
@@ -192,8 +228,7 @@ def rest_request_body(files, signature=BYTES_SIGNATURE):
         instances = [{"b64": base64.b64encode(pathlib.Path(f).read_bytes()).decode("ascii")}
                      for f in files]
     elif signature == PIXEL_SIGNATURE:
-        import tensorflow as tf
-
+        tf = _tensorflow()
         instances = [tf.io.decode_image(pathlib.Path(f).read_bytes(), channels=3,
                                         expand_animations=False).numpy().tolist() for f in files]
     else:
@@ -310,4 +345,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    _COMMAND_LINE = True
     sys.exit(main())

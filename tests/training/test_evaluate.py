@@ -43,12 +43,16 @@ def cifar_test(cifar10_small_dir):
 
 
 def test_evaluate_a_run_directory(trained, capsys):
+    """Without options: the run's own data (its config.json), its test subset (`--test-examples
+    32` of the run, same seed) and weights, hence the run's final test accuracy; `--test-examples`
+    overrides the subset (`all`: the whole test split)."""
     result, _, model_dir, _ = trained
-    assert evaluate_lib.main([str(model_dir), "--verbose", "0", "--test-examples", "32"]) == 0
+    assert evaluate_lib.main([str(model_dir), "--verbose", "0"]) == 0
     out = capsys.readouterr().out
-    # The run's own data (its config.json) and weights: the run's final test accuracy.
     assert f"Top-1 accuracy: {result.test_accuracy:.4f} (32 images)" in out
     assert (model_dir / "confusion_matrix.png").is_file()
+    assert evaluate_lib.main([str(model_dir), "--verbose", "0", "--test-examples", "all"]) == 0
+    assert "(200 images)" in capsys.readouterr().out
 
 
 def test_evaluate_the_exported_saved_model(trained, cifar10_small_dir, cifar_test, tmp_path,
@@ -73,7 +77,7 @@ def test_evaluate_the_exported_saved_model(trained, cifar10_small_dir, cifar_tes
 
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # the default place of the PNG (never the version)
-    own = evaluate_lib.evaluate(export_dir, verbose=0, test_examples=32)
+    own = evaluate_lib.evaluate(export_dir, verbose=0)  # the run's data and test subset (32)
     assert own.num_examples == 32 and own.top1 == pytest.approx(result.test_accuracy)
     assert own.confusion_png == tmp_path / "cwd" / "confusion_matrix.png"
     assert not (export_dir / "confusion_matrix.png").exists()

@@ -45,49 +45,82 @@ def _parse_output(stdout):
 
 FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import os, runpy, sys
+
+    def command_line(*argv):
+        # What `python -m training.predict ARGV` does (runpy runs the module as __main__).
+        sys.argv = ["python -m training.predict", *argv]
+        try:
+            runpy.run_module("training.predict", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            return e.code
+        return None
+
+    version, inputs_path, outputs_path, bad_image = sys.argv[1:5]
+    client_argv = sys.argv[5:]
+    # 1. The client command line first, in a process that has not imported TensorFlow yet.
+    assert "tensorflow" not in sys.modules
+    assert command_line(*client_argv) == 0
+    sys.stdout.flush()
+    os.write(2, b"--- next ---\\n")
+    # 2. The same command on a truncated JPEG: one line naming the file (no libjpeg lines).
+    assert command_line(version, bad_image) == 2
+    sys.stderr.flush()
+    os.write(2, b"--- next ---\\n")
+    # The client used training/predict.py (and its start-up helper) only: no tf_revnet.
+    assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
+    others = [m for m in sys.modules if m == "training" or m.startswith("training.")]
+    assert set(others) <= {"training", "training.predict", "training.startup"}, others
+
+    # 3. The export alone through serving_default: TensorFlow, no tf_revnet.
     import numpy as np
     import tensorflow as tf
 
-    # The export alone: TensorFlow, no tf_revnet, nothing of training/.
-    version, inputs_path, outputs_path = sys.argv[1:4]
     serve = tf.saved_model.load(version).signatures["serving_default"]
     np.save(outputs_path, serve(images=tf.constant(np.load(inputs_path)))["probabilities"].numpy())
     assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
-    assert not any(m == "training" or m.startswith("training.") for m in sys.modules)
-
-    # The client: training/predict.py only.
-    from training import predict
-
-    code = predict.main(sys.argv[4:])
-    assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
-    assert not any(m.startswith("training.") and m != "training.predict" for m in sys.modules)
-    sys.exit(code)
     """
 )
 
+# What TensorFlow and libjpeg print on stderr at start-up and decoding when nothing silences them
+# (glog-format lines such as "I0000 00:00:1796059161.151648 3958 cudart_stub.cc:31] Could not find
+# cuda drivers", "failed call to cuInit", the absl notice, the CPU instruction notice).
+TF_NOISE = re.compile(r"absl|cudart|cuInit|cuda|cpu_feature_guard|To enable the following|"
+                      r"^[IWEF]\d{4} \d\d:\d\d:|JPEG", re.IGNORECASE | re.MULTILINE)
+
 
 def test_export_and_client_in_fresh_process_without_tf_revnet(exported, tmp_path):  # noqa: F811
-    """The suite's one fresh-process serving test: a process that never imports tf_revnet (nor
-    the rest of training/) loads the export (same probabilities as Keras) and runs the client
-    CLI on files and folders."""
+    """The suite's one fresh-process serving test: the client command line (as `python -m
+    training.predict` runs) on files and folders, then on a truncated JPEG, and the export through
+    serving_default (same probabilities as Keras), in a process that never imports tf_revnet (nor
+    the rest of training/). Its stderr holds no TensorFlow start-up or libjpeg line: only the
+    one-line error of the truncated file."""
     folder = tmp_path / "photos"
     for i, f in enumerate(exported.files[:12]):
         (folder / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
         shutil.copy(f, folder / f"sub{i % 2}" / f"{i:02d}.jpg")
     (folder / "notes.txt").write_text("not an image")
     single = exported.files[12]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(exported.files[0].read_bytes()[:600])  # truncated: libjpeg complains
     np.save(tmp_path / "inputs.npy", exported.images[:7])
     script = tmp_path / "client.py"
     script.write_text(FRESH_PROCESS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run(
         [sys.executable, str(script), str(exported.result.path), str(tmp_path / "inputs.npy"),
-         str(tmp_path / "outputs.npy"), str(exported.base_path), str(single), str(folder),
-         "--top", "3", "--batch-size", "5"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+         str(tmp_path / "outputs.npy"), str(bad), str(exported.base_path), str(single),
+         str(folder), "--top", "3", "--batch-size", "5"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    client_err, bad_err, rest_err = proc.stderr.split("--- next ---\n")
+    assert client_err == "", client_err
+    assert bad_err.splitlines() == [
+        f"python -m training.predict: error: image {bad}: cannot decode it (not a JPEG, PNG, GIF "
+        "or BMP file, or truncated)"], bad_err
+    assert not TF_NOISE.search(rest_err), rest_err
     np.testing.assert_allclose(np.load(tmp_path / "outputs.npy"), exported.expected[:7], atol=1e-5)
     parsed = _parse_output(proc.stdout)
     order = [single] + sorted(folder.rglob("*.jpg"))

@@ -210,7 +210,8 @@ def _cli(script, stall_step, argv):
                             text=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
 
 
-def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small_dir, tmp_path):
+def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small_dir, tmp_path,
+                                                          capsys):
     """3 epochs of 4 steps, backups every 2 steps; killed after step 7 (epoch 2, batch 3), whose
     update was not saved: the rerun (in this process) restores step 6 and ends with the weights
     of the uninterrupted run of the `trained` fixture (same options and seed).
@@ -253,18 +254,41 @@ def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small
     with open(tmp_path / "run" / "training_log.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
     assert not (tmp_path / "run" / "backup").exists()
-    # A new command on the finished run directory (through `python -m`, which also filters
-    # TensorFlow's start-up lines): refused in one line, nothing is overwritten.
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    again = subprocess.run([sys.executable, "-m", "training.train", "--model-dir",
-                            str(tmp_path / "run"), "--export-dir", str(tmp_path / "x" / "3")],
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert again.returncode == 2
-    assert again.stderr.splitlines() == [
+    # A new command on the finished run directory: refused in one line, nothing is written.
+    # (That `python -m training.train` adds no TensorFlow start-up line to such errors:
+    # test_command_line_starts_without_tensorflow_noise, slow; the suite checks the shared
+    # start-up filter on `python -m training.predict` in test_predict.py.)
+    capsys.readouterr()
+    assert train.main(["--model-dir", str(tmp_path / "run"), "--export-dir",
+                       str(tmp_path / "x" / "3")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
         f"python -m training.train: error: --model-dir {tmp_path / 'run'}: holds a finished run "
         f"({' '.join(['python -m training.train'] + args + ['--no-export'])}); pick a new "
         "--model-dir or leave it "
-        "out (a new runs/<model>/<time>)"], again.stderr
+        "out (a new runs/<model>/<time>)"], err
+    assert not (tmp_path / "x" / "3").exists()
+
+
+@pytest.mark.slow  # one TensorFlow start-up per command (the suite: predict, in test_predict.py)
+@pytest.mark.parametrize("module", ["training.train", "training.export", "training.evaluate"])
+def test_command_line_starts_without_tensorflow_noise(module, tmp_path):
+    """`python -m training.train|export|evaluate` import TensorFlow at start-up: a one-line error
+    (a directory that is not a run) is all their stderr holds: no absl, cudart, cuInit or
+    CPU-instruction line."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    argv = {"training.train": ["--model-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path),
+                               "--export-dir", str(tmp_path / "e")],
+            "training.export": ["--model-dir", str(tmp_path / "m")],
+            "training.evaluate": [str(tmp_path / "m"), "--data-dir", str(tmp_path)]}[module]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": REPO_ROOT})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"python -m {module}: error: ") and str(tmp_path / "m") in line, line
 
 
 def _main_error(argv, capsys):
