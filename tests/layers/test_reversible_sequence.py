@@ -136,7 +136,10 @@ def test_batchnorm_statistics_updated_once():
 
 @pytest.mark.parametrize(
     "kind,mode",
-    [("dropout", "eager"), ("dropout", "function"), ("dropout", "xla"), ("noise", "function")],
+    [
+        ("dropout", "eager"), ("dropout", "function"), ("noise", "function"),
+        pytest.param("dropout", "xla", marks=pytest.mark.slow),  # XLA compiles for half a minute
+    ],
 )
 def test_random_layers_replayed_in_recompute(kind, mode):
     """Dropout masks and GaussianNoise draws are the same in the recompute as in the forward pass."""
@@ -649,7 +652,11 @@ def whole_body_pair(dtype="float64"):
 
 @pytest.mark.parametrize(
     "mode, dtype",
-    [("eager", "float64"), ("function", "float64"), ("xla", "float64"), ("function", "float32")],
+    [
+        ("eager", "float64"), ("function", "float64"), ("function", "float32"),
+        # XLA compiles the whole body for a minute; XLA is covered by the block tests above.
+        pytest.param("xla", "float64", marks=pytest.mark.slow),
+    ],
 )
 def test_non_invertible_units_recomputed_from_their_inputs(mode, dtype):
     reversible, plain = whole_body_pair(dtype)

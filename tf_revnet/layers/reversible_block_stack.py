@@ -146,8 +146,8 @@ class ReversibleBlockStack(TwoStreamLayer):
                     f"ReversibleBlockStack '{self.name}' initialises each of its {self.depth} blocks "
                     f"as a new copy of `block`, but residual function {arg.upper()} (layer "
                     f"'{layer.name}', {type(layer).__name__}) cannot be rebuilt from its config "
-                    f"({type(error).__name__}: {reason}). Fix: give the layer a get_config() that returns its constructor "
-                    "arguments (as Keras layers do)."
+                    f"({type(error).__name__}: {reason}). Fix: give the layer a get_config() "
+                    "that returns its constructor arguments (as Keras layers do)."
                 ) from None
         config = block.get_config()
         config.update(copies)
