@@ -342,3 +342,62 @@ def test_residual_function_that_cannot_be_copied_is_named():
     stack = ReversibleBlockStack(block, depth=2)
     with pytest.raises(ValueError, match=r"residual function G \(layer 'my_g'.*get_config"):
         stack.build((3, 4))
+
+
+# --- freezing and regularizers (as for per-block layers) -------------------------------------------
+
+
+def test_frozen_stack_runs_like_frozen_separate_blocks():
+    """`trainable = False` freezes the blocks: BatchNorm uses moving statistics, no weight moves."""
+    shape = (3, 6, 6, 8)
+    stack = ReversibleBlockStack(make_block(), depth=3)
+    sequence = ReversibleSequence([stack], dtype="float64")
+    sequence.build(shape)
+    reference = separate_blocks(stack, shape)
+    stack.trainable = False
+    for block in reference.units:
+        block.trainable = False
+    assert stack.trainable_variables == []
+    x = random_input(shape)
+    for layer in (stack, sequence):
+        for training in (True, False):
+            np.testing.assert_allclose(layer(x, training=training), reference(x, training=training),
+                                       rtol=1e-10, atol=1e-12)
+    loss, grads = loss_and_gradients(sequence, x, mode="function")
+    loss_ref, grads_ref = loss_and_gradients(reference, x, mode="function")
+    assert len(grads) == 1 and relative_error(grads[0], grads_ref[0]) <= RTOL["float64"]
+    stack.trainable = True
+    stack(x, training=True)
+    assert len(stack.trainable_variables) == len(stack.block.trainable_variables) == 12
+
+
+def test_model_with_frozen_body_fits_its_head():
+    import tf_revnet.models
+
+    model = tf_revnet.models.RevNet(units=[2, 3], widths=[8, 8, 16], input_shape=(8, 8, 3), classes=3)
+    model.get_layer("revnet_body").trainable = False
+    before = [v.numpy().copy() for v in model.get_layer("revnet_body").variables]
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype("float32")
+    model.fit(x, np.array([0, 1, 2, 0]), epochs=1, verbose=0)
+    for b, v in zip(before, model.get_layer("revnet_body").variables):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_kernel_regularizer_kept_per_slice():
+    import tf_revnet.models
+
+    losses = []
+    for stack_blocks in (True, False):
+        keras.utils.set_random_seed(0)
+        model = tf_revnet.models.RevNet(
+            units=[1, 3], widths=[8, 8, 8], input_shape=(8, 8, 3), classes=3,
+            kernel_regularizer=keras.regularizers.L2(1e-2), stack_blocks=stack_blocks,
+        )
+        # The penalty of a stacked kernel is the sum of its slices' penalties.
+        losses.append(sum(
+            float(keras.regularizers.L2(1e-2)(v)) for v in model.trainable_variables
+            if "kernel" in v.path
+        ))
+        assert float(tf.add_n(model.losses)) == pytest.approx(losses[-1], rel=1e-5)
+    assert len(losses) == 2

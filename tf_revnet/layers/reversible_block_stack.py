@@ -108,7 +108,7 @@ class ReversibleBlockStack(TwoStreamLayer):
             for values, v in zip(initial, copy.trainable_variables + copy.non_trainable_variables):
                 values.append(v.value)
             del copy
-        self._stacked = []
+        self._stacked = {}  # id(template variable) -> its stacked variable
         names = set()
         for v, values in zip(template, initial):
             value = tf.stack(values)
@@ -116,17 +116,35 @@ class ReversibleBlockStack(TwoStreamLayer):
             while name in names:
                 name += "_"
             names.add(name)
-            self._stacked.append(
-                self.add_weight(
-                    shape=tuple(value.shape),
-                    dtype=v.dtype,
-                    initializer=lambda shape, dtype, value=value: tf.cast(value, dtype),
-                    trainable=v.trainable,
-                    name=name,
-                )
+            # A regularizer of the stacked weight is the sum of its slices' (L1, L2): kept.
+            self._stacked[id(v)] = self.add_weight(
+                shape=tuple(value.shape),
+                dtype=v.dtype,
+                initializer=lambda shape, dtype, value=value: tf.cast(value, dtype),
+                trainable=v.trainable,
+                regularizer=getattr(v, "regularizer", None),
+                name=name,
             )
         self.input_spec = block.input_spec
         self.built = True
+
+    def _slots(self):
+        """The stacked variables aligned with the template's trainable and non-trainable variables.
+
+        The template follows the stack's `trainable` flag (as a tracked sublayer would: a frozen
+        BatchNorm normalises with its moving statistics), so the split is read at each call.
+        """
+        if self._block.trainable != self.trainable:
+            self._block.trainable = self.trainable
+        return ([self._stacked[id(v)] for v in self._block.trainable_variables],
+                [self._stacked[id(v)] for v in self._block.non_trainable_variables])
+
+    def _template_values(self, weights, state):
+        """Values given for (`trainable_variables`, `non_trainable_variables`) -> template order."""
+        values = {id(v): x for v, x in zip(self.trainable_variables, weights)}
+        values.update({id(v): x for v, x in zip(self.non_trainable_variables, state)})
+        weight_slots, state_slots = self._slots()
+        return values, [values[id(v)] for v in weight_slots], [values[id(v)] for v in state_slots]
 
     def _copy_block(self):
         """A new block of the template's structure, F and G rebuilt from their configs."""
@@ -160,15 +178,16 @@ class ReversibleBlockStack(TwoStreamLayer):
         self.check_input(inputs)
         x1, x2 = self.split(tf.cast(inputs, self.stream_dtype))
         rng_variable = global_seed_state() if training else None
+        weight_slots, state_slots = self._slots()
         with no_autocast():
-            weights = [tf.convert_to_tensor(v.value) for v in self.trainable_variables]
-            state = [tf.convert_to_tensor(v.value) for v in self.non_trainable_variables]
+            weights = [tf.convert_to_tensor(v.value) for v in weight_slots]
+            state = [tf.convert_to_tensor(v.value) for v in state_slots]
             rng = (tf.convert_to_tensor(rng_variable.value) if rng_variable is not None
                    else tf.zeros((2,), "int64"))
         (y1, y2), new_state, new_rng = loop_call(
             self._block, self.depth, weights, state, rng_variable, rng, x1, x2, training
         )
-        for variable, value in zip(self.non_trainable_variables, new_state):
+        for variable, value in zip(state_slots, new_state):
             variable.assign(value)
         if rng_variable is not None:
             rng_variable.assign(new_rng)
@@ -182,9 +201,10 @@ class ReversibleBlockStack(TwoStreamLayer):
 
     def inverse_halves(self, y1, y2, training=None):
         """Eq. 2 through every block, last to first: returns the stack's input halves `(x1, x2)`."""
+        weight_slots, state_slots = self._slots()
         with no_autocast():
-            weights = [tf.convert_to_tensor(v.value) for v in self.trainable_variables]
-            state = [tf.convert_to_tensor(v.value) for v in self.non_trainable_variables]
+            weights = [tf.convert_to_tensor(v.value) for v in weight_slots]
+            state = [tf.convert_to_tensor(v.value) for v in state_slots]
         block = self._block
 
         def body(k, y1, y2):
@@ -229,8 +249,14 @@ class ReversibleBlockStack(TwoStreamLayer):
         Returns:
             `((y1, y2), record, (new_state, new_rng))`, `new_state` stacked like `state`.
         """
-        return loop_forward(self._block, self.depth, weights, state, rng_variable, rng, x1, x2,
-                            training)
+        values, weights, state = self._template_values(weights, state)
+        (y1, y2), record, (new_state, new_rng) = loop_forward(
+            self._block, self.depth, weights, state, rng_variable, rng, x1, x2, training
+        )
+        values.update({id(v): x for v, x in zip(self._slots()[1], new_state)})
+        new_state = [values[id(v)] for v in self.non_trainable_variables]
+        # The record carries the template-order weights: frozen ones are not in `weights` later.
+        return (y1, y2), (record, weights), (new_state, new_rng)
 
     def stateless_backward(self, weights, record, rng_variable, y1, y2, dy1, dy2, training=True):
         """Algorithm 1 through every block, last to first (see `ReversibleBlock`).
@@ -238,8 +264,16 @@ class ReversibleBlockStack(TwoStreamLayer):
         Returns:
             `((x1, x2), (dx1, dx2), dweights)`, `dweights` stacked like `weights`.
         """
-        return loop_backward(self._block, self.depth, weights, record, rng_variable, y1, y2, dy1,
-                             dy2, training)
+        record, template_weights = record
+        weight_slots = self._slots()[0]
+        # The trainable values given now (the same tensors as in the forward pass, or their values).
+        given = {id(v): w for v, w in zip(self.trainable_variables, weights)}
+        template_weights = [given.get(id(v), w) for v, w in zip(weight_slots, template_weights)]
+        x, dx, dweights = loop_backward(self._block, self.depth, template_weights, record,
+                                        rng_variable, y1, y2, dy1, dy2, training)
+        grads = {id(v): g for v, g in zip(weight_slots, dweights)}
+        return x, dx, [grads.get(id(v), tf.zeros_like(w))
+                       for v, w in zip(self.trainable_variables, weights)]
 
     def get_config(self):
         config = super().get_config()
