@@ -1,7 +1,9 @@
 """Size of the traced training step, tracing time and XLA compile time against depth.
 
-For each model (RevNet-38/110/164 at CIFAR size) and method (`reversible`, `plain`), in its own process:
-traces one gradient step (`tf.GradientTape` through the model, gradients of every weight) with
+For each model (RevNet-38/110/164 at CIFAR size) and method, in its own process: `reversible` (the
+default RevNet: one `ReversibleBlockStack` per stage), `per-block` (reversible, one layer per block,
+`stack_blocks=False`) and `plain` (`stack_blocks=False, use_custom_gradient=False`, ordinary autodiff),
+it traces one gradient step (`tf.GradientTape` through the model, gradients of every weight) with
 `tf.function` and reports the GraphDef's nodes (the function library included: while-loop bodies,
 gradient functions) and bytes, and the tracing time; then, with `--xla`, runs the same step once with
 `jit_compile=True` and reports the time of that first call (tracing + XLA compilation + one step) and the
@@ -31,11 +33,11 @@ def run_child(args):
     import tf_revnet
 
     keras.utils.set_random_seed(0)
+    kwargs = {"use_custom_gradient": args.method != "plain", "stack_blocks": args.method == "reversible"}
     if args.quick:
-        model = tf_revnet.models.RevNet(units=(1, 2), widths=(8, 8, 16),
-                                        use_custom_gradient=args.method == "reversible")
+        model = tf_revnet.models.RevNet(units=(1, 2), widths=(8, 8, 16), **kwargs)
     else:
-        model = tf_revnet.models.get(args.model)(use_custom_gradient=args.method == "reversible")
+        model = tf_revnet.models.get(args.model)(**kwargs)
     x = tf.random.uniform((args.batch_size, 32, 32, 3))
     y = tf.zeros((args.batch_size,), "int64")
 
@@ -71,7 +73,8 @@ def run_child(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["revnet38", "revnet110", "revnet164"])
-    parser.add_argument("--methods", nargs="+", default=["reversible", "plain"])
+    parser.add_argument("--methods", nargs="+", choices=["reversible", "per-block", "plain"],
+                        default=["reversible", "per-block", "plain"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--xla", action="store_true")
     parser.add_argument("--quick", action="store_true")

@@ -95,3 +95,14 @@ def test_graph_quick_in_its_own_process(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check_graph_output(output)
+
+
+def test_xla_loop_conv_quick(capsys):
+    """`xla_loop_conv.py --quick`: one row per computation, both timings positive."""
+    assert _benchmark("xla_loop_conv").main(["--quick"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")][1:]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == ["forward_loop", "weight_gradients_unrolled", "weight_gradients_loop"]
+    for row in rows:
+        fn_ms, xla_ms = (float(c) for c in row.split("|")[2:4])
+        assert fn_ms > 0 and xla_ms > 0
