@@ -222,9 +222,10 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
 
 @pytest.mark.slow
 def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, monkeypatch):
-    """Both workers are killed (SIGKILL) after global step 7 (epoch 2, batch 3), with backups every
-    2 steps; the same two commands started again resume at step 6 and end with the weights and
-    test loss of an uninterrupted one-device run."""
+    """Both workers are killed (SIGKILL) after global step 3 (epoch 1, batch 3), with backups every
+    2 steps; the same two commands started again resume at step 2 and end with the weights and
+    test loss of an uninterrupted one-device run. (Killed early: steps 2 and 3 use the full
+    learning rate, 100 times that of the last two steps, so a wrong resume shows.)"""
     from training import train
 
     script = tmp_path / "worker.py"
@@ -232,7 +233,7 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, 
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     argv = _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker",
                      extra=["--save-every-steps", "2"])
-    victims = _start_workers(script, argv, workers, stall_step=7)
+    victims = _start_workers(script, argv, workers, stall_step=3)
     try:
         deadline = time.time() + 300
         for victim in victims:
@@ -247,7 +248,7 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, 
     mw = tmp_path / "mw"
     for directory in (mw, mw / "worker-1"):
         metadata = json.loads((directory / "backup" / "training_metadata.json").read_text())
-        assert metadata["step"] == 6 and metadata["epoch"] == 1, directory
+        assert metadata["step"] == 2 and metadata["epoch"] == 0, directory
         assert not (directory / "summary.json").exists()
 
     procs = _start_workers(script, argv, workers)  # the same commands
@@ -258,7 +259,7 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, 
         outputs = _finish(procs)
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-        assert "Resuming at step 6 of 8 (epoch 2, batch 2)" in out, out
+        assert "Resuming at step 2 of 8 (epoch 1, batch 2)" in out, out
         np.testing.assert_allclose(_result(out)["test_loss"], reference.test_loss, rtol=1e-5)
     for directory in (mw, mw / "worker-1"):
         weights = _h5_arrays(directory / "model.weights.h5")
