@@ -548,7 +548,7 @@ def _train(config, callbacks):
     if not chief:
         # Workers other than the chief keep their own backup, logs and export in a sub-folder
         # (the Keras multi-worker convention): the chief's files are the run's. Every worker
-        # saves (saving reads distributed variables, a collective operation).
+        # runs the whole command, saves included, so that all run the same collective steps.
         worker = run_dir / f"worker-{worker_index}"
         config = dataclasses.replace(config, model_dir=str(worker),
                                      export_dir=str(worker / "export"))

@@ -12,6 +12,7 @@ must give the same losses.
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,7 +225,8 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
 def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, monkeypatch):
     """Both workers are killed (SIGKILL) after global step 3 (epoch 1, batch 3), with backups every
     2 steps; the same two commands started again resume at step 2 and end with the weights and
-    test loss of an uninterrupted one-device run. (Killed early: steps 2 and 3 use the full
+    test loss of an uninterrupted one-device run; workers that restore different steps stop with
+    a one-line error. (Killed early: steps 2 and 3 use the full
     learning rate, 100 times that of the last two steps, so a wrong resume shows.)"""
     from training import train
 
@@ -250,6 +252,20 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, 
         metadata = json.loads((directory / "backup" / "training_metadata.json").read_text())
         assert metadata["step"] == 2 and metadata["epoch"] == 0, directory
         assert not (directory / "summary.json").exists()
+
+    # Workers that do not see the same backup (here the chief's is gone, as on hosts without a
+    # shared run directory) stop, naming the steps, instead of training out of step.
+    shutil.copytree(mw, tmp_path / "unshared")
+    shutil.rmtree(tmp_path / "unshared" / "backup")
+    unshared = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "unshared",
+                                             "multi_worker", extra=["--save-every-steps", "2"]),
+                           unshared)
+    for proc, (_, err) in zip(procs, _finish(procs)):
+        assert proc.returncode != 0
+        assert ("ConfigError: --distribution multi_worker: the workers restored different steps "
+                "(0, 2); every worker resumes from the chief's backup in --model-dir") in err, \
+            err[-3000:]
 
     procs = _start_workers(script, argv, workers)  # the same commands
     try:
