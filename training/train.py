@@ -13,6 +13,12 @@ Run from the repository root (`training` is not an installed package):
     python -m training.train --recipe imagenet --model revnet104 --data-dir /data/imagenet \\
         --distribution mirrored
 
+    # Two workers: the same command on each host, with its own TF_CONFIG task index (0 is the
+    # chief, which writes the run dir; the run dir is shared, e.g. on a network file system):
+    TF_CONFIG='{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", '\\
+    '"index": 0}}' python -m training.train --data-dir /data/cifar10 --distribution multi_worker \\
+        --model-dir /shared/runs/a
+
     # Save every 500 steps; a killed run resumes exactly when started again with its run dir:
     python -m training.train --data-dir /tmp/cifar10 --save-every-steps 500 --model-dir runs/a
     python -m training.train --data-dir /tmp/cifar10 --save-every-steps 500 --model-dir runs/a
@@ -531,10 +537,19 @@ def _peak_memory_mb():
 
 
 def _train(config, callbacks):
-    if config.distribution == "multi_worker" and not distribute_lib.is_chief():
+    run_dir = pathlib.Path(config.model_dir)  # the chief's, shared by all workers
+    chief = True
+    if config.distribution == "multi_worker":
+        try:
+            chief = distribute_lib.is_chief()
+            worker_index = distribute_lib.task_id()[1]
+        except ValueError as e:
+            raise ConfigError(f"--distribution multi_worker: {e}") from None
+    if not chief:
         # Workers other than the chief keep their own backup, logs and export in a sub-folder
-        # (the Keras multi-worker convention): the chief's files are the run's.
-        worker = pathlib.Path(config.model_dir) / f"worker-{distribute_lib.task_id()[1]}"
+        # (the Keras multi-worker convention): the chief's files are the run's. Every worker
+        # runs the whole command, saves included, so that all run the same collective steps.
+        worker = run_dir / f"worker-{worker_index}"
         config = dataclasses.replace(config, model_dir=str(worker),
                                      export_dir=str(worker / "export"))
     recipe = config.recipe
@@ -619,13 +634,21 @@ def _train(config, callbacks):
 
     backup = checkpoint_lib.ExactBackup(model_dir / "backup",
                                         save_every_steps=config.save_every_steps)
+    # Every worker of a multi-worker run resumes from the chief's backup when it sees the shared
+    # run directory (a worker killed just before its own save would otherwise be one save
+    # behind), and the workers check that they restored the same step.
+    chief_backup = checkpoint_lib.ExactBackup(run_dir / "backup")
+    source = chief_backup if not chief and chief_backup.exists() else backup
     try:
-        step = backup.restore(model)
+        step = source.restore(model)
+        distribute_lib.check_same_step(strategy, step)
     except checkpoint_lib.CheckpointError as e:
-        raise ConfigError(f"--model-dir {model_dir}: {e}") from None
+        raise ConfigError(f"--model-dir {run_dir}: {e}") from None
+    except distribute_lib.WorkerMismatchError as e:
+        raise ConfigError(f"--distribution multi_worker: {e}") from None
     if step:
         print(f"Resuming at step {step} of {total_steps} (epoch {step // steps_per_epoch + 1}, "
-              f"batch {step % steps_per_epoch}) from {backup.directory}", flush=True)
+              f"batch {step % steps_per_epoch}) from {source.directory}", flush=True)
 
     run_metrics = RunMetrics(recipe.batch_size)
     fit_callbacks = [

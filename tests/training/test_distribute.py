@@ -1,17 +1,23 @@
-"""`--distribution mirrored` on two logical CPU devices trains like one device (same global batch).
+"""`--distribution mirrored` and `multi_worker` train like one device with the same global batch.
 
-Runs in a subprocess: logical devices must be configured before TensorFlow initializes. The model
-has no BatchNorm (a small CNN registered through `train.MODEL_BUILDERS`): under a `tf.distribute`
-strategy BatchNorm normalizes each replica's part of the batch (Keras' default,
-`synchronized=False`), which by design differs from one device; everything else (data sharding,
-global-batch loss averaging, gradient all-reduce, the schedule) must give the same losses.
+`mirrored` runs on two logical CPU devices in a subprocess (logical devices must be configured
+before TensorFlow initializes); `multi_worker` runs two worker processes on 127.0.0.1 with their
+`TF_CONFIG`, one CPU replica each. The model has no BatchNorm (a small CNN registered through
+`train.MODEL_BUILDERS`): under a `tf.distribute` strategy BatchNorm normalizes each replica's part
+of the batch (Keras' default, `synchronized=False`), which by design differs from one device;
+everything else (data sharding, global-batch loss averaging, gradient all-reduce, the schedule)
+must give the same losses.
 """
 
+import csv
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -25,17 +31,8 @@ SCRIPT = textwrap.dedent(
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
+    from tests.training.test_distribute import small_cnn
     from training import train
-
-    def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, **kwargs):
-        inputs = keras.Input(input_shape)
-        x = keras.layers.Conv2D(8, 3, strides=2, activation="relu",
-                                kernel_regularizer=kernel_regularizer)(inputs)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        outputs = keras.layers.Dense(classes, activation=classifier_activation,
-                                     kernel_regularizer=kernel_regularizer)(x)
-        return keras.Model(inputs, outputs)
 
     train.MODEL_BUILDERS["small_cnn"] = small_cnn
     data_dir, out_dir = sys.argv[1:3]
@@ -70,33 +67,54 @@ def test_mirrored_on_two_cpus_matches_one_device(cifar10_small_dir, tmp_path):
     assert result["none"]["loss"][0] != result["none"]["loss"][1]
 
 
+def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, **kwargs):
+    """A CNN without BatchNorm (the test model of the multi-worker tests)."""
+    import keras
+
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu",
+                            kernel_regularizer=kernel_regularizer)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(classes, activation=classifier_activation,
+                                 kernel_regularizer=kernel_regularizer)(x)
+    return keras.Model(inputs, outputs)
+
+
+# One worker of a multi-worker run: `worker.py STALL_STEP ARGS...` runs `train.run(ARGS)`; with
+# STALL_STEP > 0 it prints STALLED after that global step and waits to be killed.
 WORKER_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, time
     import keras
+    from tests.training.test_distribute import small_cnn
     from training import train
 
-    def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, **kwargs):
-        inputs = keras.Input(input_shape)
-        x = keras.layers.Conv2D(8, 3, strides=2, activation="relu",
-                                kernel_regularizer=kernel_regularizer)(inputs)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        outputs = keras.layers.Dense(classes, activation=classifier_activation,
-                                     kernel_regularizer=kernel_regularizer)(x)
-        return keras.Model(inputs, outputs)
+    class StallAt(keras.callbacks.Callback):
+        def __init__(self, step):
+            super().__init__()
+            self.step = step
+
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == self.step:
+                print("STALLED", flush=True)
+                time.sleep(600)
 
     train.MODEL_BUILDERS["small_cnn"] = small_cnn
-    data_dir, model_dir, strategy = sys.argv[1:4]
-    result = train.run([
-        "--model", "small_cnn", "--data-dir", data_dir, "--train-examples", "128",
-        "--test-examples", "32", "--epochs", "2", "--steps-per-epoch", "4",
-        "--batch-size", "32", "--learning-rate", "0.05", "--verbose", "0",
-        "--distribution", strategy, "--model-dir", model_dir,
-        "--no-export"])
-    print("RESULT " + json.dumps({"loss": result.history["loss"],
+    stall = int(sys.argv[1])
+    result = train.run(sys.argv[2:], callbacks=[StallAt(stall)] if stall else [])
+    print("RESULT " + json.dumps({"loss": result.history.get("loss"),
+                                  "val_loss": result.history.get("val_loss"),
+                                  "test_loss": result.test_loss,
                                   "replicas": result.config["num_replicas"]}))
     """
 )
+
+
+def _run_args(data_dir, model_dir, strategy, extra=()):
+    return ["--model", "small_cnn", "--data-dir", str(data_dir), "--train-examples", "128",
+            "--test-examples", "32", "--epochs", "2", "--steps-per-epoch", "4",
+            "--batch-size", "32", "--learning-rate", "0.05", "--verbose", "0",
+            "--distribution", strategy, "--model-dir", str(model_dir), "--no-export", *extra]
 
 
 def _free_ports(n):
@@ -111,46 +129,175 @@ def _free_ports(n):
     return ports
 
 
-def test_multi_worker_is_refused_in_one_line(tmp_path, capsys):
+def _start_workers(script, argv, workers, stall_step=0):
+    """Starts one process per address of `workers`, each with its `TF_CONFIG`."""
+    procs = []
+    for index in range(len(workers)):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), str(stall_step), *argv], cwd=REPO_ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CONFIG": json.dumps(tf_config)}))
+    return procs
+
+
+def _finish(procs, timeout=300):
+    """(stdout, stderr) of every process; all are killed if one is not done in time."""
+    deadline = time.time() + timeout
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.time())))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
+
+
+def _result(stdout):
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_multi_worker_needs_tf_config_one_line(tmp_path, capsys, monkeypatch):
     from training import train
 
-    code = train.main(["--distribution", "multi_worker", "--model-dir", str(tmp_path / "m"),
-                       "--data-dir", str(tmp_path), "--export-dir", str(tmp_path / "e")])
+    argv = ["--distribution", "multi_worker", "--model-dir", str(tmp_path / "m"),
+            "--data-dir", str(tmp_path), "--export-dir", str(tmp_path / "e")]
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert train.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1
-    assert "--distribution multi_worker:" in err and "keras-team/keras#20585" in err
+    assert err.splitlines() == [
+        "python -m training.train: error: --distribution multi_worker: needs the TF_CONFIG "
+        "environment variable describing the cluster and this task, e.g. {\"cluster\": "
+        "{\"worker\": [\"host1:12345\", \"host2:12345\"]}, \"task\": {\"type\": \"worker\", "
+        "\"index\": 0}}"]
+    monkeypatch.setenv("TF_CONFIG", "{'cluster': ")
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("python -m training.train: error: --distribution multi_worker: "
+                          "TF_CONFIG is not valid JSON"), err
+    assert not (tmp_path / "m").exists()
+
+
+def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_dir, tmp_path,
+                                                                monkeypatch):
+    """Two worker processes on 127.0.0.1 (one CPU replica each, global batch 32) give the losses
+    of one device with the same global batch; the chief (worker 0) writes the run directory and
+    worker 1 keeps its state under `worker-1/`."""
+    from training import train
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"),
+                           workers)
+    try:  # the one-device reference, in this process while the workers run
+        monkeypatch.setitem(train.MODEL_BUILDERS, "small_cnn", small_cnn)
+        reference = train.run(_run_args(cifar10_small_dir, tmp_path / "one", "none"))
+    finally:
+        outputs = _finish(procs)
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    assert reference.config["num_replicas"] == 1
+    for stdout, _ in outputs:
+        got = _result(stdout)
+        assert got["replicas"] == 2
+        for key in ("loss", "val_loss"):
+            np.testing.assert_allclose(got[key], reference.history[key], rtol=1e-5)
+    # The losses moved (a real run, not a constant).
+    assert reference.history["loss"][0] != reference.history["loss"][1]
+    mw = tmp_path / "mw"
+    chief_files = ("config.json", "summary.json", "training_log.csv", "model.weights.h5",
+                   "model.keras")
+    for name in chief_files:
+        assert (mw / name).is_file(), name
+        assert (mw / "worker-1" / name).is_file(), name
+    assert sorted(p.name for p in mw.iterdir() if p.name.startswith("worker-")) == ["worker-1"]
+    assert json.loads((mw / "summary.json").read_text())["model_dir"] == str(mw)
+    assert json.loads((mw / "config.json").read_text())["num_replicas"] == 2
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Keras 3.15 model.fit fails under "
-                   "MultiWorkerMirroredStrategy (keras-team/keras#20585); passes once fixed")
-def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_dir, tmp_path):
+def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, monkeypatch):
+    """Both workers are killed (SIGKILL) after global step 3 (epoch 1, batch 3), with backups every
+    2 steps; the same two commands started again resume at step 2 and end with the weights and
+    test loss of an uninterrupted one-device run; workers that restore different steps stop with
+    a one-line error. (Killed early: steps 2 and 3 use the full
+    learning rate, 100 times that of the last two steps, so a wrong resume shows.)"""
+    from training import train
+
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "TF_REVNET_ALLOW_MULTI_WORKER": "1"}
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    procs = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(cifar10_small_dir), str(tmp_path / "mw"),
-             "multi_worker"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**env, "TF_CONFIG": json.dumps(tf_config)}))
-    single = subprocess.run([sys.executable, str(script), str(cifar10_small_dir),
-                             str(tmp_path / "one"), "none"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, env=env, timeout=600)
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for proc, (_, err) in zip(procs, outputs):
+    argv = _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker",
+                     extra=["--save-every-steps", "2"])
+    victims = _start_workers(script, argv, workers, stall_step=3)
+    try:
+        deadline = time.time() + 300
+        for victim in victims:
+            line = ""
+            while "STALLED" not in line and time.time() < deadline and victim.poll() is None:
+                line = victim.stdout.readline()
+            assert "STALLED" in line, victim.stderr.read()[-3000:]
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+    finally:
+        _finish(victims, timeout=30)
+    mw = tmp_path / "mw"
+    for directory in (mw, mw / "worker-1"):
+        metadata = json.loads((directory / "backup" / "training_metadata.json").read_text())
+        assert metadata["step"] == 2 and metadata["epoch"] == 0, directory
+        assert not (directory / "summary.json").exists()
+
+    # Workers that do not see the same backup (here the chief's is gone, as on hosts without a
+    # shared run directory) stop, naming the steps, instead of training out of step.
+    shutil.copytree(mw, tmp_path / "unshared")
+    shutil.rmtree(tmp_path / "unshared" / "backup")
+    unshared = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "unshared",
+                                             "multi_worker", extra=["--save-every-steps", "2"]),
+                           unshared)
+    for proc, (_, err) in zip(procs, _finish(procs)):
+        assert proc.returncode != 0
+        assert ("ConfigError: --distribution multi_worker: the workers restored different steps "
+                "(0, 2); every worker resumes from the chief's backup in --model-dir") in err, \
+            err[-3000:]
+
+    procs = _start_workers(script, argv, workers)  # the same commands
+    try:
+        monkeypatch.setitem(train.MODEL_BUILDERS, "small_cnn", small_cnn)
+        reference = train.run(_run_args(cifar10_small_dir, tmp_path / "one", "none"))
+    finally:
+        outputs = _finish(procs)
+    for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    assert single.returncode == 0, single.stderr[-3000:]
+        assert "Resuming at step 2 of 8 (epoch 1, batch 2)" in out, out
+        np.testing.assert_allclose(_result(out)["test_loss"], reference.test_loss, rtol=1e-5)
+    for directory in (mw, mw / "worker-1"):
+        weights = _h5_arrays(directory / "model.weights.h5")
+        want = _h5_arrays(tmp_path / "one" / "model.weights.h5")
+        assert sorted(weights) == sorted(want) and len(want) >= 4
+        for name in want:
+            np.testing.assert_allclose(weights[name], want[name], rtol=0, atol=1e-5,
+                                       err_msg=name)
+        assert not (directory / "backup").exists()
+        with open(directory / "training_log.csv") as f:
+            assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
 
-    def result(stdout):
-        line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
-        return json.loads(line[len("RESULT "):])
 
-    reference = result(single.stdout)
-    for stdout, _ in outputs:
-        got = result(stdout)
-        assert got["replicas"] == 2
-        np.testing.assert_allclose(got["loss"], reference["loss"], rtol=1e-5)
-    assert (tmp_path / "mw" / "summary.json").is_file()  # the chief's run directory
+def _h5_arrays(path):
+    import h5py
+
+    arrays = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            arrays[name] = obj[()]
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return arrays
