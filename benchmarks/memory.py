@@ -42,7 +42,7 @@ Commands (from the repository root, with the package installed, e.g. `pip instal
     # Full table (N = 2, 8, 32, 64; batch 16 of 32x32x32; about 35 minutes on 2 busy CPU cores):
     python benchmarks/memory.py --output benchmarks/results/memory.json
 
-    # Quick check (N = 2, 8, 16; batch 8; a few minutes):
+    # Smoke run (tf.function, reversible and plain, N = 2 and 4, batch 8; about a minute):
     python benchmarks/memory.py --quick
 
     # A subset:
@@ -73,7 +73,9 @@ from measure import run_child as _run_child
 MODES = ("eager", "function", "fit", "xla")
 METHODS = ("reversible", "stacked", "plain", "recompute")
 DEPTHS = (2, 8, 32, 64)
-QUICK_DEPTHS = (2, 8, 16)
+QUICK_DEPTHS = (2, 4)
+QUICK_MODES = ("function",)
+QUICK_METHODS = ("reversible", "plain")
 MIB = 2.0**20
 
 
@@ -388,8 +390,10 @@ def _machine():
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                        help=f"Default {MODES} ({QUICK_MODES} with --quick).")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help=f"Default {METHODS} ({QUICK_METHODS} with --quick).")
     parser.add_argument("--depths", nargs="+", type=int, default=None,
                         help=f"Numbers of blocks N. Default {DEPTHS} ({QUICK_DEPTHS} with --quick).")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -411,14 +415,22 @@ def parse_args(argv=None):
         help="CPU memory meter: 'rss' (peak RSS, oneDNN off so freed memory leaves the process) "
         "or 'allocator' (TensorFlow's CPU allocator statistics, oneDNN on). A GPU, if visible, is "
         "always measured with its allocator statistics. Default 'rss'.")
-    parser.add_argument("--quick", action="store_true", help="Smaller and faster run.")
+    parser.add_argument("--quick", action="store_true",
+                        help="Smoke run: tf.function only, reversible and plain, N = 2 and 4, batch 8, "
+                        "one measured step (4 child processes, about a minute).")
     parser.add_argument("--output", help="Write the raw results and the tables to this JSON file.")
     parser.add_argument("--from-json", nargs="+",
                         help="Print the tables of saved runs (merged; later files win) and exit.")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.modes is None:
+        args.modes = list(QUICK_MODES if args.quick else MODES)
+    if args.methods is None:
+        args.methods = list(QUICK_METHODS if args.quick else METHODS)
     if args.depths is None:
         args.depths = list(QUICK_DEPTHS if args.quick else DEPTHS)
+    if args.quick:
+        args.steps = min(args.steps, 1)
     if args.batch_size is None:
         args.batch_size = 8 if args.quick else 16
     if args.child:
@@ -430,7 +442,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         run_child(args)
-        return
+        return 0
     if args.from_json:
         merged, order = {}, {"modes": [], "methods": [], "depths": []}
         for path in args.from_json:
@@ -443,7 +455,7 @@ def main(argv=None):
         print(summarize(list(merged.values()), sorted(order["depths"]),
                         [m for m in MODES if m in order["modes"]],
                         [m for m in METHODS if m in order["methods"]]))
-        return
+        return 0
     results = []
     t0 = time.perf_counter()
     for mode in args.modes:
@@ -467,7 +479,8 @@ def main(argv=None):
         with open(args.output, "w") as f:
             json.dump({**config, "machine": _machine(), "command": " ".join(sys.argv),
                        "results": results, "table": table}, f, indent=1)
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -244,6 +244,7 @@ def _re_estimate(results, args):
         model = build_model(r["model"], r["method"], r["image_size"], deep_units=args.deep_units)
         estimate = tf_revnet.memory.estimate(model, r["batch_size"])
         r["estimate_mb"] = {k: v / MIB for k, v in estimate.as_dict().items()}
+        r["layers_deep"] = _depth(model, tf_revnet)  # metadata; older counters missed stacked blocks
 
 
 def _image_size(model):
@@ -295,7 +296,14 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "error" not in r]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = {}
+    for r in ok:
+        series.setdefault((r["model"], r["method"]), []).append((r["batch_size"], r["step_peak_mb"]))
+    series = {key: sorted(points) for key, points in sorted(series.items()) if len(points) > 1}
+    if series:  # memory against batch size only where a run measured several batch sizes
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    else:
+        fig, left = plt.subplots(1, 1, figsize=(6, 4.2))
     for method in METHODS:
         points = sorted(
             (r["layers_deep"], r["step_peak_mb"]) for r in ok
@@ -304,17 +312,14 @@ def plot(results, path):
         )
         if points:
             left.plot(*zip(*points), marker="o", label=method)
-    left.set(xlabel="weighted layers", ylabel="training-step peak (MB)",
+    left.set(xlabel="weighted layers (projection shortcuts included)", ylabel="training-step peak (MB)",
              title="Memory against depth (CIFAR size, largest batch)")
     left.legend()
-    for key in sorted({(r["model"], r["method"]) for r in ok}):
-        points = sorted((r["batch_size"], r["step_peak_mb"]) for r in ok
-                        if (r["model"], r["method"]) == key)
-        if len(points) > 1:
-            right.plot(*zip(*points), marker="o", label=f"{key[0]} {key[1]}")
-    right.set(xlabel="batch size", ylabel="training-step peak (MB)",
-              title="Memory against batch size")
-    if right.lines:
+    for key, points in series.items():
+        right.plot(*zip(*points), marker="o", label=f"{key[0]} {key[1]}")
+    if series:
+        right.set(xlabel="batch size", ylabel="training-step peak (MB)",
+                  title="Memory against batch size")
         right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -342,7 +347,7 @@ def parse_args(argv=None):
     parser.add_argument("--from-json", nargs="+", help="Re-print tables and plots of saved runs.")
     parser.add_argument("--re-estimate", action="store_true",
                         help="With --from-json: recompute `estimate_mb` with the current "
-                        "tf_revnet.memory.estimate (the measurements are kept).")
+                        "tf_revnet.memory.estimate and the depth label (the measurements are kept).")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:

@@ -106,3 +106,14 @@ def test_xla_loop_conv_quick(capsys):
     for row in rows:
         fn_ms, xla_ms = (float(c) for c in row.split("|")[2:4])
         assert fn_ms > 0 and xla_ms > 0
+
+
+def test_memory_quick_one_configuration(tmp_path, capsys):
+    """`memory.py --quick` restricted to one child process: it measures and writes its JSON."""
+    memory = _benchmark("memory")
+    output = tmp_path / "memory.json"
+    assert memory.main(["--quick", "--methods", "reversible", "--depths", "2",
+                        "--output", str(output)]) == 0
+    results = json.loads(output.read_text())["results"]
+    assert len(results) == 1
+    assert "| function | reversible |" in capsys.readouterr().out

@@ -131,9 +131,17 @@ def test_unknown_channels_raise():
         BasicResidualFunction().build((None, 4, 4, None))
 
 
-@pytest.mark.parametrize("module", ["tf_revnet.layers.residual_functions", "tf_revnet.layers.residual_block"])
+@pytest.mark.parametrize("module", [
+    "tf_revnet.layers.residual_functions", "tf_revnet.layers.residual_block",
+    "tf_revnet.layers.reversible_block", "tf_revnet.layers.reversible_block_stack",
+    "tf_revnet.layers.reversible_sequence", "tf_revnet.layers.stage_transition",
+    "tf_revnet.memory", "tf_revnet.diagnostics",
+])
 def test_docstring_examples(module):
+    import tf_revnet
+
     module = importlib.import_module(module)
-    results = doctest.testmod(module, extraglobs={"keras": keras, **vars(module)})
+    results = doctest.testmod(module, extraglobs={"keras": keras, "tf_revnet": tf_revnet,
+                                                  **vars(module)})
     assert results.attempted > 0
     assert results.failed == 0

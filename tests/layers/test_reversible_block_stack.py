@@ -4,6 +4,8 @@ The independent reference is a sequence of separate `ReversibleBlock` layers (th
 ordinary autodiff), given the stack's weights, BatchNorm statistics and seed states slice by slice.
 """
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -245,10 +247,17 @@ def test_block_must_be_a_reversible_block(block):
         ReversibleBlockStack(block, depth=2)
 
 
-@pytest.mark.parametrize("depth", [0, -1, 2.5, True, "3"])
+@pytest.mark.parametrize("depth", [0, -1, 2.5, True, "3", np.float32(3), np.int64(0)])
 def test_depth_must_be_a_positive_int(depth):
     with pytest.raises(ValueError, match="`depth` must be a positive integer"):
         ReversibleBlockStack(make_block(), depth=depth)
+
+
+@pytest.mark.parametrize("depth", [np.int64(3), np.int32(3), 3])
+def test_depth_of_any_integer_type_is_stored_as_int(depth):
+    stack = ReversibleBlockStack(make_block(), depth=depth)
+    assert type(stack.depth) is int and stack.depth == 3
+    assert json.loads(json.dumps(stack.get_config()))["depth"] == 3
 
 
 def test_odd_channels_raise_on_build():
@@ -401,3 +410,42 @@ def test_kernel_regularizer_kept_per_slice():
         ))
         assert float(tf.add_n(model.losses)) == pytest.approx(losses[-1], rel=1e-5)
     assert len(losses) == 2
+
+
+@pytest.mark.parametrize("stack_blocks", [True, False], ids=["stacked", "per-block"])
+def test_freeze_and_unfreeze_between_fits_matches_plain_autodiff(stack_blocks):
+    """Fine-tuning order: fit, freeze a unit, fit, unfreeze it, fit (the plan follows the flags).
+
+    Reference: the same model and steps with plain autodiff (`use_custom_gradient=False`).
+    """
+    import tf_revnet.models
+
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    y = np.arange(4) % 3
+    runs = {}
+    for custom in (True, False):
+        keras.utils.set_random_seed(0)
+        model = tf_revnet.models.RevNet(units=(3, 3), widths=(8, 8, 16), input_shape=(8, 8, 3),
+                                        classes=3, stack_blocks=stack_blocks,
+                                        use_custom_gradient=custom)
+        body = model.get_layer("revnet_body")
+        unit = [u for u in body.units if isinstance(u, (ReversibleBlockStack, ReversibleBlock))][1]
+        history = []
+        for step in ("fit", "freeze", "fit", "unfreeze", "fit"):
+            if step == "fit":
+                before = [v.numpy().copy() for v in unit.variables]
+                model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy",
+                              run_eagerly=True)  # the plan is mode-independent; eager is quick
+                loss = model.fit(x, y, batch_size=4, epochs=1, verbose=0).history["loss"][0]
+                moved = any(not np.array_equal(a, v.numpy()) for a, v in zip(before, unit.variables))
+                history.append((loss, moved, unit.trainable))
+            else:
+                unit.trainable = step == "unfreeze"
+        runs[custom] = (history, [v.numpy() for v in model.weights])
+    (history, weights), (history_ref, weights_ref) = runs[True], runs[False]
+    assert [(moved, trainable) for _, moved, trainable in history] == [
+        (True, True), (False, False), (True, True)]
+    assert [m for _, m, _ in history_ref] == [True, False, True]
+    np.testing.assert_allclose([h[0] for h in history], [h[0] for h in history_ref], rtol=1e-5)
+    for got, want in zip(weights, weights_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

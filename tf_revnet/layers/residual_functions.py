@@ -47,13 +47,13 @@ class _PreActivationResidualFunction(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_positive_int("filters", filters, allow_none=True)
+        filters = check_positive_int("filters", filters, allow_none=True)
         if filters is not None and filters % self._divisor:
             raise ValueError(
                 f"`filters` must be divisible by {self._divisor} for "
                 f"{self.__class__.__name__}. Received: filters={filters}"
             )
-        check_positive_int("strides", strides)
+        strides = check_positive_int("strides", strides)
         if not isinstance(preactivate, bool):
             raise ValueError(f"`preactivate` must be a bool. Received: preactivate={preactivate!r}")
         check_batch_norm_args(batch_norm_momentum, batch_norm_epsilon)
@@ -304,13 +304,13 @@ def init_unit_args(
     """
     from tf_revnet.layers.shortcut import SHORTCUTS
 
-    check_positive_int("filters", filters)
+    filters = check_positive_int("filters", filters)
     if residual_function not in RESIDUAL_FUNCTIONS:
         raise ValueError(
             f"`residual_function` must be one of {sorted(RESIDUAL_FUNCTIONS)}. "
             f"Received: residual_function={residual_function!r}"
         )
-    check_positive_int("strides", strides)
+    strides = check_positive_int("strides", strides)
     if not isinstance(preactivate, bool):
         raise ValueError(f"`preactivate` must be a bool. Received: preactivate={preactivate!r}")
     if shortcut not in SHORTCUTS:

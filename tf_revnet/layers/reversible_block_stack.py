@@ -49,7 +49,8 @@ class ReversibleBlockStack(TwoStreamLayer):
 
     Raises:
         ValueError: if `block` is not a `ReversibleBlock`; if `depth` is not a
-            positive int; on build, what `ReversibleBlock.build` raises (odd channels, a strided F or G).
+            positive integer (any integer type); on build, what `ReversibleBlock.build` raises
+            (odd channels, a strided F or G).
 
     Example:
 
@@ -57,7 +58,7 @@ class ReversibleBlockStack(TwoStreamLayer):
     >>> stack = ReversibleBlockStack(
     ...     ReversibleBlock(BasicResidualFunction(16), BasicResidualFunction(16)), depth=18)
     >>> y = stack(keras.random.normal((2, 8, 8, 32)), training=True)
-    >>> [tuple(v.shape) for v in stack.trainable_variables][:1]
+    >>> [tuple(v.shape) for v in stack.trainable_variables if "conv1" in v.name][:1]
     [(18, 3, 3, 16, 16)]
 
     References:
@@ -72,7 +73,7 @@ class ReversibleBlockStack(TwoStreamLayer):
                 "`block` must be a tf_revnet.layers.ReversibleBlock (the structure every block of the "
                 f"stack repeats). Received: block={block!r} of type {type(block).__name__}"
             )
-        check_positive_int("depth", depth)
+        depth = check_positive_int("depth", depth)
         kwargs.setdefault("dtype", block.dtype_policy)
         super().__init__(axis=block.axis, **kwargs)
         self.depth = depth

@@ -272,9 +272,20 @@ class ReversibleSequence(keras.layers.Layer):
     # The memory-saving pass.
 
     def _get_plan(self):
-        if self._plan is None:
+        """The plan of the memory-saving pass, rebuilt when a unit's variables change sides.
+
+        A unit's `trainable` flag can change after the first call (freezing part of a trained model
+        before fine-tuning it); the plan's flat lists of weights and state follow it.
+        """
+        key = tuple(
+            (tuple(id(v) for v in unit.trainable_variables),
+             tuple(id(v) for v in unit.non_trainable_variables))
+            for unit in self.units
+        )
+        if self._plan is None or self._plan.key != key:
             self._plan = _Plan(self.units, self.fuse_identical_blocks)
             self._plan.check_replayable(self._unit_input_shapes)
+            self._plan.key = key
         return self._plan
 
     def _reversible_call(self, inputs, weights):

@@ -58,8 +58,8 @@ class Shortcut(keras.layers.Layer):
         kernel_regularizer=None, **kwargs,
     ):
         super().__init__(**kwargs)
-        check_positive_int("filters", filters)
-        check_positive_int("strides", strides)
+        filters = check_positive_int("filters", filters)
+        strides = check_positive_int("strides", strides)
         if kind not in ("identity", "pad", "projection"):
             raise ValueError(
                 f"`kind` must be 'identity', 'pad' or 'projection'. Received: kind={kind!r}"

@@ -44,7 +44,7 @@ class Stem(keras.layers.Layer):
         batch_norm_momentum=0.99, batch_norm_epsilon=1e-3, **kwargs,
     ):
         super().__init__(**kwargs)
-        check_positive_int("filters", filters)
+        filters = check_positive_int("filters", filters)
         if kind not in STEMS:
             raise ValueError(f"`kind` (the stem) must be one of {STEMS}. Received: kind={kind!r}")
         check_batch_norm_args(batch_norm_momentum, batch_norm_epsilon)

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import operator
 
 import keras
 import tensorflow as tf
@@ -48,11 +49,20 @@ def is_float_dtype(dtype):
 
 
 def check_positive_int(name, value, allow_none=False):
-    """Raises `ValueError` naming `name` unless `value` is a positive int (or None if allowed)."""
+    """`value` as a Python int (any integer type, e.g. `np.int64`), or None if allowed.
+
+    Raises:
+        ValueError: naming `name`, unless `value` is a positive integer (bools are not).
+    """
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    try:
+        index = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None or index < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return index
 
 
 def check_batch_norm_args(momentum, epsilon):
