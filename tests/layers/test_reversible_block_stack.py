@@ -449,3 +449,35 @@ def test_freeze_and_unfreeze_between_fits_matches_plain_autodiff(stack_blocks):
     np.testing.assert_allclose([h[0] for h in history], [h[0] for h in history_ref], rtol=1e-5)
     for got, want in zip(weights, weights_ref):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("frozen", ["f"])  # G: the same code path
+def test_freezing_a_residual_function_of_the_template_freezes_its_stacked_weights(frozen):
+    """`stack.block.f.trainable = False` after training: F's slices stay, G's train, as per block."""
+    import tf_revnet.models
+
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    y = np.arange(4) % 3
+    results = {}
+    for custom in (True, False):
+        keras.utils.set_random_seed(0)
+        model = tf_revnet.models.RevNet(units=(3, 3), widths=(8, 8, 16), input_shape=(8, 8, 3),
+                                        classes=3, use_custom_gradient=custom)
+        stack = [u for u in model.get_layer("revnet_body").units
+                 if isinstance(u, ReversibleBlockStack)][0]
+        model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", run_eagerly=True)
+        model.fit(x, y, batch_size=4, verbose=0)
+        getattr(stack.block, frozen).trainable = False
+        layer = getattr(stack.block, frozen)
+        frozen_paths = {stack._stacked[id(v)].path for v in layer.variables}
+        assert len(stack.trainable_variables) == 6  # the other function's conv/BN weights
+        assert not frozen_paths & {v.path for v in stack.trainable_variables}
+        before = {v.path: v.numpy().copy() for v in stack.variables}
+        model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", run_eagerly=True)
+        model.fit(x, y, batch_size=4, verbose=0)
+        for v in stack.variables:
+            moved = not np.array_equal(before[v.path], v.numpy())
+            assert moved == (v.path not in frozen_paths), v.path
+        results[custom] = [v.numpy() for v in model.weights]
+    for got, want in zip(results[True], results[False]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -86,6 +86,39 @@ class ReversibleBlockStack(TwoStreamLayer):
         """The template `ReversibleBlock` (its own variables are unused)."""
         return self._block
 
+    def _sync_flags(self):
+        if self.built:
+            self._slots()
+
+    @property
+    def trainable_variables(self):
+        """Keras' `trainable_variables`, after the stacked variables took the template's flags.
+
+        A sub-layer of `block` frozen on its own (`stack.block.f.trainable = False`) freezes its
+        stacked weights: here at once, in an enclosing model at the stack's next call (as in
+        `fit`, whose step reads the trainable variables after the forward pass).
+        """
+        self._sync_flags()
+        return super().trainable_variables
+
+    @property
+    def non_trainable_variables(self):
+        """Keras' `non_trainable_variables`, after the stacked variables took the template's flags."""
+        self._sync_flags()
+        return super().non_trainable_variables
+
+    @property
+    def trainable_weights(self):
+        """Keras' `trainable_weights`, after the stacked variables took the template's flags."""
+        self._sync_flags()
+        return super().trainable_weights
+
+    @property
+    def non_trainable_weights(self):
+        """Keras' `non_trainable_weights`, after the stacked variables took the template's flags."""
+        self._sync_flags()
+        return super().non_trainable_weights
+
     @property
     def coupling(self):
         """The template block's `Coupling` (every block's)."""
@@ -133,10 +166,17 @@ class ReversibleBlockStack(TwoStreamLayer):
         """The stacked variables aligned with the template's trainable and non-trainable variables.
 
         The template follows the stack's `trainable` flag (as a tracked sublayer would: a frozen
-        BatchNorm normalises with its moving statistics), so the split is read at each call.
+        BatchNorm normalises with its moving statistics), and the stacked variables follow the
+        template's (a sub-layer of `block` frozen on its own freezes its stacked weights), so the
+        split is read at each call.
         """
         if self._block.trainable != self.trainable:
             self._block.trainable = self.trainable
+        if self.trainable:  # a sub-layer of the template frozen on its own (e.g. `block.f`)
+            for v in self._block.variables:
+                stacked = self._stacked.get(id(v))
+                if stacked is not None and stacked.trainable != v.trainable:
+                    stacked.trainable = v.trainable
         return ([self._stacked[id(v)] for v in self._block.trainable_variables],
                 [self._stacked[id(v)] for v in self._block.non_trainable_variables])
 
