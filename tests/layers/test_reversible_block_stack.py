@@ -481,3 +481,18 @@ def test_freezing_a_residual_function_of_the_template_freezes_its_stacked_weight
         results[custom] = [v.numpy() for v in model.weights]
     for got, want in zip(results[True], results[False]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_revnet_exports_a_saved_model(tmp_path):
+    """`model.export` / `tf.saved_model.save` of a RevNet whose stages are stacks, then serving."""
+    import tf_revnet.models
+
+    keras.utils.set_random_seed(0)
+    model = tf_revnet.models.RevNet(units=(3, 3), widths=(8, 8, 16), input_shape=(8, 8, 3), classes=3)
+    assert any(isinstance(u, ReversibleBlockStack) for u in model.get_layer("revnet_body").units)
+    x = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype("float32")
+    model.export(str(tmp_path / "export"))
+    loaded = tf.saved_model.load(str(tmp_path / "export"))  # kept: it owns the variables
+    served = loaded.serve(tf.constant(x))
+    np.testing.assert_allclose(served, model(x, training=False), rtol=1e-5, atol=1e-6)
+    tf.saved_model.save(model, str(tmp_path / "saved"))  # the object graph itself must be savable

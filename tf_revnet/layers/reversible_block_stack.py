@@ -142,7 +142,9 @@ class ReversibleBlockStack(TwoStreamLayer):
             for values, v in zip(initial, copy.trainable_variables + copy.non_trainable_variables):
                 values.append(v.value)
             del copy
-        self._stacked = {}  # id(template variable) -> its stacked variable
+        # id(template variable) -> its stacked variable. Untracked: the variables are tracked by
+        # `add_weight`, and a tracked dict with int keys cannot be written to a SavedModel.
+        object.__setattr__(self, "_stacked", {})
         names = set()
         for v, values in zip(template, initial):
             value = tf.stack(values)
@@ -159,6 +161,9 @@ class ReversibleBlockStack(TwoStreamLayer):
                 regularizer=getattr(v, "regularizer", None),
                 name=name,
             )
+        # The stacked variables as a tracked attribute too (as `Conv2D.kernel` is), so that
+        # `tf.saved_model.save` and `tf.train.Checkpoint` see them by name.
+        self.stacked_variables = list(self._stacked.values())
         self.input_spec = block.input_spec
         self.built = True
 
