@@ -472,6 +472,7 @@ def test_freezing_a_residual_function_of_the_template_freezes_its_stacked_weight
         frozen_paths = {stack._stacked[id(v)].path for v in layer.variables}
         assert len(stack.trainable_variables) == 6  # the other function's conv/BN weights
         assert not frozen_paths & {v.path for v in stack.trainable_variables}
+        assert not frozen_paths & {v.path for v in model.trainable_variables}  # before any call
         before = {v.path: v.numpy().copy() for v in stack.variables}
         model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", run_eagerly=True)
         model.fit(x, y, batch_size=4, verbose=0)

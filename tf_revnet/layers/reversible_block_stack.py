@@ -87,37 +87,25 @@ class ReversibleBlockStack(TwoStreamLayer):
         return self._block
 
     def _sync_flags(self):
-        if self.built:
+        if getattr(self, "built", False):
             self._slots()
 
     @property
-    def trainable_variables(self):
-        """Keras' `trainable_variables`, after the stacked variables took the template's flags.
+    def variables(self):
+        """Keras' `variables`, after the stacked variables took the template's trainable flags.
 
-        A sub-layer of `block` frozen on its own (`stack.block.f.trainable = False`) freezes its
-        stacked weights: here at once, in an enclosing model at the stack's next call (as in
-        `fit`, whose step reads the trainable variables after the forward pass).
+        Keras derives every variable list (`trainable_variables`, a model's included) from
+        `variables` and `weights`, so a sub-layer of `block` frozen on its own
+        (`stack.block.f.trainable = False`) freezes its stacked weights at once.
         """
         self._sync_flags()
-        return super().trainable_variables
+        return super().variables
 
     @property
-    def non_trainable_variables(self):
-        """Keras' `non_trainable_variables`, after the stacked variables took the template's flags."""
+    def weights(self):
+        """Keras' `weights`, after the stacked variables took the template's trainable flags."""
         self._sync_flags()
-        return super().non_trainable_variables
-
-    @property
-    def trainable_weights(self):
-        """Keras' `trainable_weights`, after the stacked variables took the template's flags."""
-        self._sync_flags()
-        return super().trainable_weights
-
-    @property
-    def non_trainable_weights(self):
-        """Keras' `non_trainable_weights`, after the stacked variables took the template's flags."""
-        self._sync_flags()
-        return super().non_trainable_weights
+        return super().weights
 
     @property
     def coupling(self):
