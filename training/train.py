@@ -599,10 +599,14 @@ def _train(config, callbacks):
 
     test_ds = data_lib.eval_dataset(datasets.test_split, recipe.batch_size,
                                     augment=recipe.preprocessing, image_size=recipe.image_size)
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    if recipe.top5 or datasets.num_classes > 10:
-        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
     with strategy.scope():
+        # Metric objects create their variables when constructed: inside the scope they are the
+        # strategy's sync-on-read variables, summed over every replica of every worker when read.
+        # (Created outside, each worker's copy counts only its own share of the batches, while
+        # the loss, created by `compile`, is global.)
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        if recipe.top5 or datasets.num_classes > 10:
+            metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
         normalizer = _adapted_normalizer(datasets, recipe)
         model = build_classifier(config.model, image_shape, datasets.num_classes, normalizer,
                                  use_custom_gradient=config.use_custom_gradient,

@@ -44,8 +44,7 @@ SCRIPT = textwrap.dedent(
             "--batch-size", "32", "--learning-rate", "0.05", "--verbose", "0",
             "--distribution", strategy, "--model-dir", f"{out_dir}/{strategy}",
             "--no-export"])
-        losses[strategy] = {"loss": result.history["loss"], "val_loss": result.history["val_loss"],
-                            "replicas": result.config["num_replicas"]}
+        losses[strategy] = {**result.history, "replicas": result.config["num_replicas"]}
     print("RESULT " + json.dumps(losses))
     """
 )
@@ -61,8 +60,9 @@ def test_mirrored_on_two_cpus_matches_one_device(cifar10_small_dir, tmp_path):
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     result = json.loads(line[len("RESULT "):])
     assert result["none"]["replicas"] == 1 and result["mirrored"]["replicas"] == 2
-    for key in ("loss", "val_loss"):
-        np.testing.assert_allclose(result["mirrored"][key], result["none"][key], rtol=1e-5)
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        np.testing.assert_allclose(result["mirrored"][key], result["none"][key], rtol=1e-5,
+                                   err_msg=key)
     # The losses moved (a real run, not a constant).
     assert result["none"]["loss"][0] != result["none"]["loss"][1]
 
@@ -102,8 +102,7 @@ WORKER_SCRIPT = textwrap.dedent(
     train.MODEL_BUILDERS["small_cnn"] = small_cnn
     stall = int(sys.argv[1])
     result = train.run(sys.argv[2:], callbacks=[StallAt(stall)] if stall else [])
-    print("RESULT " + json.dumps({"loss": result.history.get("loss"),
-                                  "val_loss": result.history.get("val_loss"),
+    print("RESULT " + json.dumps({**result.history,
                                   "test_loss": result.test_loss,
                                   "replicas": result.config["num_replicas"]}))
     """
@@ -206,8 +205,8 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
     for stdout, _ in outputs:
         got = _result(stdout)
         assert got["replicas"] == 2
-        for key in ("loss", "val_loss"):
-            np.testing.assert_allclose(got[key], reference.history[key], rtol=1e-5)
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            np.testing.assert_allclose(got[key], reference.history[key], rtol=1e-5, err_msg=key)
     # The losses moved (a real run, not a constant).
     assert reference.history["loss"][0] != reference.history["loss"][1]
     mw = tmp_path / "mw"
