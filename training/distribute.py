@@ -20,14 +20,24 @@ the linear scaling rule when the global batch differs from the recipe's.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import keras
 import tensorflow as tf
 
 __all__ = ["STRATEGIES", "KerasMultiWorkerMirroredStrategy", "make_strategy", "tf_config",
-           "is_chief", "task_id", "is_multi_worker", "check_same_step", "WorkerMismatchError"]
+           "is_chief", "task_id", "cluster_task", "ClusterTask", "is_multi_worker",
+           "check_same_step", "check_same_values", "check_all_ready", "WorkerMismatchError",
+           "DEFAULT_WORKER_TIMEOUT"]
+
+# Seconds a multi-worker process waits for the other workers of TF_CONFIG to start.
+DEFAULT_WORKER_TIMEOUT = 600.0
 
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
 
@@ -114,30 +124,94 @@ def tf_config():
     return config
 
 
-def make_strategy(name):
+ClusterTask = collections.namedtuple("ClusterTask", "type index address peers num_workers")
+ClusterTask.__doc__ = """This process' task in `TF_CONFIG`.
+
+Attributes:
+    type: str. `"worker"` or `"chief"`.
+    index: int. Index of the task within its job.
+    address: str. Its `host:port`.
+    peers: list of str. The `host:port` of every other chief or worker task.
+    num_workers: int. Number of chief and worker tasks of the cluster.
+"""
+
+
+def cluster_task():
+    """Checks `TF_CONFIG` for a multi-worker run and returns this process' `ClusterTask`.
+
+    Raises:
+        ValueError: `TF_CONFIG` is missing, not JSON, or its task is not one of its cluster's
+            chief or worker addresses (one line, with the valid range).
+    """
+    config = tf_config()
+    cluster, task = config.get("cluster"), config.get("task")
+    if not cluster or not task:
+        raise ValueError("needs the TF_CONFIG environment variable describing the cluster "
+                         'and this task, e.g. {"cluster": {"worker": ["host1:12345", '
+                         '"host2:12345"]}, "task": {"type": "worker", "index": 0}}')
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise ValueError('TF_CONFIG "cluster" and "task" must be JSON objects')
+    jobs = {job: cluster.get(job) or [] for job in ("chief", "worker")}
+    for job, addresses in jobs.items():
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise ValueError(f'TF_CONFIG cluster "{job}" must be a list of "host:port" strings')
+    task_type, index = task.get("type"), task.get("index", 0)
+    if task_type not in jobs or not jobs[task_type]:
+        have = ", ".join(f'"{job}"' for job, a in jobs.items() if a) or "none"
+        raise ValueError(f'TF_CONFIG task type "{task_type}" is not a job of its cluster '
+                         f"(jobs: {have}); use \"worker\" (or \"chief\")")
+    if isinstance(index, bool) or not isinstance(index, int) or not \
+            0 <= index < len(jobs[task_type]):
+        raise ValueError(f'TF_CONFIG task index {index!r} is out of range: the cluster has '
+                         f'{len(jobs[task_type])} "{task_type}" address(es), index 0 to '
+                         f"{len(jobs[task_type]) - 1}")
+    everyone = [(job, i, a) for job in ("chief", "worker") for i, a in enumerate(jobs[job])]
+    address = jobs[task_type][index]
+    peers = [a for job, i, a in everyone if (job, i) != (task_type, index)]
+    return ClusterTask(task_type, index, address, peers, len(everyone))
+
+
+def make_strategy(name, worker_timeout=DEFAULT_WORKER_TIMEOUT, format_stop=None):
     """Creates the strategy called `name`.
+
+    With `multi_worker`, creating the strategy connects to every other task of `TF_CONFIG` and
+    blocks inside TensorFlow until all have started (TensorFlow has no timeout for this, and the
+    blocked process acts on no signal but SIGKILL). Here the wait prints one line, and a watchdog
+    process prints a one-line message to stderr and ends this process (SIGKILL, exit status 137)
+    after `worker_timeout` seconds, or on SIGINT (Ctrl-C). (SIGTERM does not stop the wait: once
+    connecting, TensorFlow takes SIGTERM as a preemption notice for the coordination service.)
 
     Args:
         name: str. One of `STRATEGIES`.
+        worker_timeout: float. Seconds to wait for the other workers (`multi_worker` only).
+        format_stop: callable `format_stop(message, signum)` returning the line printed when
+            the wait ends the process, from the watchdog's message and the signal (None for the
+            timeout). Default: the message itself.
 
     Returns:
         A `tf.distribute.Strategy` (`KerasMultiWorkerMirroredStrategy` for `multi_worker`).
 
     Raises:
-        ValueError: unknown name, `multi_worker` without a valid `TF_CONFIG`, or no TPU found
-            (one line).
+        ValueError: unknown name, `multi_worker` without a valid `TF_CONFIG` or with a port in
+            use, or no TPU found (one line).
     """
     if name == "none":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        config = tf_config()
-        if not config.get("cluster") or not config.get("task"):
-            raise ValueError("needs the TF_CONFIG environment variable describing the cluster "
-                             'and this task, e.g. {"cluster": {"worker": ["host1:12345", '
-                             '"host2:12345"]}, "task": {"type": "worker", "index": 0}}')
-        return KerasMultiWorkerMirroredStrategy()
+        task = cluster_task()
+        if not task.peers:
+            return KerasMultiWorkerMirroredStrategy()
+        print(f"Worker {task.index} of {task.num_workers} ({task.address}): waiting for "
+              f"{', '.join(task.peers)} (up to {worker_timeout:g} s)", flush=True)
+        with _watchdog(task, worker_timeout, format_stop):
+            try:
+                return KerasMultiWorkerMirroredStrategy()
+            except tf.errors.OpError as e:  # "Could not start gRPC server": the port is taken
+                raise ValueError(f"worker {task.index} cannot serve on {task.address} "
+                                 f"({e.message.splitlines()[0][:120]}); is another process using "
+                                 "that port?") from None
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
@@ -150,6 +224,69 @@ def make_strategy(name):
                 from None
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"unknown strategy; choose from {', '.join(STRATEGIES)}")
+
+
+# The watchdog of `make_strategy`: a separate process, because the waiting process holds Python's
+# global interpreter lock inside TensorFlow (no Python thread or signal handler of it runs).
+# argv: parent pid, timeout (s), signal-pipe fd, timeout message, SIGINT message, SIGTERM message.
+_WATCHDOG = """
+import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+parent, timeout, signals = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+messages = {None: sys.argv[4], signal.SIGINT: sys.argv[5], signal.SIGTERM: sys.argv[6]}
+readable, _, _ = select.select([sys.stdin, signals], [], [], timeout)
+if sys.stdin in readable:  # closed by the parent: the wait is over
+    sys.exit(0)
+signum = os.read(signals, 1)[0] if readable else None
+sys.stderr.write(messages.get(signum, messages[signal.SIGTERM]) + "\\n")
+sys.stderr.flush()
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+class _watchdog:
+    """Kills this process if the block still runs after `timeout` s, or on SIGINT.
+
+    While TensorFlow waits for the other workers, this process runs no Python code: Python's C
+    signal handler still writes each signal's number to the `signal.set_wakeup_fd` pipe, which
+    a small watchdog process reads; after printing the message it ends this process with SIGKILL
+    (exit status 137), the only signal that a process blocked in TensorFlow obeys.
+    """
+
+    def __init__(self, task, timeout, format_stop):
+        self.task, self.timeout = task, timeout
+        self.format_stop = format_stop or (lambda message, signum: message)
+
+    def __enter__(self):
+        others = ", ".join(self.task.peers)
+        messages = [self.format_stop(
+            f"worker {self.task.index} ({self.task.address}) waited {self.timeout:g} s for the "
+            f"other workers of TF_CONFIG ({others}) without reaching all of them; start the same "
+            "command on each with its own task index", None)]
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            messages.append(self.format_stop(
+                f"stopped by {signum.name} while waiting for the other workers ({others})",
+                signum))
+        self._signal_r, self._signal_w = os.pipe()
+        os.set_blocking(self._signal_w, False)
+        self._handlers = {signum: signal.signal(signum, lambda *_: None)
+                          for signum in (signal.SIGINT, signal.SIGTERM)}
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._signal_w)
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.timeout),
+             str(self._signal_r), *messages],
+            stdin=subprocess.PIPE, pass_fds=(self._signal_r,))
+        return self
+
+    def __exit__(self, *exc):
+        self._process.stdin.close()
+        self._process.wait()
+        signal.set_wakeup_fd(self._old_wakeup_fd)
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        os.close(self._signal_r)
+        os.close(self._signal_w)
+        return False
 
 
 def task_id():
@@ -177,8 +314,7 @@ def is_multi_worker(strategy):
     """Whether `strategy` synchronizes several worker processes."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return False
-    jobs = strategy.cluster_resolver.cluster_spec().as_dict()
-    return sum(len(jobs.get(job, ())) for job in ("chief", "worker")) > 1
+    return _num_workers(strategy) > 1
 
 
 def check_same_step(strategy, step):
@@ -196,11 +332,79 @@ def check_same_step(strategy, step):
     """
     if not is_multi_worker(strategy):
         return
-    # A tf.function: `strategy.run` of a plain Python function warns about eager overhead.
-    local = strategy.run(tf.function(lambda: tf.constant([step], dtype=tf.int64)))
-    steps = [int(s) for s in strategy.gather(local, axis=0).numpy()]
+    steps = [row[0] for row in _gather_per_worker(strategy, [step])]
     if len(set(steps)) > 1:
         raise WorkerMismatchError(
             f"the workers restored different steps ({', '.join(map(str, steps))}); every worker "
             "resumes from the chief's backup in --model-dir, which must be one directory shared "
             "by all workers")
+
+
+def _gather_per_worker(strategy, values):
+    """Every worker's int64 vector `values`, as a list indexed by worker (a collective)."""
+    # A tf.function: `strategy.run` of a plain Python function warns about eager overhead.
+    local = strategy.run(tf.function(lambda: tf.constant([values], dtype=tf.int64)))
+    rows = strategy.gather(local, axis=0).numpy()
+    per_worker = strategy.num_replicas_in_sync // _num_workers(strategy)
+    return [[int(v) for v in row] for row in rows[::per_worker]]
+
+
+def _num_workers(strategy):
+    jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+    return sum(len(jobs.get(job, ())) for job in ("chief", "worker"))
+
+
+def _fingerprint(value):
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def check_same_values(strategy, values):
+    """Checks that every worker of a multi-worker run was started with the same `values`.
+
+    A collective operation: every worker must call it, with the same keys (no-op for other
+    strategies). Only fingerprints (SHA-256, 64 bits) of the values travel between workers.
+
+    Args:
+        strategy: the run's `tf.distribute.Strategy`.
+        values: dict of str to JSON-serializable values, e.g. `{"batch_size": 128}`.
+
+    Raises:
+        WorkerMismatchError: some values differ between workers (one line naming the keys and
+            the workers that differ from worker 0).
+    """
+    if not is_multi_worker(strategy):
+        return
+    keys = sorted(values)
+    rows = _gather_per_worker(strategy, [_fingerprint(values[k]) for k in keys])
+    differing = [k for i, k in enumerate(keys) if len({row[i] for row in rows}) > 1]
+    if differing:
+        workers = [str(w) for w, row in enumerate(rows) if row != rows[0]]
+        raise WorkerMismatchError(
+            f"the workers were started with different {', '.join(differing)} (worker "
+            f"{', '.join(workers)} differ{'s' if len(workers) == 1 else ''} from worker 0); "
+            "start every worker with the same command")
+
+
+def check_all_ready(strategy, ready):
+    """Waits until every worker has finished its own start-up checks; stops all if one failed.
+
+    A collective operation: every worker must call it, also the one whose checks failed (it
+    raises its own error after the call), so that the others stop instead of waiting for it in
+    their first training step. No-op for other strategies.
+
+    Args:
+        strategy: the run's `tf.distribute.Strategy`.
+        ready: bool. Whether this worker's checks passed.
+
+    Raises:
+        WorkerMismatchError: this worker is ready but another one is not (one line naming it).
+    """
+    if not is_multi_worker(strategy):
+        return
+    rows = _gather_per_worker(strategy, [int(bool(ready))])
+    failed = [str(w) for w, row in enumerate(rows) if not row[0]]
+    if ready and failed:
+        raise WorkerMismatchError(
+            f"worker {', '.join(failed)} stopped with an error at start-up (see its output); fix "
+            "it and start every worker again")

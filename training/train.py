@@ -89,6 +89,9 @@ class ConfigError(ValueError):
 # Fields of `RunConfig` that change what is trained: a backup may only be resumed when they are equal.
 # `deterministic` is one of them: op determinism selects other CPU kernels (measured: BatchNorm
 # scales 3e-4 apart after 12 steps of the tiny test model), so it must not change on resume.
+# The recipe fields that command-line flags override (--epochs, --batch-size, ...).
+RECIPE_FLAGS = ("epochs", "batch_size", "learning_rate", "momentum", "weight_decay", "image_size",
+                "steps_per_epoch", "train_examples", "test_examples", "augment")
 TRAINING_FIELDS = ("model", "dataset", "data_dir", "validation_split", "recipe", "mixed_precision",
                    "use_custom_gradient", "seed", "deterministic")
 
@@ -113,6 +116,7 @@ class RunConfig:
         seed: int.
         deterministic: bool. TensorFlow op determinism.
         distribution: str. One of `distribute.STRATEGIES`.
+        worker_timeout: float. Seconds a multi-worker process waits for the other workers.
         save_every_steps: int or None.
         strict_data: bool.
         monitor_numerics: int. Steps between numerics measurements (0: off).
@@ -136,6 +140,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = False
     distribution: str = "none"
+    worker_timeout: float = distribute_lib.DEFAULT_WORKER_TIMEOUT
     save_every_steps: int | None = None
     strict_data: bool = False
     monitor_numerics: int = 0
@@ -323,6 +328,10 @@ def build_parser():
     parser.add_argument("--distribution", default="none", choices=distribute_lib.STRATEGIES,
                         help="tf.distribute strategy: mirrored (GPUs of this machine), "
                              "multi_worker (TF_CONFIG), tpu. Default: none")
+    parser.add_argument("--worker-timeout", type=float,
+                        default=distribute_lib.DEFAULT_WORKER_TIMEOUT, metavar="SECONDS",
+                        help="multi_worker: how long a worker waits for the others of TF_CONFIG "
+                             "to start. Default: %(default)g")
     parser.add_argument("--no-custom-gradient", dest="use_custom_gradient", action="store_false",
                         help="plain autodiff instead of reversible backprop (for comparison)")
     parser.add_argument("--monitor-numerics", type=int, default=0, metavar="N",
@@ -370,18 +379,7 @@ def resolve_config(args):
         recipe = recipes.get(args.recipe)
         if args.scale_learning_rate and args.batch_size is not None:
             recipe = recipe.scaled_to_batch(args.batch_size)
-        recipe = recipe.replace(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            image_size=args.image_size,
-            steps_per_epoch=args.steps_per_epoch,
-            train_examples=args.train_examples,
-            test_examples=args.test_examples,
-            augment=args.augment,
-        )
+        recipe = recipe.replace(**{field: getattr(args, field) for field in RECIPE_FLAGS})
     except ValueError as e:
         # Name the command-line option rather than the recipe field: `batch_size` -> --batch-size.
         message = re.sub(r"`(\w+)`", lambda m: _flag(m.group(1)), str(e))
@@ -390,6 +388,12 @@ def resolve_config(args):
         raise ConfigError(f"--monitor-numerics must be >= 0. Received: {args.monitor_numerics}")
     if args.save_every_steps is not None and args.save_every_steps < 1:
         raise ConfigError(f"--save-every-steps must be >= 1. Received: {args.save_every_steps}")
+    if args.distribution == "multi_worker" and not args.model_dir:
+        raise ConfigError("--distribution multi_worker needs --model-dir: one run directory that "
+                          "every worker sees (e.g. on a network file system), the same in each "
+                          "worker's command")
+    if args.worker_timeout <= 0:
+        raise ConfigError(f"--worker-timeout must be > 0 seconds. Received: {args.worker_timeout}")
     if args.model_dir:
         model_dir = pathlib.Path(args.model_dir).expanduser().resolve()
     else:
@@ -415,6 +419,7 @@ def resolve_config(args):
         seed=args.seed,
         deterministic=args.deterministic,
         distribution=args.distribution,
+        worker_timeout=args.worker_timeout,
         save_every_steps=args.save_every_steps,
         strict_data=args.strict_data,
         monitor_numerics=args.monitor_numerics,
@@ -523,8 +528,13 @@ def _prepare_run_dir(config):
 
 
 def _strategy(config):
+    def format_stop(message, signum):  # the wait for the other workers ends the process
+        hint = "" if signum else f" (or raise --worker-timeout {config.worker_timeout:g})"
+        return f"python -m training.train: error: --distribution multi_worker: {message}{hint}"
+
     try:
-        return distribute_lib.make_strategy(config.distribution)
+        return distribute_lib.make_strategy(config.distribution, config.worker_timeout,
+                                            format_stop)
     except ValueError as e:
         raise ConfigError(f"--distribution {config.distribution}: {e}") from None
 
@@ -536,30 +546,40 @@ def _peak_memory_mb():
     return peak, gpu
 
 
-def _train(config, callbacks):
-    run_dir = pathlib.Path(config.model_dir)  # the chief's, shared by all workers
-    chief = True
-    if config.distribution == "multi_worker":
-        try:
-            chief = distribute_lib.is_chief()
-            worker_index = distribute_lib.task_id()[1]
-        except ValueError as e:
-            raise ConfigError(f"--distribution multi_worker: {e}") from None
-    if not chief:
-        # Workers other than the chief keep their own backup, logs and export in a sub-folder
-        # (the Keras multi-worker convention): the chief's files are the run's. Every worker
-        # runs the whole command, saves included, so that all run the same collective steps.
-        worker = run_dir / f"worker-{worker_index}"
-        config = dataclasses.replace(config, model_dir=str(worker),
-                                     export_dir=str(worker / "export"))
-    recipe = config.recipe
-    model_dir = pathlib.Path(config.model_dir)
-    resuming = _prepare_run_dir(config)
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    strategy = _strategy(config)
+def _shared_options(config, run_dir):
+    """The options every worker of a multi-worker run must share, keyed by flag name."""
+    fingerprint = config.training_fingerprint()
+    options = {"--model-dir": str(run_dir), "--save-every-steps": config.save_every_steps,
+               "--monitor-numerics": config.monitor_numerics}
+    for key, value in fingerprint.items():
+        if key == "use_custom_gradient":
+            options["--no-custom-gradient"] = value
+        elif key == "recipe":  # the values --recipe sets, and those that flags override
+            for field, field_value in value.items():
+                flag = _flag(field) if field in RECIPE_FLAGS else "--recipe"
+                options.setdefault(flag, []).append([field, field_value])
+        else:
+            options[_flag(key)] = value
+    return options
 
+
+def _start_up_checks(config, strategy, run_dir, chief):
+    """This process' own checks: run directory, data, batch size. Returns (resuming, datasets)."""
+    recipe = config.recipe
+    try:
+        resuming = _prepare_run_dir(config)
+    except ConfigError as e:
+        if chief:
+            raise
+        # Name the directory the user gave, and this worker's state folder inside it.
+        raise ConfigError(str(e).replace(f"--model-dir {config.model_dir}:",
+                                         f"--model-dir {run_dir}: this worker's state folder "
+                                         f"{pathlib.Path(config.model_dir).name}/", 1)) from None
+    replicas = strategy.num_replicas_in_sync
+    if recipe.batch_size % replicas:
+        raise ConfigError(
+            f"--batch-size {recipe.batch_size}: the global batch is split into {replicas} equal "
+            f"replica batches ({config.distribution}); use a multiple of {replicas}")
     datasets = data_lib.load(
         dataset=config.dataset,
         data_dir=config.data_dir,
@@ -582,6 +602,47 @@ def _train(config, callbacks):
             f"--batch-size {recipe.batch_size}: larger than the {datasets.num_train} training "
             "examples; lower it or use more examples"
         )
+    return resuming, datasets
+
+
+def _train(config, callbacks):
+    run_dir = pathlib.Path(config.model_dir)  # the chief's, shared by all workers
+    chief, worker_index = True, 0
+    if config.distribution == "multi_worker":
+        try:
+            worker_index = distribute_lib.cluster_task().index
+            chief = distribute_lib.is_chief()
+        except ValueError as e:
+            raise ConfigError(f"--distribution multi_worker: {e}") from None
+    if not chief:
+        # Workers other than the chief keep their own backup, logs and export in a sub-folder
+        # (the Keras multi-worker convention): the chief's files are the run's. Every worker
+        # runs the whole command, saves included, so that all run the same collective steps.
+        worker = run_dir / f"worker-{worker_index}"
+        config = dataclasses.replace(config, model_dir=str(worker),
+                                     export_dir=str(worker / "export"))
+    recipe = config.recipe
+    model_dir = pathlib.Path(config.model_dir)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = _strategy(config)
+    # A multi-worker run: every worker checks that the others run the same command, then does its
+    # own start-up checks; all stop together (one line each) if one of them fails, instead of
+    # the others waiting for it, or failing in a collective with a shape-mismatch traceback.
+    try:
+        distribute_lib.check_same_values(strategy, _shared_options(config, run_dir))
+    except distribute_lib.WorkerMismatchError as e:
+        raise ConfigError(f"--distribution multi_worker: {e}") from None
+    try:
+        resuming, datasets = _start_up_checks(config, strategy, run_dir, chief)
+    except (ConfigError, data_lib.DataError):
+        distribute_lib.check_all_ready(strategy, False)
+        raise
+    try:
+        distribute_lib.check_all_ready(strategy, True)
+    except distribute_lib.WorkerMismatchError as e:
+        raise ConfigError(f"--distribution multi_worker: {e}") from None
     steps_per_epoch = data_lib.num_steps(datasets.num_train, recipe.batch_size)
     if recipe.steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, recipe.steps_per_epoch)

@@ -45,6 +45,11 @@ SCRIPT = textwrap.dedent(
             "--distribution", strategy, "--model-dir", f"{out_dir}/{strategy}",
             "--no-export"])
         losses[strategy] = {**result.history, "replicas": result.config["num_replicas"]}
+    try:  # a global batch that the two replicas do not divide
+        train.run(["--model", "small_cnn", "--data-dir", data_dir, "--batch-size", "33",
+                   "--distribution", "mirrored", "--model-dir", f"{out_dir}/odd", "--no-export"])
+    except train.ConfigError as e:
+        losses["odd_batch_error"] = str(e)
     print("RESULT " + json.dumps(losses))
     """
 )
@@ -65,6 +70,9 @@ def test_mirrored_on_two_cpus_matches_one_device(cifar10_small_dir, tmp_path):
                                    err_msg=key)
     # The losses moved (a real run, not a constant).
     assert result["none"]["loss"][0] != result["none"]["loss"][1]
+    assert result["odd_batch_error"] == (
+        "--batch-size 33: the global batch is split into 2 equal replica batches (mirrored); use "
+        "a multiple of 2")
 
 
 def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, **kwargs):
@@ -82,6 +90,7 @@ def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, *
 
 # One worker of a multi-worker run: `worker.py STALL_STEP ARGS...` runs `train.run(ARGS)`; with
 # STALL_STEP > 0 it prints STALLED after that global step and waits to be killed.
+# `worker.py main ARGS...` runs `train.main(ARGS)` (exit status 2 and one line on bad input).
 WORKER_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
@@ -100,6 +109,8 @@ WORKER_SCRIPT = textwrap.dedent(
                 time.sleep(600)
 
     train.MODEL_BUILDERS["small_cnn"] = small_cnn
+    if sys.argv[1] == "main":  # the command line's exit status and one-line errors
+        sys.exit(train.main(sys.argv[2:]))
     stall = int(sys.argv[1])
     result = train.run(sys.argv[2:], callbacks=[StallAt(stall)] if stall else [])
     print("RESULT " + json.dumps({**result.history,
@@ -128,13 +139,16 @@ def _free_ports(n):
     return ports
 
 
-def _start_workers(script, argv, workers, stall_step=0):
-    """Starts one process per address of `workers`, each with its `TF_CONFIG`."""
+def _start_workers(script, argv, workers, stall_step=0, indexes=None):
+    """Starts one process per address of `workers` (or per index of `indexes`), each with its
+    `TF_CONFIG`; `argv` is one list for all, or a list of lists (one per process)."""
     procs = []
-    for index in range(len(workers)):
+    indexes = range(len(workers)) if indexes is None else indexes
+    for n, index in enumerate(indexes):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        args = argv[n] if isinstance(argv[0], list) else argv
         procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(stall_step), *argv], cwd=REPO_ROOT,
+            [sys.executable, str(script), str(stall_step), *args], cwd=REPO_ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CONFIG": json.dumps(tf_config)}))
     return procs
@@ -300,3 +314,115 @@ def _h5_arrays(path):
     with h5py.File(path, "r") as f:
         f.visititems(visit)
     return arrays
+
+
+def _error_lines(stderr):
+    """The CLI's error lines; a traceback fails the test."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("python -m training.train")]
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker",
+                                                                      "index": 2}},
+     'TF_CONFIG task index 2 is out of range: the cluster has 2 "worker" address(es), index 0 '
+     "to 1"),
+    ({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}},
+     'TF_CONFIG task type "ps" is not a job of its cluster (jobs: "worker"); use "worker" (or '
+     '"chief")'),
+    ({"cluster": {"worker": "127.0.0.1:1"}, "task": {"type": "worker", "index": 0}},
+     'TF_CONFIG cluster "worker" must be a list of "host:port" strings'),
+])
+def test_multi_worker_bad_tf_config_one_line(tf_config, message, tmp_path, capsys, monkeypatch):
+    from training import train
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    argv = ["--distribution", "multi_worker", "--model-dir", str(tmp_path / "m"),
+            "--data-dir", str(tmp_path), "--export-dir", str(tmp_path / "e")]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"python -m training.train: error: --distribution multi_worker: {message}"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_multi_worker_needs_model_dir_one_line(tmp_path, capsys):
+    from training import train
+
+    assert train.main(["--distribution", "multi_worker", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m training.train: error: --distribution multi_worker needs --model-dir: one run "
+        "directory that every worker sees (e.g. on a network file system), the same in each "
+        "worker's command"]
+
+
+def test_worker_without_partner_stops_after_timeout_or_ctrl_c(cifar10_small_dir, tmp_path):
+    """TensorFlow waits for a missing worker forever and ignores Ctrl-C meanwhile: the CLI says
+    what it waits for, and stops with one line after --worker-timeout or on SIGINT."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    argv = _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker")
+    lonely = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    timed = _start_workers(script, [*argv, "--worker-timeout", "3"], lonely, stall_step="main",
+                           indexes=[0])[0]
+    others = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    interrupted = _start_workers(script, argv, others, stall_step="main", indexes=[1])[0]
+    try:
+        line = interrupted.stdout.readline()  # printed just before TensorFlow blocks
+        assert line.strip() == (f"Worker 1 of 2 ({others[1]}): waiting for {others[0]} "
+                                "(up to 600 s)")
+        time.sleep(1)
+        interrupted.send_signal(signal.SIGINT)
+        outputs = _finish([timed, interrupted], timeout=120)
+    finally:
+        _finish([timed, interrupted], timeout=1)
+    assert timed.returncode == interrupted.returncode == -signal.SIGKILL  # the shell says 137
+    (timed_out, timed_err), (_, interrupted_err) = outputs
+    assert f"Worker 0 of 2 ({lonely[0]}): waiting for {lonely[1]} (up to 3 s)" in timed_out
+    assert _error_lines(timed_err) == [
+        f"python -m training.train: error: --distribution multi_worker: worker 0 ({lonely[0]}) "
+        f"waited 3 s for the other workers of TF_CONFIG ({lonely[1]}) without reaching all of "
+        "them; start the same command on each with its own task index (or raise "
+        "--worker-timeout 3)"]
+    assert _error_lines(interrupted_err) == [
+        "python -m training.train: error: --distribution multi_worker: stopped by SIGINT while "
+        f"waiting for the other workers ({others[0]})"]
+    assert not (tmp_path / "mw").exists()
+
+
+def test_workers_that_disagree_stop_together_with_one_line(cifar10_small_dir, tmp_path):
+    """Workers started with different options, or one whose own state folder holds another run,
+    all stop at start-up with one line (not a collective's shape-mismatch traceback, not a hang
+    of the others)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    # Different --batch-size and --model-dir.
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    argvs = [_run_args(cifar10_small_dir, tmp_path / "a", "multi_worker"),
+             _run_args(cifar10_small_dir, tmp_path / "b", "multi_worker",
+                       extra=["--batch-size", "64"])]
+    procs = _start_workers(script, argvs, workers, stall_step="main")
+    for proc, (_, err) in zip(procs, _finish(procs, timeout=120)):
+        assert proc.returncode == 2, err[-3000:]
+        assert _error_lines(err) == [
+            "python -m training.train: error: --distribution multi_worker: the workers were "
+            "started with different --batch-size, --model-dir (worker 1 differs from worker 0); "
+            "start every worker with the same command"]
+    # Worker 1's state folder holds an unfinished run of another seed: it says so, naming the
+    # --model-dir the user gave, and worker 0 stops too instead of waiting for it.
+    mw = tmp_path / "mw"
+    (mw / "worker-1").mkdir(parents=True)
+    (mw / "worker-1" / "config.json").write_text(json.dumps(
+        {"command": "python -m training.train --seed 1", "fingerprint": {"seed": 1}}))
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = _start_workers(script, _run_args(cifar10_small_dir, mw, "multi_worker"), workers,
+                           stall_step="main")
+    (_, err0), (_, err1) = _finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
+    assert _error_lines(err0) == [
+        "python -m training.train: error: --distribution multi_worker: worker 1 stopped with an "
+        "error at start-up (see its output); fix it and start every worker again"]
+    [line] = _error_lines(err1)
+    assert line.startswith(f"python -m training.train: error: --model-dir {mw}: this worker's "
+                           "state folder worker-1/ holds an unfinished run with different "), line
+    assert "seed" in line and "python -m training.train --seed 1" in line
+    assert sorted(p.name for p in mw.iterdir()) == ["worker-1"]  # the chief wrote nothing
