@@ -34,7 +34,7 @@ import tensorflow as tf
 __all__ = ["STRATEGIES", "KerasMultiWorkerMirroredStrategy", "make_strategy", "tf_config",
            "is_chief", "task_id", "cluster_task", "ClusterTask", "is_multi_worker",
            "check_same_step", "check_same_values", "check_all_ready", "WorkerMismatchError",
-           "DEFAULT_WORKER_TIMEOUT"]
+           "DEFAULT_WORKER_TIMEOUT", "average_over_replicas", "AverageReplicaStatistics"]
 
 # Seconds a multi-worker process waits for the other workers of TF_CONFIG to start.
 DEFAULT_WORKER_TIMEOUT = 600.0
@@ -408,3 +408,77 @@ def check_all_ready(strategy, ready):
         raise WorkerMismatchError(
             f"worker {', '.join(failed)} stopped with an error at start-up (see its output); fix "
             "it and start every worker again")
+
+
+def average_over_replicas(strategy, variables):
+    """Sets each variable, on every replica, to the mean of its replicas' values.
+
+    For the non-trainable state that each replica updates from its own share of the batch:
+    BatchNormalization's moving mean and variance (Keras' BatchNorm is not synchronized across
+    replicas; `synchronized=True` fails for RevNets, whose backward pass calls BatchNorm inside
+    nested `tf.function`s and loops, where TensorFlow refuses its `merge_call`). With several
+    workers this is a collective: every worker must call it at the same point.
+
+    The mean of the moving variances leaves out the spread between replicas' moving means (the
+    variance of the global batch is larger by that spread); with shuffled data and a per-replica
+    batch of 32 or more that spread is small.
+
+    Args:
+        strategy: the run's `tf.distribute.Strategy` (no-op with one replica).
+        variables: list of float `keras.Variable`s created under `strategy.scope()`.
+    """
+    variables = [v for v in variables if keras.backend.is_float_dtype(v.dtype)]
+    if strategy.num_replicas_in_sync == 1 or not variables:
+        return
+    # The mean over this process' replicas (no collective: a second MirroredStrategy in one
+    # process would reuse the first one's collective keys), then over the workers.
+    means = [tf.reduce_mean(tf.stack([tf.cast(c, tf.float32) for c in
+                                      strategy.experimental_local_results(v.value)]), axis=0)
+             for v in variables]
+    if is_multi_worker(strategy):
+        flat = tf.concat([tf.reshape(m, [-1]) for m in means], axis=0)
+        # A tf.function, as in `_gather_per_worker`; every replica contributes its worker's mean.
+        rows = strategy.gather(strategy.run(tf.function(lambda: flat[None])), axis=0)
+        flat = tf.reduce_mean(rows, axis=0)
+        sizes = [int(tf.size(m)) for m in means]
+        means = [tf.reshape(part, m.shape) for part, m in zip(tf.split(flat, sizes), means)]
+    for v, mean in zip(variables, means):
+        v.assign(tf.cast(mean, v.dtype))
+
+
+class AverageReplicaStatistics(keras.callbacks.Callback):
+    """Averages the model's non-trainable float variables over replicas before they are used.
+
+    Each replica (each worker) updates BatchNorm's moving statistics from its own share of the
+    global batch, so without this every worker validates and saves its own statistics. This
+    callback calls `average_over_replicas` before every validation and evaluation
+    (`on_test_begin`), before the backups of `every_n_steps` (put it before the backup callback)
+    and at the end of training, so that all workers validate with, save and export the same
+    statistics. The same calls happen at the same steps in a resumed run.
+
+    Args:
+        strategy: the run's `tf.distribute.Strategy`.
+        every_n_steps: int or None. Also average after every global step divisible by it.
+    """
+
+    def __init__(self, strategy, every_n_steps=None):
+        super().__init__()
+        self.strategy, self.every_n_steps = strategy, every_n_steps
+
+    def _average(self):
+        average_over_replicas(self.strategy, self.model.non_trainable_variables)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_n_steps:
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            if step % self.every_n_steps == 0:
+                self._average()
+
+    def on_test_begin(self, logs=None):
+        self._average()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._average()  # the steps after the validation (none in fit) and before the save
+
+    def on_train_end(self, logs=None):
+        self._average()

@@ -717,6 +717,8 @@ def _train(config, callbacks):
 
     run_metrics = RunMetrics(recipe.batch_size)
     fit_callbacks = [
+        # First: the BatchNorm statistics every callback after it saves or validates with.
+        distribute_lib.AverageReplicaStatistics(strategy, config.save_every_steps),
         backup,
         AtomicWeightsCheckpoint(model_dir / "model.weights.h5"),
         run_metrics,
@@ -730,7 +732,7 @@ def _train(config, callbacks):
         if not tf_revnet.diagnostics.reversible_layers(model):
             raise ConfigError(f"--monitor-numerics: {config.model} has no reversible layers")
         x_val, y_val = next(iter(test_ds.unbatch().batch(16)))
-        fit_callbacks.insert(3, tf_revnet.callbacks.ReversibleNumericsMonitor(
+        fit_callbacks.insert(4, tf_revnet.callbacks.ReversibleNumericsMonitor(
             x_val, y_val, every_n_steps=config.monitor_numerics,
             max_gradient_angle=config.max_gradient_angle,
             max_reconstruction_error=config.max_reconstruction_error,

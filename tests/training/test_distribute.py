@@ -27,6 +27,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 SCRIPT = textwrap.dedent(
     """
     import json, sys
+    import keras
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -36,7 +37,18 @@ SCRIPT = textwrap.dedent(
 
     train.MODEL_BUILDERS["small_cnn"] = small_cnn
     data_dir, out_dir = sys.argv[1:3]
-    losses = {}
+    # BatchNorm statistics that differ per replica become their mean on every replica (first:
+    # collectives of a second MirroredStrategy in one process collide with the first's).
+    from training import distribute
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        bn = keras.layers.BatchNormalization()
+        bn.build((None, 2))
+    for k, component in enumerate(bn.moving_mean.value.values):
+        component.assign([1.0 + k, -4.0 * k])
+    distribute.average_over_replicas(strategy, bn.non_trainable_variables)
+    averaged = [c.numpy().tolist() for c in bn.moving_mean.value.values]
+    losses = {"averaged": averaged}
     for strategy in ("none", "mirrored"):
         result = train.run([
             "--model", "small_cnn", "--data-dir", data_dir, "--train-examples", "128",
@@ -70,18 +82,22 @@ def test_mirrored_on_two_cpus_matches_one_device(cifar10_small_dir, tmp_path):
                                    err_msg=key)
     # The losses moved (a real run, not a constant).
     assert result["none"]["loss"][0] != result["none"]["loss"][1]
+    assert result["averaged"] == [[1.5, -2.0], [1.5, -2.0]]
     assert result["odd_batch_error"] == (
         "--batch-size 33: the global batch is split into 2 equal replica batches (mirrored); use "
         "a multiple of 2")
 
 
-def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, **kwargs):
-    """A CNN without BatchNorm (the test model of the multi-worker tests)."""
+def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, batch_norm=False,
+              **kwargs):
+    """A CNN without BatchNorm (the test model of the multi-worker tests), or with one."""
     import keras
 
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(8, 3, strides=2, activation="relu",
                             kernel_regularizer=kernel_regularizer)(inputs)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(momentum=0.5)(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(classes, activation=classifier_activation,
                                  kernel_regularizer=kernel_regularizer)(x)
@@ -93,7 +109,7 @@ def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, *
 # `worker.py main ARGS...` runs `train.main(ARGS)` (exit status 2 and one line on bad input).
 WORKER_SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import functools, json, sys, time
     import keras
     from tests.training.test_distribute import small_cnn
     from training import train
@@ -109,6 +125,7 @@ WORKER_SCRIPT = textwrap.dedent(
                 time.sleep(600)
 
     train.MODEL_BUILDERS["small_cnn"] = small_cnn
+    train.MODEL_BUILDERS["small_bn_cnn"] = functools.partial(small_cnn, batch_norm=True)
     if sys.argv[1] == "main":  # the command line's exit status and one-line errors
         sys.exit(train.main(sys.argv[2:]))
     stall = int(sys.argv[1])
@@ -232,6 +249,30 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
     assert sorted(p.name for p in mw.iterdir() if p.name.startswith("worker-")) == ["worker-1"]
     assert json.loads((mw / "summary.json").read_text())["model_dir"] == str(mw)
     assert json.loads((mw / "config.json").read_text())["num_replicas"] == 2
+
+
+def test_multi_worker_batch_norm_statistics_are_the_same_on_every_worker(cifar10_small_dir,
+                                                                        tmp_path):
+    """Each worker updates BatchNorm's moving statistics from its half of the batch; they are
+    averaged before validation and saves, so both workers save the same weights (and the
+    statistics moved from their initial values)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    argv = [*_run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"), "--model",
+            "small_bn_cnn", "--epochs", "1", "--steps-per-epoch", "2"]
+    procs = _start_workers(script, argv, workers)
+    for proc, (_, err) in zip(procs, _finish(procs)):
+        assert proc.returncode == 0, err[-3000:]
+    chief = _h5_arrays(tmp_path / "mw" / "model.weights.h5")
+    other = _h5_arrays(tmp_path / "mw" / "worker-1" / "model.weights.h5")
+    assert sorted(chief) == sorted(other)
+    moving = [name for name in chief if "batch_normalization" in name and chief[name].size == 8]
+    assert len(moving) == 4, sorted(chief)  # gamma, beta, moving mean and variance
+    for name in chief:
+        np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
+    stats = [chief[name] for name in moving]
+    assert sum(np.abs(s - 1).max() > 1e-3 and np.abs(s).max() > 1e-3 for s in stats) >= 2
 
 
 @pytest.mark.slow
