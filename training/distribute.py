@@ -21,6 +21,7 @@ the linear scaling rule when the global batch differs from the recipe's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,8 @@ import tensorflow as tf
 __all__ = ["STRATEGIES", "KerasMultiWorkerMirroredStrategy", "make_strategy", "tf_config",
            "is_chief", "task_id", "cluster_task", "ClusterTask", "is_multi_worker",
            "check_same_step", "check_same_values", "check_all_ready", "WorkerMismatchError",
-           "DEFAULT_WORKER_TIMEOUT", "average_over_replicas", "AverageReplicaStatistics"]
+           "DEFAULT_WORKER_TIMEOUT", "average_over_replicas", "AverageReplicaStatistics",
+           "WorkerLostError", "reporting_lost_workers"]
 
 # Seconds a multi-worker process waits for the other workers of TF_CONFIG to start.
 DEFAULT_WORKER_TIMEOUT = 600.0
@@ -99,6 +101,10 @@ class KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy
 
 class WorkerMismatchError(ValueError):
     """The workers of a multi-worker run are not in the same state; the message is one line."""
+
+
+class WorkerLostError(RuntimeError):
+    """A worker of a multi-worker run stopped or became unreachable; the message is one line."""
 
 
 def _per_replica_rank(value):
@@ -482,3 +488,38 @@ class AverageReplicaStatistics(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._average()
+
+
+# The errors a collective raises when another worker stops (TensorFlow 2.21: UnavailableError
+# "The following tasks are unhealthy (stopped sending heartbeats)").
+_LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                       tf.errors.DeadlineExceededError, tf.errors.CancelledError)
+
+
+@contextlib.contextmanager
+def reporting_lost_workers(strategy):
+    """Turns the collective errors of a lost worker into a one-line `WorkerLostError`.
+
+    TensorFlow reports a worker that stopped (killed, crashed, preempted) with a 60-line graph
+    execution traceback from the first collective that misses it; the reason is one of its
+    lines. Other errors and other strategies pass through unchanged.
+
+    Args:
+        strategy: the run's `tf.distribute.Strategy`.
+
+    Raises:
+        WorkerLostError: a collective failed because a worker is gone (names the task(s)).
+    """
+    try:
+        yield
+    except _LOST_WORKER_ERRORS as e:
+        if not is_multi_worker(strategy):
+            raise
+        lines = [line.strip() for line in (e.message or "").splitlines() if line.strip()]
+        reason = next((f"{line[line.find('The following'):]} {lines[i + 1]}"
+                       for i, line in enumerate(lines[:-1]) if "unhealthy" in line), None)
+        if reason is None:
+            reason = next((line for line in lines if "aborted by" in line), lines[0] if lines
+                          else type(e).__name__)
+            reason = reason.split("aborted by: ")[-1]
+        raise WorkerLostError(f"a worker stopped or is unreachable ({reason[:200]})") from None

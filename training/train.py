@@ -748,32 +748,10 @@ def _train(config, callbacks):
         segments.append((step, step // steps_per_epoch, total_steps))
     history = {}
     start = time.time()
-    for first, initial_epoch, end in segments:
-        epochs = -(-end // steps_per_epoch)
-        fit_history = model.fit(
-            data_lib.train_dataset(datasets.train_split, recipe.batch_size, steps_per_epoch,
-                                   seed=config.seed,
-                                   augment=recipe.preprocessing if recipe.augment else "none",
-                                   image_size=recipe.image_size, start_step=first, end_step=end),
-            initial_epoch=initial_epoch,
-            epochs=epochs,
-            steps_per_epoch=(end - first) // (epochs - initial_epoch),
-            validation_data=test_ds,
-            callbacks=fit_callbacks,
-            shuffle=False,  # the order is train_dataset's (seeded, epoch-indexed)
-            verbose=config.verbose,
-        )
-        for key, values in fit_history.history.items():
-            history.setdefault(key, []).extend(values)
+    with distribute_lib.reporting_lost_workers(strategy):
+        test = _fit_and_evaluate(model, config, datasets, test_ds, segments, steps_per_epoch,
+                                 fit_callbacks, history)
     train_seconds = time.time() - start
-
-    # The last epoch's validation ran on the whole test split: it is the final evaluation.
-    # Evaluate only when no epoch ended in this process (resumed after the last epoch).
-    if "val_loss" in history:
-        test = {k[4:]: v[-1] for k, v in history.items() if k.startswith("val_")}
-    else:
-        print(f"Evaluating on the {datasets.num_test} {datasets.test_name} images", flush=True)
-        test = model.evaluate(test_ds, verbose=1 if config.verbose else 0, return_dict=True)
     test_loss, test_accuracy = float(test["loss"]), float(test["accuracy"])
     best = _best_accuracy(model_dir / "training_log.csv", test_accuracy)
     peak_rss, peak_gpu = _peak_memory_mb()
@@ -811,6 +789,53 @@ def _train(config, callbacks):
     return TrainResult(model=model, history=history, test_accuracy=test_accuracy,
                        test_loss=test_loss, export_dir=export_dir, config=final_config,
                        summary=summary)
+
+
+def _fit_and_evaluate(model, config, datasets, test_ds, segments, steps_per_epoch, callbacks,
+                      history):
+    """Runs `model.fit` over `segments`, extends `history`; returns the final test metrics."""
+    recipe = config.recipe
+    progress = _RunProgbar(recipe.epochs)  # "Epoch e/total" also in a resumed run's fit calls
+    for first, initial_epoch, end in segments:
+        epochs = -(-end // steps_per_epoch)
+        fit_history = model.fit(
+            data_lib.train_dataset(datasets.train_split, recipe.batch_size, steps_per_epoch,
+                                   seed=config.seed,
+                                   augment=recipe.preprocessing if recipe.augment else "none",
+                                   image_size=recipe.image_size, start_step=first, end_step=end),
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            steps_per_epoch=(end - first) // (epochs - initial_epoch),
+            validation_data=test_ds,
+            callbacks=[*callbacks, progress],
+            shuffle=False,  # the order is train_dataset's (seeded, epoch-indexed)
+            verbose=config.verbose,
+        )
+        for key, values in fit_history.history.items():
+            history.setdefault(key, []).extend(values)
+
+    # The last epoch's validation ran on the whole test split: it is the final evaluation.
+    # Evaluate only when no epoch ended in this process (resumed after the last epoch).
+    if "val_loss" in history:
+        return {k[4:]: v[-1] for k, v in history.items() if k.startswith("val_")}
+    print(f"Evaluating on the {datasets.num_test} {datasets.test_name} images", flush=True)
+    return model.evaluate(test_ds, verbose=1 if config.verbose else 0, return_dict=True)
+
+
+class _RunProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, numbering epochs out of the run's `total_epochs`.
+
+    A run resumed in the middle of an epoch makes two `fit` calls (see `_train`); Keras would
+    number the first one's epoch out of that call's `epochs` ("Epoch 2/2" of a 3-epoch run).
+    """
+
+    def __init__(self, total_epochs):
+        super().__init__()
+        self.total_epochs = total_epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total_epochs
 
 
 def _best_accuracy(csv_path, final):
@@ -868,6 +893,7 @@ def run(argv=None, callbacks=()):
         ConfigError: bad options, or a run directory that cannot be used or resumed.
         training.data.DataError: the data cannot be loaded (bad `--data-dir`, unknown
             `--dataset`, offline without `--data-dir`, undecodable file with `--strict-data`).
+        training.distribute.WorkerLostError: a worker of a multi-worker run stopped.
         SystemExit: from argparse for malformed options or `--help`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -886,12 +912,18 @@ def run(argv=None, callbacks=()):
 
 
 def main(argv=None):
-    """Command-line entry point. Returns 0 on success, 2 after a one-line error on bad input."""
+    """Command-line entry point. Returns 0 on success, 2 after a one-line error on bad input, 1
+    after a one-line error when a worker of a multi-worker run is lost."""
     try:
         run(argv)
     except ConfigError as e:
         print(f"python -m training.train: error: {e}", file=sys.stderr)
         return 2
+    except distribute_lib.WorkerLostError as e:
+        print(f"python -m training.train: error: --distribution multi_worker: {e}; start every "
+              "worker again with the same command: they resume from the last backup",
+              file=sys.stderr)
+        return 1
     except data_lib.DataError as e:
         # The data module names its own parameters (`data_dir=DIR`); say the flags instead.
         reason = e.reason.replace("with `strict=False`", "without --strict-data")

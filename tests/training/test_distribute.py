@@ -158,14 +158,15 @@ def _free_ports(n):
 
 def _start_workers(script, argv, workers, stall_step=0, indexes=None):
     """Starts one process per address of `workers` (or per index of `indexes`), each with its
-    `TF_CONFIG`; `argv` is one list for all, or a list of lists (one per process)."""
+    `TF_CONFIG`; `argv` (a list of lists) and `stall_step` (a list) may differ per process."""
     procs = []
     indexes = range(len(workers)) if indexes is None else indexes
     for n, index in enumerate(indexes):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         args = argv[n] if isinstance(argv[0], list) else argv
+        stall = stall_step[n] if isinstance(stall_step, list) else stall_step
         procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(stall_step), *args], cwd=REPO_ROOT,
+            [sys.executable, str(script), str(stall), *args], cwd=REPO_ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CONFIG": json.dumps(tf_config)}))
     return procs
@@ -249,6 +250,30 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
     assert sorted(p.name for p in mw.iterdir() if p.name.startswith("worker-")) == ["worker-1"]
     assert json.loads((mw / "summary.json").read_text())["model_dir"] == str(mw)
     assert json.loads((mw / "config.json").read_text())["num_replicas"] == 2
+
+
+def test_lost_worker_stops_the_others_with_one_line(cifar10_small_dir, tmp_path):
+    """Worker 1 is killed (SIGKILL) in epoch 1: worker 0's next collective fails, and it stops
+    with one line naming the lost task (not TensorFlow's 60-line traceback), exit status 1."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"),
+                           workers, stall_step=["main", 2])
+    try:
+        line, deadline = "", time.time() + 120
+        while "STALLED" not in line and time.time() < deadline and procs[1].poll() is None:
+            line = procs[1].stdout.readline()
+        assert "STALLED" in line, procs[1].stderr.read()[-3000:]
+        procs[1].send_signal(signal.SIGKILL)
+    finally:
+        (_, err), _ = _finish(procs, timeout=120)
+    assert procs[0].returncode == 1, err[-3000:]
+    assert _error_lines(err) == [
+        "python -m training.train: error: --distribution multi_worker: a worker stopped or is "
+        "unreachable (The following tasks are unhealthy (stopped sending heartbeats): "
+        "/job:worker/replica:0/task:1); start every worker again with the same command: they "
+        "resume from the last backup"]
 
 
 def test_multi_worker_batch_norm_statistics_are_the_same_on_every_worker(cifar10_small_dir,

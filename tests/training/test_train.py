@@ -243,6 +243,8 @@ def test_sigkill_in_epoch_two_resumes_to_the_same_weights(trained, cifar10_small
     resumed, out = _run_captured(args + ["--no-export"])
     assert not isinstance(resumed, Exception), resumed
     assert "Resuming at step 6 of 12 (epoch 2, batch 2)" in out, out
+    # Two fit calls (the rest of epoch 2, then epoch 3), numbered out of the run's 3 epochs.
+    assert re.findall(r"^Epoch \d+/\d+$", out, flags=re.M) == ["Epoch 2/3", "Epoch 3/3"], out
     assert resumed.export_dir is None and not (tmp_path / "x" / "2").exists()
     assert (f"Export: skipped (--no-export); export later with python -m training.export "
             f"--model-dir {tmp_path / 'run'}") in out, out
