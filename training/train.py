@@ -782,7 +782,11 @@ def _train(config, callbacks):
     curves = plots.plot_training_curves(model_dir / "training_log.csv", model_dir / "curves.png",
                                         title=f"{config.model} on {datasets.source}")
     summary["curves"] = str(curves) if curves else None
-    _print_summary(summary)
+    if chief:
+        _print_summary(summary)
+    else:  # the run's files, summary and export are the chief's
+        print(f"Worker {worker_index} done: test accuracy {test_accuracy:.4f} (the same on every "
+              f"worker); the run's files are the chief's, in {run_dir}", flush=True)
     _write_json(model_dir / "summary.json", summary)
     _write_json(model_dir / "config.json", final_config)
     backup.delete()

@@ -242,6 +242,10 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
     # The losses moved (a real run, not a constant).
     assert reference.history["loss"][0] != reference.history["loss"][1]
     mw = tmp_path / "mw"
+    (chief_out, _), (other_out, _) = outputs
+    assert "Summary: small_cnn" in chief_out and "Summary:" not in other_out
+    assert (f"Worker 1 done: test accuracy {reference.test_accuracy:.4f} (the same on every "
+            f"worker); the run's files are the chief's, in {mw}") in other_out, other_out
     chief_files = ("config.json", "summary.json", "training_log.csv", "model.weights.h5",
                    "model.keras")
     for name in chief_files:
