@@ -16,6 +16,14 @@ function of the seed and the step, see `training.data.train_dataset`) and `tf.da
 by data gives each worker its part of each batch. The learning rate is not changed by the
 number of devices (the loss is the mean over the global batch); `--scale-learning-rate` applies
 the linear scaling rule when the global batch differs from the recipe's.
+
+Multi-worker start-up and failures (used by `training.train`): `make_strategy` checks
+`TF_CONFIG` (`cluster_task`) and bounds the wait for the other workers (`worker_timeout`);
+`check_same_values` compares the workers' options and `check_all_ready` stops every worker when
+one fails its own start-up checks, both with one-line errors; `reporting_lost_workers` turns the
+collective error of a worker lost during training into a one-line `WorkerLostError`.
+`AverageReplicaStatistics` averages BatchNorm's moving statistics over all replicas before every
+validation and save (each replica updates them from its own share of the batch).
 """
 
 from __future__ import annotations
