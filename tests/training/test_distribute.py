@@ -137,6 +137,14 @@ WORKER_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.fixture
+def script(tmp_path):
+    """`WORKER_SCRIPT` as a file."""
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER_SCRIPT)
+    return path
+
+
 def _run_args(data_dir, model_dir, strategy, extra=()):
     return ["--model", "small_cnn", "--data-dir", str(data_dir), "--train-examples", "128",
             "--test-examples", "32", "--epochs", "2", "--steps-per-epoch", "4",
@@ -192,37 +200,13 @@ def _result(stdout):
     return json.loads(line[len("RESULT "):])
 
 
-def test_multi_worker_needs_tf_config_one_line(tmp_path, capsys, monkeypatch):
-    from training import train
-
-    argv = ["--distribution", "multi_worker", "--model-dir", str(tmp_path / "m"),
-            "--data-dir", str(tmp_path), "--export-dir", str(tmp_path / "e")]
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [
-        "python -m training.train: error: --distribution multi_worker: needs the TF_CONFIG "
-        "environment variable describing the cluster and this task, e.g. {\"cluster\": "
-        "{\"worker\": [\"host1:12345\", \"host2:12345\"]}, \"task\": {\"type\": \"worker\", "
-        "\"index\": 0}}"]
-    monkeypatch.setenv("TF_CONFIG", "{'cluster': ")
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert err.startswith("python -m training.train: error: --distribution multi_worker: "
-                          "TF_CONFIG is not valid JSON"), err
-    assert not (tmp_path / "m").exists()
-
-
-def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_dir, tmp_path,
-                                                                monkeypatch):
+def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_dir, script,
+                                                                tmp_path, monkeypatch):
     """Two worker processes on 127.0.0.1 (one CPU replica each, global batch 32) give the losses
     of one device with the same global batch; the chief (worker 0) writes the run directory and
     worker 1 keeps its state under `worker-1/`."""
     from training import train
 
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT)
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"),
                            workers)
@@ -256,11 +240,9 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
     assert json.loads((mw / "config.json").read_text())["num_replicas"] == 2
 
 
-def test_lost_worker_stops_the_others_with_one_line(cifar10_small_dir, tmp_path):
+def test_lost_worker_stops_the_others_with_one_line(cifar10_small_dir, script, tmp_path):
     """Worker 1 is killed (SIGKILL) in epoch 1: worker 0's next collective fails, and it stops
     with one line naming the lost task (not TensorFlow's 60-line traceback), exit status 1."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT)
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"),
                            workers, stall_step=["main", 2])
@@ -281,12 +263,10 @@ def test_lost_worker_stops_the_others_with_one_line(cifar10_small_dir, tmp_path)
 
 
 def test_multi_worker_batch_norm_statistics_are_the_same_on_every_worker(cifar10_small_dir,
-                                                                        tmp_path):
+                                                                        script, tmp_path):
     """Each worker updates BatchNorm's moving statistics from its half of the batch; they are
     averaged before validation and saves, so both workers save the same weights (and the
     statistics moved from their initial values)."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT)
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     argv = [*_run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"), "--model",
             "small_bn_cnn", "--epochs", "1", "--steps-per-epoch", "2"]
@@ -305,7 +285,8 @@ def test_multi_worker_batch_norm_statistics_are_the_same_on_every_worker(cifar10
 
 
 @pytest.mark.slow
-def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, monkeypatch):
+def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, script, tmp_path,
+                                                   monkeypatch):
     """Both workers are killed (SIGKILL) after global step 3 (epoch 1, batch 3), with backups every
     2 steps; the same two commands started again resume at step 2 and end with the weights and
     test loss of an uninterrupted one-device run; workers that restore different steps stop with
@@ -313,8 +294,6 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, tmp_path, 
     learning rate, 100 times that of the last two steps, so a wrong resume shows.)"""
     from training import train
 
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT)
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     argv = _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker",
                      extra=["--save-every-steps", "2"])
@@ -393,6 +372,11 @@ def _error_lines(stderr):
 
 
 @pytest.mark.parametrize("tf_config, message", [
+    (None, 'needs the TF_CONFIG environment variable describing the cluster and this task, e.g. '
+           '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", '
+           '"index": 0}}'),
+    ("{'cluster': ", "TF_CONFIG is not valid JSON (Expecting property name enclosed in double "
+                     "quotes at character 1)"),
     ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker",
                                                                       "index": 2}},
      'TF_CONFIG task index 2 is out of range: the cluster has 2 "worker" address(es), index 0 '
@@ -406,7 +390,11 @@ def _error_lines(stderr):
 def test_multi_worker_bad_tf_config_one_line(tf_config, message, tmp_path, capsys, monkeypatch):
     from training import train
 
-    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config if isinstance(tf_config, str)
+                           else json.dumps(tf_config))
     argv = ["--distribution", "multi_worker", "--model-dir", str(tmp_path / "m"),
             "--data-dir", str(tmp_path), "--export-dir", str(tmp_path / "e")]
     assert train.main(argv) == 2
@@ -425,11 +413,10 @@ def test_multi_worker_needs_model_dir_one_line(tmp_path, capsys):
         "worker's command"]
 
 
-def test_worker_without_partner_stops_after_timeout_or_ctrl_c(cifar10_small_dir, tmp_path):
+def test_worker_without_partner_stops_after_timeout_or_ctrl_c(cifar10_small_dir, script,
+                                                              tmp_path):
     """TensorFlow waits for a missing worker forever and ignores Ctrl-C meanwhile: the CLI says
     what it waits for, and stops with one line after --worker-timeout or on SIGINT."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT)
     argv = _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker")
     lonely = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     timed = _start_workers(script, [*argv, "--worker-timeout", "3"], lonely, stall_step="main",
@@ -459,12 +446,10 @@ def test_worker_without_partner_stops_after_timeout_or_ctrl_c(cifar10_small_dir,
     assert not (tmp_path / "mw").exists()
 
 
-def test_workers_that_disagree_stop_together_with_one_line(cifar10_small_dir, tmp_path):
+def test_workers_that_disagree_stop_together_with_one_line(cifar10_small_dir, script, tmp_path):
     """Workers started with different options, or one whose own state folder holds another run,
     all stop at start-up with one line (not a collective's shape-mismatch traceback, not a hang
     of the others)."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT)
     # Different --batch-size and --model-dir.
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     argvs = [_run_args(cifar10_small_dir, tmp_path / "a", "multi_worker"),
