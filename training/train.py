@@ -159,6 +159,7 @@ class RunConfig:
         """The values that change training (model, data, recipe, precision, seed, determinism)."""
         config = self.to_dict()
         fingerprint = {key: config[key] for key in TRAINING_FIELDS}
+        fingerprint["model"] = canonical_model_name(self.model)  # RevNet-38 = revnet38
         fingerprint["recipe"] = {k: v for k, v in fingerprint["recipe"].items()
                                  if k not in ("name", "description")}
         return fingerprint
@@ -255,6 +256,16 @@ def _model_names():
     import tf_revnet.models
 
     return list(tf_revnet.models.list_models()) + sorted(MODEL_BUILDERS)
+
+
+def canonical_model_name(name):
+    """The zoo's own name of model `name` (`"RevNet-38"` and `"revnet_38"` give `"RevNet38"`);
+    `name` itself when it is no model's name."""
+    try:
+        builder = _builder(name)
+    except ValueError:
+        return name
+    return getattr(builder, "__name__", name)
 
 
 def _builder(name):
@@ -511,7 +522,9 @@ def _prepare_run_dir(config):
     if old.get("finished"):
         raise ConfigError(f"--model-dir {model_dir}: holds a finished run ({old.get('command')}); "
                           "pick a new --model-dir or leave it out (a new runs/<model>/<time>)")
-    old_fingerprint = old.get("fingerprint", {})
+    old_fingerprint = dict(old.get("fingerprint", {}))
+    if "model" in old_fingerprint:  # runs of earlier versions kept the name as typed
+        old_fingerprint["model"] = canonical_model_name(old_fingerprint["model"])
     new_fingerprint = config.training_fingerprint()
     changed = [k for k in new_fingerprint if old_fingerprint.get(k) != new_fingerprint[k]]
     if "recipe" in changed:

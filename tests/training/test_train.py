@@ -415,6 +415,28 @@ def test_model_names_as_the_registry_takes_them(name, tmp_path):
     assert train.resolve_config(args).model == name
 
 
+def test_resume_accepts_another_spelling_of_the_model(tmp_path):
+    """`RevNet-38` resumes a run started as `revnet38` (the same model), also from a config.json
+    of an earlier version that kept the name as typed; `resnet32` does not."""
+    def config(name):
+        args = train.build_parser().parse_args(
+            ["--model", name, "--model-dir", str(tmp_path / "m"), "--export-dir",
+             str(tmp_path / "e")])
+        args.argv = []
+        return train.resolve_config(args)
+
+    (tmp_path / "m").mkdir()
+    fingerprint = config("revnet38").training_fingerprint()
+    assert fingerprint["model"] == "RevNet38"
+    for stored in ("RevNet38", "revnet38"):
+        (tmp_path / "m" / "config.json").write_text(json.dumps(
+            {"command": "python -m training.train", "fingerprint": {**fingerprint,
+                                                                    "model": stored}}))
+        assert train._prepare_run_dir(config("RevNet-38")) is True
+        with pytest.raises(train.ConfigError, match="holds an unfinished run with different model"):
+            train._prepare_run_dir(config("resnet32"))
+
+
 def test_default_run_dir_is_new_for_each_run(tmp_path):
     args = train.build_parser().parse_args(["--export-dir", str(tmp_path / "e")])
     args.argv = []
