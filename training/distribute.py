@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,9 @@ def tf_config():
     return config
 
 
+# "host:port" or "[ipv6]:port".
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):\d{1,5}$")
+
 ClusterTask = collections.namedtuple("ClusterTask", "type index address peers num_workers")
 ClusterTask.__doc__ = """This process' task in `TF_CONFIG`.
 
@@ -154,8 +158,9 @@ def cluster_task():
     """Checks `TF_CONFIG` for a multi-worker run and returns this process' `ClusterTask`.
 
     Raises:
-        ValueError: `TF_CONFIG` is missing, not JSON, or its task is not one of its cluster's
-            chief or worker addresses (one line, with the valid range).
+        ValueError: `TF_CONFIG` is missing or not JSON, has jobs other than "chief" and
+            "worker", an address that is not "host:port" or listed twice, or a task without
+            type or index or that is not one of its cluster's tasks (one line).
     """
     config = tf_config()
     cluster, task = config.get("cluster"), config.get("task")
@@ -165,17 +170,35 @@ def cluster_task():
                          '"host2:12345"]}, "task": {"type": "worker", "index": 0}}')
     if not isinstance(cluster, dict) or not isinstance(task, dict):
         raise ValueError('TF_CONFIG "cluster" and "task" must be JSON objects')
+    others = sorted(set(cluster) - {"chief", "worker"})
+    if others:
+        raise ValueError(f'TF_CONFIG cluster job "{others[0]}" is not supported: '
+                         'MultiWorkerMirroredStrategy runs "worker" (and "chief") tasks only')
     jobs = {job: cluster.get(job) or [] for job in ("chief", "worker")}
     for job, addresses in jobs.items():
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValueError(f'TF_CONFIG cluster "{job}" must be a list of "host:port" strings')
-    task_type, index = task.get("type"), task.get("index", 0)
+        for address in addresses:
+            if not _ADDRESS.match(address):
+                raise ValueError(f'TF_CONFIG cluster "{job}" address "{address}" is not '
+                                 '"host:port" (e.g. "10.0.0.2:2222")')
+    everyone = [(job, i, a) for job in ("chief", "worker") for i, a in enumerate(jobs[job])]
+    addresses = [a for _, _, a in everyone]
+    repeated = sorted({a for a in addresses if addresses.count(a) > 1})
+    if repeated:
+        raise ValueError(f"TF_CONFIG cluster lists {repeated[0]} more than once; every task "
+                         "needs its own host:port")
+    if "type" not in task or "index" not in task:
+        raise ValueError(f'TF_CONFIG task has no "{"type" if "type" not in task else "index"}"'
+                         ', e.g. {"type": "worker", "index": 0}')
+    task_type, index = task["type"], task["index"]
     if task_type not in jobs or not jobs[task_type]:
         have = ", ".join(f'"{job}"' for job, a in jobs.items() if a) or "none"
         raise ValueError(f'TF_CONFIG task type "{task_type}" is not a job of its cluster '
                          f"(jobs: {have}); use \"worker\" (or \"chief\")")
-    if isinstance(index, bool) or not isinstance(index, int) or not \
-            0 <= index < len(jobs[task_type]):
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ValueError(f"TF_CONFIG task index must be an integer. Received: {index!r}")
+    if not 0 <= index < len(jobs[task_type]):
         raise ValueError(f'TF_CONFIG task index {index!r} is out of range: the cluster has '
                          f'{len(jobs[task_type])} "{task_type}" address(es), index 0 to '
                          f"{len(jobs[task_type]) - 1}")
@@ -215,15 +238,15 @@ def make_strategy(name, worker_timeout=DEFAULT_WORKER_TIMEOUT, format_stop=None)
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         task = cluster_task()
-        if not task.peers:
-            return KerasMultiWorkerMirroredStrategy()
-        print(f"Worker {task.index} of {task.num_workers} ({task.address}): waiting for "
-              f"{', '.join(task.peers)} (up to {worker_timeout:g} s)", flush=True)
+        name = "Chief" if task.type == "chief" else f"Worker {task.index}"
+        others = f"waiting for {', '.join(task.peers)}" if task.peers else "the only task"
+        print(f"{name} of {task.num_workers} ({task.address}): {others} (up to "
+              f"{worker_timeout:g} s)", flush=True)
         with _watchdog(task, worker_timeout, format_stop):
             try:
                 return KerasMultiWorkerMirroredStrategy()
             except tf.errors.OpError as e:  # "Could not start gRPC server": the port is taken
-                raise ValueError(f"worker {task.index} cannot serve on {task.address} "
+                raise ValueError(f"{task.type} {task.index} cannot serve on {task.address} "
                                  f"({e.message.splitlines()[0][:120]}); is another process using "
                                  "that port?") from None
     if name == "tpu":
@@ -274,7 +297,8 @@ class _watchdog:
     def __enter__(self):
         others = ", ".join(self.task.peers)
         messages = [self.format_stop(
-            f"worker {self.task.index} ({self.task.address}) waited {self.timeout:g} s for the "
+            f"{self.task.type} {self.task.index} ({self.task.address}) waited {self.timeout:g} s "
+            "for the "
             f"other workers of TF_CONFIG ({others}) without reaching all of them; start the same "
             "command on each with its own task index", None)]
         for signum in (signal.SIGINT, signal.SIGTERM):

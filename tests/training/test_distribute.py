@@ -386,6 +386,23 @@ def _error_lines(stderr):
      '"chief")'),
     ({"cluster": {"worker": "127.0.0.1:1"}, "task": {"type": "worker", "index": 0}},
      'TF_CONFIG cluster "worker" must be a list of "host:port" strings'),
+    ({"cluster": {"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"]},
+      "task": {"type": "worker", "index": 0}},
+     'TF_CONFIG cluster job "ps" is not supported: MultiWorkerMirroredStrategy runs "worker" '
+     '(and "chief") tasks only'),
+    ({"cluster": {"worker": ["127.0.0.1:1", "badhost:x"]}, "task": {"type": "worker",
+                                                                    "index": 0}},
+     'TF_CONFIG cluster "worker" address "badhost:x" is not "host:port" (e.g. "10.0.0.2:2222")'),
+    ({"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}},
+     'TF_CONFIG cluster "worker" address "localhost" is not "host:port" (e.g. "10.0.0.2:2222")'),
+    ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:1"]}, "task": {"type": "worker",
+                                                                      "index": 0}},
+     "TF_CONFIG cluster lists 127.0.0.1:1 more than once; every task needs its own host:port"),
+    ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}},
+     'TF_CONFIG task has no "index", e.g. {"type": "worker", "index": 0}'),
+    ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker",
+                                                                      "index": "1"}},
+     "TF_CONFIG task index must be an integer. Received: '1'"),
 ])
 def test_multi_worker_bad_tf_config_one_line(tf_config, message, tmp_path, capsys, monkeypatch):
     from training import train
