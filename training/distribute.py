@@ -397,7 +397,8 @@ def _fingerprint(value):
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def check_same_values(strategy, values):
+def check_same_values(strategy, values, verb="were started with",
+                      fix="start every worker with the same command"):
     """Checks that every worker of a multi-worker run was started with the same `values`.
 
     A collective operation: every worker must call it, with the same keys (no-op for other
@@ -406,6 +407,8 @@ def check_same_values(strategy, values):
     Args:
         strategy: the run's `tf.distribute.Strategy`.
         values: dict of str to JSON-serializable values, e.g. `{"batch_size": 128}`.
+        verb: str. The message's verb ("the workers {verb} different {keys}").
+        fix: str. The message's advice.
 
     Raises:
         WorkerMismatchError: some values differ between workers (one line naming the keys and
@@ -419,9 +422,9 @@ def check_same_values(strategy, values):
     if differing:
         workers = [str(w) for w, row in enumerate(rows) if row != rows[0]]
         raise WorkerMismatchError(
-            f"the workers were started with different {', '.join(differing)} (worker "
+            f"the workers {verb} different {', '.join(differing)} (worker "
             f"{', '.join(workers)} differ{'s' if len(workers) == 1 else ''} from worker 0); "
-            "start every worker with the same command")
+            f"{fix}")
 
 
 def check_all_ready(strategy, ready):

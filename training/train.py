@@ -654,6 +654,12 @@ def _train(config, callbacks):
         raise
     try:
         distribute_lib.check_all_ready(strategy, True)
+        # Each host may hold its own copy of the data: the same path must hold the same data.
+        distribute_lib.check_same_values(strategy, {
+            "class names": datasets.class_names,
+            "numbers of training images": datasets.num_train,
+            "numbers of test images": datasets.num_test}, verb="loaded data with",
+            fix="every worker's data (the --data-dir or --dataset of its host) must be the same")
     except distribute_lib.WorkerMismatchError as e:
         raise ConfigError(f"--distribution multi_worker: {e}") from None
     steps_per_epoch = data_lib.num_steps(datasets.num_train, recipe.batch_size)

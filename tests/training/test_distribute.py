@@ -109,7 +109,7 @@ def small_cnn(input_shape, classes, classifier_activation, kernel_regularizer, b
 # `worker.py main ARGS...` runs `train.main(ARGS)` (exit status 2 and one line on bad input).
 WORKER_SCRIPT = textwrap.dedent(
     """
-    import functools, json, sys, time
+    import functools, json, os, sys, time
     import keras
     from tests.training.test_distribute import small_cnn
     from training import train
@@ -126,6 +126,9 @@ WORKER_SCRIPT = textwrap.dedent(
 
     train.MODEL_BUILDERS["small_cnn"] = small_cnn
     train.MODEL_BUILDERS["small_bn_cnn"] = functools.partial(small_cnn, batch_norm=True)
+    if os.environ.get("WORKER_DATA"):  # this host's --data-dir holds other images
+        load = train.data_lib.load
+        train.data_lib.load = lambda **kw: load(**{**kw, "data_dir": os.environ["WORKER_DATA"]})
     if sys.argv[1] == "main":  # the command line's exit status and one-line errors
         sys.exit(train.main(sys.argv[2:]))
     stall = int(sys.argv[1])
@@ -164,9 +167,10 @@ def _free_ports(n):
     return ports
 
 
-def _start_workers(script, argv, workers, stall_step=0, indexes=None):
+def _start_workers(script, argv, workers, stall_step=0, indexes=None, envs=None):
     """Starts one process per address of `workers` (or per index of `indexes`), each with its
-    `TF_CONFIG`; `argv` (a list of lists) and `stall_step` (a list) may differ per process."""
+    `TF_CONFIG`; `argv` (a list of lists) and `stall_step` (a list) may differ per process, and
+    `envs` (a list of dicts) adds environment variables per process."""
     procs = []
     indexes = range(len(workers)) if indexes is None else indexes
     for n, index in enumerate(indexes):
@@ -176,7 +180,8 @@ def _start_workers(script, argv, workers, stall_step=0, indexes=None):
         procs.append(subprocess.Popen(
             [sys.executable, str(script), str(stall), *args], cwd=REPO_ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CONFIG": json.dumps(tf_config)}))
+            env={**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CONFIG": json.dumps(tf_config),
+                 **(envs[n] if envs else {})}))
     return procs
 
 
@@ -479,6 +484,20 @@ def test_workers_that_disagree_stop_together_with_one_line(cifar10_small_dir, sc
             "python -m training.train: error: --distribution multi_worker: the workers were "
             "started with different --batch-size, --model-dir (worker 1 differs from worker 0); "
             "start every worker with the same command"]
+    # The same --data-dir path holds other images on worker 1's host (one class fewer).
+    other_copy = tmp_path / "other_copy"
+    shutil.copytree(cifar10_small_dir, other_copy)
+    for split in ("train", "test"):
+        shutil.rmtree(other_copy / split / "truck")
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "c", "multi_worker"),
+                           workers, stall_step="main", envs=[{}, {"WORKER_DATA": str(other_copy)}])
+    for proc, (_, err) in zip(procs, _finish(procs, timeout=120)):
+        assert proc.returncode == 2, err[-3000:]
+        assert _error_lines(err) == [
+            "python -m training.train: error: --distribution multi_worker: the workers loaded "
+            "data with different class names (worker 1 differs from worker 0); every worker's "
+            "data (the --data-dir or --dataset of its host) must be the same"]
     # Worker 1's state folder holds an unfinished run of another seed: it says so, naming the
     # --model-dir the user gave, and worker 0 stops too instead of waiting for it.
     mw = tmp_path / "mw"
