@@ -378,10 +378,17 @@ def check_same_step(strategy, step):
             "by all workers")
 
 
+# One tf.function for every `strategy.run` here: `strategy.run` of a plain Python function warns
+# about eager overhead, and a new tf.function per call is traced again each time (TensorFlow
+# warns about retracing after five).
+@tf.function
+def _as_row(x):
+    return x[None]
+
+
 def _gather_per_worker(strategy, values):
     """Every worker's int64 vector `values`, as a list indexed by worker (a collective)."""
-    # A tf.function: `strategy.run` of a plain Python function warns about eager overhead.
-    local = strategy.run(tf.function(lambda: tf.constant([values], dtype=tf.int64)))
+    local = strategy.run(_as_row, args=(tf.constant(values, dtype=tf.int64),))
     rows = strategy.gather(local, axis=0).numpy()
     per_worker = strategy.num_replicas_in_sync // _num_workers(strategy)
     return [[int(v) for v in row] for row in rows[::per_worker]]
@@ -478,8 +485,8 @@ def average_over_replicas(strategy, variables):
              for v in variables]
     if is_multi_worker(strategy):
         flat = tf.concat([tf.reshape(m, [-1]) for m in means], axis=0)
-        # A tf.function, as in `_gather_per_worker`; every replica contributes its worker's mean.
-        rows = strategy.gather(strategy.run(tf.function(lambda: flat[None])), axis=0)
+        # Every replica contributes its worker's mean.
+        rows = strategy.gather(strategy.run(_as_row, args=(flat,)), axis=0)
         flat = tf.reduce_mean(rows, axis=0)
         sizes = [int(tf.size(m)) for m in means]
         means = [tf.reshape(part, m.shape) for part, m in zip(tf.split(flat, sizes), means)]

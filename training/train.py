@@ -511,9 +511,10 @@ def _prepare_run_dir(config):
     """
     model_dir = pathlib.Path(config.model_dir)
     previous = model_dir / "config.json"
-    # worker-<i>/: other workers' state in a multi-worker run (see _train).
+    # worker-<i>/, .lock: other workers' state, the run's lock (see _lock_run_dir).
     if not model_dir.exists() or (model_dir.is_dir() and not any(
-            p for p in model_dir.iterdir() if not p.name.startswith("worker-"))):
+            p for p in model_dir.iterdir()
+            if not p.name.startswith("worker-") and p.name != ".lock")):
         return False
     if not previous.is_file():
         raise ConfigError(f"--model-dir {model_dir}: exists and is not a run directory (no "
@@ -576,6 +577,38 @@ def _shared_options(config, run_dir):
     return options
 
 
+# File descriptors of the run directories this process holds locked (released by `run`).
+_HELD_LOCKS = []
+
+
+def _lock_run_dir(model_dir):
+    """Creates `model_dir` and locks it (`.lock`, holding the pid) for this process.
+
+    Raises:
+        ConfigError: another process holds the lock (its run would interleave with this one's
+            files).
+    """
+    import fcntl
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(model_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"--model-dir {model_dir}: in use by another training process (pid "
+                          f"{pid}); wait for it to end, or pick another --model-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_LOCKS.append(fd)
+
+
+def _release_run_dir_locks():
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.pop())
+
+
 def _start_up_checks(config, strategy, run_dir, chief):
     """This process' own checks: run directory, data, batch size. Returns (resuming, datasets)."""
     recipe = config.recipe
@@ -588,6 +621,7 @@ def _start_up_checks(config, strategy, run_dir, chief):
         raise ConfigError(str(e).replace(f"--model-dir {config.model_dir}:",
                                          f"--model-dir {run_dir}: this worker's state folder "
                                          f"{pathlib.Path(config.model_dir).name}/", 1)) from None
+    _lock_run_dir(pathlib.Path(config.model_dir))
     replicas = strategy.num_replicas_in_sync
     if recipe.batch_size % replicas:
         raise ConfigError(
@@ -931,6 +965,7 @@ def run(argv=None, callbacks=()):
         )
         return _train(config, list(callbacks))
     finally:
+        _release_run_dir_locks()
         keras.config.set_dtype_policy(previous_policy)
 
 

@@ -516,4 +516,5 @@ def test_workers_that_disagree_stop_together_with_one_line(cifar10_small_dir, sc
     assert line.startswith(f"python -m training.train: error: --model-dir {mw}: this worker's "
                            "state folder worker-1/ holds an unfinished run with different "), line
     assert "seed" in line and "python -m training.train --seed 1" in line
-    assert sorted(p.name for p in mw.iterdir()) == ["worker-1"]  # the chief wrote nothing
+    # The chief wrote nothing (it holds the run's lock only while it runs).
+    assert sorted(p.name for p in mw.iterdir()) == [".lock", "worker-1"]

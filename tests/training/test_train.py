@@ -399,6 +399,29 @@ def test_refuses_to_resume_a_different_configuration(change, named, cifar10_smal
     assert elapsed < 30
 
 
+def test_run_directory_in_use_is_refused(cifar10_small_dir, tmp_path, capsys):
+    """A second process started on the run directory of a run that is still going (it looks
+    resumable) stops with one line naming the other process, and writes nothing."""
+    import fcntl
+
+    argv = _small_run_args(cifar10_small_dir, tmp_path / "model_dir", tmp_path / "e", epochs=1)
+    model_dir = _unfinished_run(tmp_path, argv)
+    before = sorted(p.name for p in model_dir.rglob("*"))
+    with open(model_dir / ".lock", "w") as lock:  # what a running process holds
+        lock.write("4242")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err, _ = _main_error(argv, capsys)
+        assert err == (f"python -m training.train: error: --model-dir {model_dir}: in use by "
+                       "another training process (pid 4242); wait for it to end, or pick another "
+                       "--model-dir")
+    assert sorted(p.name for p in model_dir.rglob("*")) == sorted({*before, ".lock"})
+    # Once that process is gone, the lock is free: the same command goes on to restore the
+    # backup (an empty file here, refused as truncated).
+    err, _ = _main_error(argv, capsys)
+    assert f"--model-dir {model_dir}: cannot restore the backup" in err, err
+
+
 def test_truncated_checkpoint_gives_one_line_error(cifar10_small_dir, tmp_path, capsys):
     argv = _small_run_args(cifar10_small_dir, tmp_path / "model_dir", tmp_path / "e", epochs=1)
     model_dir = _unfinished_run(tmp_path, argv)
