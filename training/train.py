@@ -764,7 +764,10 @@ def _train(config, callbacks):
         raise ConfigError(f"--model-dir {run_dir}: {e}") from None
     except distribute_lib.WorkerMismatchError as e:
         raise ConfigError(f"--distribution multi_worker: {e}") from None
-    if step:
+    if step >= total_steps:
+        print(f"Resuming after the last step ({step} of {total_steps}): training is done, "
+              f"evaluating and saving (backup in {source.directory})", flush=True)
+    elif step:
         print(f"Resuming at step {step} of {total_steps} (epoch {step // steps_per_epoch + 1}, "
               f"batch {step % steps_per_epoch}) from {source.directory}", flush=True)
 
@@ -876,7 +879,7 @@ def _fit_and_evaluate(model, config, datasets, test_ds, segments, steps_per_epoc
     if "val_loss" in history:
         return {k[4:]: v[-1] for k, v in history.items() if k.startswith("val_")}
     print(f"Evaluating on the {datasets.num_test} {datasets.test_name} images", flush=True)
-    return model.evaluate(test_ds, verbose=1 if config.verbose else 0, return_dict=True)
+    return model.evaluate(test_ds, verbose=config.verbose, return_dict=True)
 
 
 class _RunProgbar(keras.callbacks.ProgbarLogger):

@@ -422,6 +422,30 @@ def test_run_directory_in_use_is_refused(cifar10_small_dir, tmp_path, capsys):
     assert f"--model-dir {model_dir}: cannot restore the backup" in err, err
 
 
+def test_run_stopped_after_its_last_step_evaluates_and_exports_when_restarted(cifar10_small_dir,
+                                                                              tmp_path):
+    """A run that stops after its last training step (here a callback raises at the end of
+    training, before the evaluation and export) says so when restarted, evaluates once (with the
+    progress output of its --verbose) and finishes."""
+    import keras
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            raise RuntimeError("stopped after the last step")
+
+    argv = _small_run_args(cifar10_small_dir, tmp_path / "run", tmp_path / "e", epochs=1,
+                           extra=["--no-export"])
+    crashed, _ = _run_captured(argv, callbacks=[Crash()])
+    assert isinstance(crashed, RuntimeError), crashed
+    finished, out = _run_captured(argv)
+    assert not isinstance(finished, Exception), finished
+    assert (f"Resuming after the last step ({STEPS} of {STEPS}): training is done, evaluating "
+            f"and saving (backup in {tmp_path / 'run' / 'backup'})") in out, out
+    assert "Evaluating on the 32 test images\n2/2 - " in out, out  # one line: --verbose 2
+    assert finished.history == {} and np.isfinite(finished.test_loss)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["finished"]
+
+
 def test_truncated_checkpoint_gives_one_line_error(cifar10_small_dir, tmp_path, capsys):
     argv = _small_run_args(cifar10_small_dir, tmp_path / "model_dir", tmp_path / "e", epochs=1)
     model_dir = _unfinished_run(tmp_path, argv)
