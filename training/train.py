@@ -260,12 +260,15 @@ def _model_names():
 
 def canonical_model_name(name):
     """The zoo's own name of model `name` (`"RevNet-38"` and `"revnet_38"` give `"RevNet38"`);
-    `name` itself when it is no model's name."""
+    `name` itself when it is no zoo model's name (or one of `MODEL_BUILDERS`)."""
+    import tf_revnet.models
+
+    if name in MODEL_BUILDERS:
+        return name
     try:
-        builder = _builder(name)
+        return tf_revnet.models.get(name).__name__
     except ValueError:
         return name
-    return getattr(builder, "__name__", name)
 
 
 def _builder(name):
