@@ -514,6 +514,9 @@ def _prepare_run_dir(config):
     """
     model_dir = pathlib.Path(config.model_dir)
     previous = model_dir / "config.json"
+    # Leaving --model-dir out gives a new directory, except under multi_worker (refused there).
+    other = ("pick a new --model-dir" if config.distribution == "multi_worker"
+             else "pick a new --model-dir or leave it out (a new runs/<model>/<time>)")
     # worker-<i>/, .lock: other workers' state, the run's lock (see _lock_run_dir).
     if not model_dir.exists() or (model_dir.is_dir() and not any(
             p for p in model_dir.iterdir()
@@ -521,11 +524,11 @@ def _prepare_run_dir(config):
         return False
     if not previous.is_file():
         raise ConfigError(f"--model-dir {model_dir}: exists and is not a run directory (no "
-                          "config.json); pick a new --model-dir or leave it out")
+                          f"config.json); {other}")
     old = json.loads(previous.read_text())
     if old.get("finished"):
         raise ConfigError(f"--model-dir {model_dir}: holds a finished run ({old.get('command')}); "
-                          "pick a new --model-dir or leave it out (a new runs/<model>/<time>)")
+                          f"{other}")
     old_fingerprint = dict(old.get("fingerprint", {}))
     if "model" in old_fingerprint:  # runs of earlier versions kept the name as typed
         old_fingerprint["model"] = canonical_model_name(old_fingerprint["model"])
@@ -585,7 +588,8 @@ _HELD_LOCKS = []
 
 
 def _lock_run_dir(model_dir):
-    """Creates `model_dir` and locks it (`.lock`, holding the pid) for this process.
+    """Creates `model_dir` and locks it (`.lock`, holding the pid) for this process; removes the
+    temporary files a killed run left (`.tmp-*`, also in `backup/`).
 
     Raises:
         ConfigError: another process holds the lock (its run would interleave with this one's
@@ -605,6 +609,9 @@ def _lock_run_dir(model_dir):
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _HELD_LOCKS.append(fd)
+    # With the lock held no other process writes here: temporary files are a killed run's.
+    for stale in [*model_dir.glob(".tmp-*"), *model_dir.glob("backup/.tmp-*")]:
+        stale.unlink(missing_ok=True)
 
 
 def _release_run_dir_locks():

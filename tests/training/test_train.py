@@ -417,9 +417,13 @@ def test_run_directory_in_use_is_refused(cifar10_small_dir, tmp_path, capsys):
                        "--model-dir")
     assert sorted(p.name for p in model_dir.rglob("*")) == sorted({*before, ".lock"})
     # Once that process is gone, the lock is free: the same command goes on to restore the
-    # backup (an empty file here, refused as truncated).
+    # backup (an empty file here, refused as truncated), and the temporary files of saves the
+    # killed process did not finish are removed.
+    (model_dir / ".tmp-4242-model.weights.h5").write_bytes(b"partial")
+    (model_dir / "backup" / ".tmp-4242-latest.weights.h5").write_bytes(b"partial")
     err, _ = _main_error(argv, capsys)
     assert f"--model-dir {model_dir}: cannot restore the backup" in err, err
+    assert not list(model_dir.rglob(".tmp-*"))
 
 
 def test_run_stopped_after_its_last_step_evaluates_and_exports_when_restarted(cifar10_small_dir,
@@ -460,6 +464,22 @@ def test_model_names_as_the_registry_takes_them(name, tmp_path):
     args = train.build_parser().parse_args(["--model", name, "--export-dir", str(tmp_path / "e")])
     args.argv = []
     assert train.resolve_config(args).model == name
+
+
+@pytest.mark.parametrize("distribution, advice", [
+    ("none", "pick a new --model-dir or leave it out (a new runs/<model>/<time>)"),
+    ("multi_worker", "pick a new --model-dir"),  # leaving it out is refused there
+])
+def test_finished_run_is_refused_with_advice_that_applies(distribution, advice, tmp_path):
+    args = train.build_parser().parse_args(
+        ["--model-dir", str(tmp_path / "m"), "--export-dir", str(tmp_path / "e"),
+         "--distribution", distribution])
+    args.argv = []
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"finished": True, "command": "c"}))
+    with pytest.raises(train.ConfigError) as error:
+        train._prepare_run_dir(train.resolve_config(args))
+    assert str(error.value) == f"--model-dir {tmp_path / 'm'}: holds a finished run (c); {advice}"
 
 
 def test_resume_accepts_another_spelling_of_the_model(tmp_path):
