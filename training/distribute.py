@@ -202,7 +202,6 @@ def cluster_task():
         raise ValueError(f'TF_CONFIG task index {index!r} is out of range: the cluster has '
                          f'{len(jobs[task_type])} "{task_type}" address(es), index 0 to '
                          f"{len(jobs[task_type]) - 1}")
-    everyone = [(job, i, a) for job in ("chief", "worker") for i, a in enumerate(jobs[job])]
     address = jobs[task_type][index]
     peers = [a for job, i, a in everyone if (job, i) != (task_type, index)]
     return ClusterTask(task_type, index, address, peers, len(everyone))
@@ -298,9 +297,8 @@ class _watchdog:
         others = ", ".join(self.task.peers)
         messages = [self.format_stop(
             f"{self.task.type} {self.task.index} ({self.task.address}) waited {self.timeout:g} s "
-            "for the "
-            f"other workers of TF_CONFIG ({others}) without reaching all of them; start the same "
-            "command on each with its own task index", None)]
+            f"for the other workers of TF_CONFIG ({others}) without reaching all of them; start "
+            "the same command on each with its own task index", None)]
         for signum in (signal.SIGINT, signal.SIGTERM):
             messages.append(self.format_stop(
                 f"stopped by {signum.name} while waiting for the other workers ({others})",

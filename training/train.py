@@ -86,12 +86,12 @@ class ConfigError(ValueError):
     """Bad command-line options; the message is one line naming the option."""
 
 
-# Fields of `RunConfig` that change what is trained: a backup may only be resumed when they are equal.
-# `deterministic` is one of them: op determinism selects other CPU kernels (measured: BatchNorm
-# scales 3e-4 apart after 12 steps of the tiny test model), so it must not change on resume.
 # The recipe fields that command-line flags override (--epochs, --batch-size, ...).
 RECIPE_FLAGS = ("epochs", "batch_size", "learning_rate", "momentum", "weight_decay", "image_size",
                 "steps_per_epoch", "train_examples", "test_examples", "augment")
+# Fields of `RunConfig` that change what is trained: a backup may only be resumed when they are equal.
+# `deterministic` is one of them: op determinism selects other CPU kernels (measured: BatchNorm
+# scales 3e-4 apart after 12 steps of the tiny test model), so it must not change on resume.
 TRAINING_FIELDS = ("model", "dataset", "data_dir", "validation_split", "recipe", "mixed_precision",
                    "use_custom_gradient", "seed", "deterministic")
 

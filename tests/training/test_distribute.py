@@ -167,6 +167,25 @@ def _free_ports(n):
     return ports
 
 
+def _local_addresses(n):
+    """`n` free `127.0.0.1:port` addresses for a TF_CONFIG cluster."""
+    return [f"127.0.0.1:{port}" for port in _free_ports(n)]
+
+
+def _error_lines(stderr):
+    """The CLI's error lines; a traceback fails the test."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("python -m training.train")]
+
+
+def _assert_all_stop_with(procs, message):
+    """Every process exits with status 2 and prints the one-line error `message`."""
+    for proc, (_, err) in zip(procs, _finish(procs, timeout=120)):
+        assert proc.returncode == 2, err[-3000:]
+        assert _error_lines(err) == [
+            f"python -m training.train: error: --distribution multi_worker: {message}"]
+
+
 def _start_workers(script, argv, workers, stall_step=0, indexes=None, envs=None):
     """Starts one process per address of `workers` (or per index of `indexes`), each with its
     `TF_CONFIG`; `argv` (a list of lists) and `stall_step` (a list) may differ per process, and
@@ -212,7 +231,7 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
     worker 1 keeps its state under `worker-1/`."""
     from training import train
 
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = _local_addresses(2)
     procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"),
                            workers)
     try:  # the one-device reference, in this process while the workers run
@@ -248,7 +267,7 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
 def test_lost_worker_stops_the_others_with_one_line(cifar10_small_dir, script, tmp_path):
     """Worker 1 is killed (SIGKILL) in epoch 1: worker 0's next collective fails, and it stops
     with one line naming the lost task (not TensorFlow's 60-line traceback), exit status 1."""
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = _local_addresses(2)
     procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"),
                            workers, stall_step=["main", 2])
     try:
@@ -272,7 +291,7 @@ def test_multi_worker_batch_norm_statistics_are_the_same_on_every_worker(cifar10
     """Each worker updates BatchNorm's moving statistics from its half of the batch; they are
     averaged before validation and saves, so both workers save the same weights (and the
     statistics moved from their initial values)."""
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = _local_addresses(2)
     argv = [*_run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"), "--model",
             "small_bn_cnn", "--epochs", "1", "--steps-per-epoch", "2"]
     procs = _start_workers(script, argv, workers)
@@ -299,7 +318,7 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, script, tm
     learning rate, 100 times that of the last two steps, so a wrong resume shows.)"""
     from training import train
 
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = _local_addresses(2)
     argv = _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker",
                      extra=["--save-every-steps", "2"])
     victims = _start_workers(script, argv, workers, stall_step=3)
@@ -324,7 +343,7 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, script, tm
     # shared run directory) stop, naming the steps, instead of training out of step.
     shutil.copytree(mw, tmp_path / "unshared")
     shutil.rmtree(tmp_path / "unshared" / "backup")
-    unshared = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    unshared = _local_addresses(2)
     procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "unshared",
                                              "multi_worker", extra=["--save-every-steps", "2"]),
                            unshared)
@@ -368,12 +387,6 @@ def _h5_arrays(path):
     with h5py.File(path, "r") as f:
         f.visititems(visit)
     return arrays
-
-
-def _error_lines(stderr):
-    """The CLI's error lines; a traceback fails the test."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    return [line for line in stderr.splitlines() if line.startswith("python -m training.train")]
 
 
 @pytest.mark.parametrize("tf_config, message", [
@@ -440,10 +453,10 @@ def test_worker_without_partner_stops_after_timeout_or_ctrl_c(cifar10_small_dir,
     """TensorFlow waits for a missing worker forever and ignores Ctrl-C meanwhile: the CLI says
     what it waits for, and stops with one line after --worker-timeout or on SIGINT."""
     argv = _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker")
-    lonely = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    lonely = _local_addresses(2)
     timed = _start_workers(script, [*argv, "--worker-timeout", "3"], lonely, stall_step="main",
                            indexes=[0])[0]
-    others = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    others = _local_addresses(2)
     interrupted = _start_workers(script, argv, others, stall_step="main", indexes=[1])[0]
     try:
         line = interrupted.stdout.readline()  # printed just before TensorFlow blocks
@@ -473,38 +486,32 @@ def test_workers_that_disagree_stop_together_with_one_line(cifar10_small_dir, sc
     all stop at start-up with one line (not a collective's shape-mismatch traceback, not a hang
     of the others)."""
     # Different --batch-size and --model-dir.
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = _local_addresses(2)
     argvs = [_run_args(cifar10_small_dir, tmp_path / "a", "multi_worker"),
              _run_args(cifar10_small_dir, tmp_path / "b", "multi_worker",
                        extra=["--batch-size", "64"])]
     procs = _start_workers(script, argvs, workers, stall_step="main")
-    for proc, (_, err) in zip(procs, _finish(procs, timeout=120)):
-        assert proc.returncode == 2, err[-3000:]
-        assert _error_lines(err) == [
-            "python -m training.train: error: --distribution multi_worker: the workers were "
-            "started with different --batch-size, --model-dir (worker 1 differs from worker 0); "
-            "start every worker with the same command"]
+    _assert_all_stop_with(procs, "the workers were started with different --batch-size, "
+                                 "--model-dir (worker 1 differs from worker 0); start every "
+                                 "worker with the same command")
     # The same --data-dir path holds other images on worker 1's host (one class fewer).
     other_copy = tmp_path / "other_copy"
     shutil.copytree(cifar10_small_dir, other_copy)
     for split in ("train", "test"):
         shutil.rmtree(other_copy / split / "truck")
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = _local_addresses(2)
     procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "c", "multi_worker"),
                            workers, stall_step="main", envs=[{}, {"WORKER_DATA": str(other_copy)}])
-    for proc, (_, err) in zip(procs, _finish(procs, timeout=120)):
-        assert proc.returncode == 2, err[-3000:]
-        assert _error_lines(err) == [
-            "python -m training.train: error: --distribution multi_worker: the workers loaded "
-            "data with different class names (worker 1 differs from worker 0); every worker's "
-            "data (the --data-dir or --dataset of its host) must be the same"]
+    _assert_all_stop_with(procs, "the workers loaded data with different class names (worker 1 "
+                                 "differs from worker 0); every worker's data (the --data-dir or "
+                                 "--dataset of its host) must be the same")
     # Worker 1's state folder holds an unfinished run of another seed: it says so, naming the
     # --model-dir the user gave, and worker 0 stops too instead of waiting for it.
     mw = tmp_path / "mw"
     (mw / "worker-1").mkdir(parents=True)
     (mw / "worker-1" / "config.json").write_text(json.dumps(
         {"command": "python -m training.train --seed 1", "fingerprint": {"seed": 1}}))
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = _local_addresses(2)
     procs = _start_workers(script, _run_args(cifar10_small_dir, mw, "multi_worker"), workers,
                            stall_step="main")
     (_, err0), (_, err1) = _finish(procs, timeout=120)
