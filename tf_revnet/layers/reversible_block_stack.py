@@ -86,6 +86,26 @@ class ReversibleBlockStack(TwoStreamLayer):
         """The template `ReversibleBlock` (its own variables are unused)."""
         return self._block
 
+    def stacked_variable(self, variable):
+        """The stacked variable `(depth,) + variable.shape` that holds `variable` of `block` per block.
+
+        Args:
+            variable: a variable of the template `block` (an entry of `block.variables`).
+
+        Returns:
+            The stack's Keras variable; its slice `[i]` is block `i`'s value of `variable`.
+
+        Raises:
+            ValueError: if the stack is not built or `variable` is not one of the template's.
+        """
+        stacked = getattr(self, "_stacked", {}).get(id(variable))
+        if stacked is None:
+            raise ValueError(
+                f"`variable` must be a variable of the built template `{self.name}.block`. "
+                f"Received: {getattr(variable, 'path', variable)!r}"
+            )
+        return stacked
+
     def _sync_flags(self):
         if getattr(self, "built", False):
             self._slots()
