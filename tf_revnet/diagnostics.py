@@ -26,10 +26,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
-from tf_revnet.layers.utils import global_seed_state, no_autocast, scoped_value
+from tf_revnet.layers.utils import no_autocast
 
 __all__ = [
     "BlockReconstruction",
@@ -316,82 +317,70 @@ def _check_input(x, arg="x"):
 # Reconstruction error
 
 
+def _forward_segments(units, x):
+    """Runs `units` forward through the unit protocol, state threaded as in training.
+
+    Returns the runs of consecutive invertible units ("segments"), each a list of one entry per
+    block: `(index, name, block_unit, values, record, inputs, outputs)` (a stack's blocks one by one).
+    """
+    rng = unit_lib.read_rng()
+    state = {id(v): tf.convert_to_tensor(v.value) for u in units for v in u.state}
+    h, segments, current = x, [], None
+    for index, unit in enumerate(units):
+        values = unit.pack(unit_lib.read_values(unit).replace(
+            state=tuple(state[id(v)] for v in unit.state), rng=rng))
+        if not unit.invertible:
+            h, _, after = unit.forward(values, h)
+            new_state, rng, current = after.state, after.rng, None
+        else:
+            layer = unit.layer
+            halves = layer.split(layer.check_input(tf.cast(h, layer.stream_dtype)))
+            if current is None:
+                current = []
+                segments.append(current)
+            pieces = (unit.slices(values) if isinstance(unit, unit_lib.LoopUnit)
+                      else [(unit.name, unit, values)])
+            block_states = []
+            for name, block_unit, block_values in pieces:
+                # The block's own inputs: on the fixed-point grid where its coupling keeps one.
+                inputs = tuple(block_unit.layer.coupling.quantize(t) for t in halves)
+                halves, record, after = block_unit.forward(block_values.replace(rng=rng), inputs)
+                current.append((index, name, block_unit, block_values, record, inputs, halves))
+                block_states.append(after.state)
+                rng = after.rng
+            new_state = (unit.unpack_state(tuple(tf.stack(c) for c in zip(*block_states)))
+                         if isinstance(unit, unit_lib.LoopUnit) else block_states[0])
+            h = layer.merge(*halves)
+        for v, value in zip(unit.state, new_state):
+            state[id(v)] = value
+    return segments
+
+
 def _sequence_reconstruction(sequence, x, label):
     """Per-block errors of one `ReversibleSequence` (or one block) on its input `x`.
 
-    Runs the units' stateless forward pass (state threaded from unit to unit, as in training), then
-    rebuilds every run of consecutive blocks from its exact output, as the backward pass does (it
+    Runs the units' forward pass (`_forward_segments`), then rebuilds every run of consecutive blocks
+    from its exact output with each block's `backward` (Algorithm 1), as the backward pass does (it
     restarts from the stored input of each non-invertible unit).
     """
-    units = sequence.units if isinstance(sequence, ReversibleSequence) else [sequence]
-    rng_variable = global_seed_state()
+    layers = sequence.units if isinstance(sequence, ReversibleSequence) else [sequence]
+    results = []
     with no_autocast():
-        rng = (tf.convert_to_tensor(rng_variable.value) if rng_variable is not None
-               else tf.zeros((2,), "int64"))
-        state = {id(v): tf.convert_to_tensor(v.value) for u in units for v in u.non_trainable_variables}
-        h = x
-        segments, current = [], None
-        for index, unit in enumerate(units):
-            weights = [tf.convert_to_tensor(v.value) for v in unit.trainable_variables]
-            unit_state = [state[id(v)] for v in unit.non_trainable_variables]
-            if isinstance(unit, (ReversibleBlock, ReversibleBlockStack)):
-                h = unit.check_input(tf.cast(h, unit.stream_dtype))
-                if current is None:
-                    current = []
-                    segments.append(current)
-                if isinstance(unit, ReversibleBlock):
-                    slices = [(unit.name, unit, weights, unit_state)]
-                else:  # each block of a stack, its weights sliced from the stacked values
-                    slices = [(f"{unit.name}[{i}]", unit.block, [w[i] for w in weights],
-                               [s[i] for s in unit_state]) for i in range(unit.depth)]
-                new_state = []
-                for name, block, block_weights, block_state in slices:
-                    # The block's own inputs: on the fixed-point grid where its coupling keeps one.
-                    x1, x2 = (block.coupling.quantize(t) for t in block.split(h))
-                    (y1, y2), record, (block_new_state, rng) = block.stateless_forward(
-                        block_weights, block_state, rng_variable, rng, x1, x2
-                    )
-                    current.append((index, name, block, block_weights, record, (x1, x2), (y1, y2)))
-                    new_state.append(block_new_state)
-                    h = block.merge(y1, y2)
-                new_state = (new_state[0] if isinstance(unit, ReversibleBlock)
-                             else [tf.stack(values) for values in zip(*new_state)])
-            else:
-                mapping = (list(zip(unit.trainable_variables, weights))
-                           + list(zip(unit.non_trainable_variables, unit_state))
-                           + ([(rng_variable, rng)] if rng_variable is not None else []))
-                with keras.StatelessScope(state_mapping=mapping) as scope:
-                    h = unit(h, training=True)
-                    new_state = [scope.get_current_value(v) for v in unit.non_trainable_variables]
-                    rng = scoped_value(scope, rng_variable, rng)
-                current = None
-            for v, value in zip(unit.non_trainable_variables, new_state):
-                state[id(v)] = value
-        results = []
-        for segment in segments:
-            y1, y2 = segment[-1][6]
-            zeros = tf.zeros_like(y1)
+        for segment in _forward_segments([unit_lib.as_unit(layer) for layer in layers], x):
+            y = segment[-1][6]
+            zeros = (tf.zeros_like(y[0]), tf.zeros_like(y[1]))
             rebuilt = []
-            for index, name, block, weights, record, inputs, outputs in reversed(segment):
+            for index, name, block_unit, values, record, inputs, outputs in reversed(segment):
                 # Algorithm 1's rebuild, from the rebuilt output of the block above.
-                (y1, y2), _, _ = block.stateless_backward(
-                    weights, record, rng_variable, y1, y2, zeros, zeros
-                )
+                y, _, _ = block_unit.backward(values, record, y, zeros)
                 # The same block rebuilt from its exact output.
-                (l1, l2), _, _ = block.stateless_backward(
-                    weights, record, rng_variable, *outputs, zeros, zeros
-                )
-                rel, max_abs, nonfinite = _errors((y1, y2), inputs)
-                local_rel, local_max, local_nonfinite = _errors((l1, l2), inputs)
+                local, _, _ = block_unit.backward(values, record, outputs, zeros)
+                rel, max_abs, nonfinite = _errors(y, inputs)
+                local_rel, local_max, local_nonfinite = _errors(local, inputs)
                 rebuilt.append(BlockReconstruction(
-                    name=name,
-                    sequence=label,
-                    index=index,
-                    relative_error=rel,
-                    max_abs_error=max_abs,
-                    local_relative_error=local_rel,
-                    local_max_abs_error=local_max,
-                    nonfinite=max(nonfinite, local_nonfinite),
+                    name=name, sequence=label, index=index, relative_error=rel,
+                    max_abs_error=max_abs, local_relative_error=local_rel,
+                    local_max_abs_error=local_max, nonfinite=max(nonfinite, local_nonfinite),
                 ))
             results += reversed(rebuilt)
     return results
@@ -402,7 +391,7 @@ def reconstruction_error(layer_or_model, x):
 
     For each `ReversibleBlock`, compares the inputs `(x1, x2)` of a training-mode forward pass with
     the inputs Algorithm 1 rebuilds from the outputs (`x2 = y2 - G(y1)`, `x1 = y1 - F(x2)`, through
-    `ReversibleBlock.stateless_backward`, with the forward pass's random-generator states replayed so that
+    `BlockUnit.backward`, with the forward pass's random-generator states replayed so that
     Dropout draws the same masks). Every block is measured twice: rebuilt from the sequence's output
     through all blocks above it (what the backward pass uses: `relative_error`, `max_abs_error`), and
     from its own exact output (`local_*`: the error the block alone adds).

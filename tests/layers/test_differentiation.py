@@ -424,3 +424,31 @@ def test_traced_graph_does_not_grow_with_depth():
     assert per_block < 20, (small, large)
     # The transition and one block body (forward, recompute, backward) are hundreds of ops.
     assert small > 300
+
+
+def _whole_graph_nodes(n_blocks):
+    """Every node of a traced gradient step through `n_blocks` separate identical blocks (I/O too)."""
+    keras.utils.set_random_seed(0)
+    blocks = [ReversibleBlock(BasicResidualFunction(), BasicResidualFunction())
+              for _ in range(n_blocks)]
+    inputs = keras.Input((8, 8, 64))
+    model = keras.Model(inputs, ReversibleSequence(blocks)(inputs))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph_def = step.get_concrete_function(tf.TensorSpec((2, 8, 8, 64))).graph.as_graph_def()
+    nodes = len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)
+    return nodes, len(blocks[0].variables)
+
+
+def test_graph_of_separate_identical_blocks_grows_only_by_their_variables():
+    small, variables = _whole_graph_nodes(4)
+    large, _ = _whole_graph_nodes(16)
+    # Per added block: each variable's capture and read, each weight's returned gradient and each
+    # statistic's assignment (3 nodes per variable at most); the blocks' computation is one loop body.
+    per_block = (large - small) / 12
+    assert per_block <= 3 * variables, (small, large, variables)

@@ -497,3 +497,134 @@ def test_stacked_revnet_exports_a_saved_model(tmp_path):
     served = loaded.serve(tf.constant(x))
     np.testing.assert_allclose(served, model(x, training=False), rtol=1e-5, atol=1e-6)
     tf.saved_model.save(model, str(tmp_path / "saved"))  # the object graph itself must be savable
+
+
+# --- everything a Keras weight carries survives stacking (against the same blocks unstacked) -------
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class GramPenalty(keras.regularizers.Regularizer):
+    """`factor * sum((W^T W - I)^2)` for a matrix `W`: a regularizer that needs its weight's own rank."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, w):
+        if len(w.shape) != 2:
+            raise ValueError(f"GramPenalty needs a matrix. Received: shape={tuple(w.shape)}")
+        gram = tf.matmul(w, w, transpose_a=True) - tf.eye(w.shape[1], dtype=w.dtype)
+        return self.factor * tf.reduce_sum(gram * gram)
+
+    def get_config(self):
+        return {"factor": self.factor}
+
+
+def dense_block(**kernel):
+    """A block on `(N, T, 8)` with F and G `Dense(4)` layers whose kernels carry `kernel` arguments."""
+    def function():
+        return keras.layers.Dense(4, activation="tanh", dtype="float64", **kernel)
+
+    return ReversibleBlock(function(), function(), dtype="float64")
+
+
+def fit_pair(block, depth=3, steps=3):
+    """A stack of `block` and the same blocks unstacked (its values), each fitted `steps` SGD steps."""
+    stack = ReversibleBlockStack(block, depth=depth)
+    inputs = keras.Input((5, 8), dtype="float64")
+    stacked = keras.Model(inputs, ReversibleSequence([stack], dtype="float64")(inputs))
+    separate = separate_blocks(stack, (None, 5, 8), use_custom_gradient=True)
+    per_block = keras.Model(inputs, separate(inputs))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4 * steps, 5, 8)), rng.standard_normal((4 * steps, 5, 8))
+    floatx = keras.config.floatx()
+    keras.config.set_floatx("float64")  # Keras adds a float64 penalty to the loss in floatx only
+    try:
+        for model in (stacked, per_block):
+            model.compile(keras.optimizers.SGD(0.5), "mse")
+            model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    finally:
+        keras.config.set_floatx(floatx)
+    return stack, separate
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [keras.constraints.NonNeg(), keras.constraints.MaxNorm(0.5), keras.constraints.UnitNorm(),
+     keras.constraints.MinMaxNorm(0.2, 0.6)],
+    ids=["NonNeg", "MaxNorm", "UnitNorm", "MinMaxNorm"],
+)
+def test_constraints_act_per_block_as_on_separate_blocks(constraint):
+    stack, separate = fit_pair(dense_block(kernel_constraint=constraint))
+    kernels = [v for v in stack.trainable_variables if "kernel" in v.path]
+    assert kernels and all(v.constraint is not None for v in kernels)
+    for i, block in enumerate(separate.units):
+        for stacked, reference in zip(stack.trainable_variables, block.trainable_variables):
+            np.testing.assert_allclose(stacked.numpy()[i], reference.numpy(), rtol=1e-12, atol=1e-12)
+        for kernel in (v for v in block.trainable_variables if "kernel" in v.path):
+            np.testing.assert_allclose(kernel.numpy(), constraint(kernel).numpy(), rtol=1e-6, atol=1e-12)
+    if isinstance(constraint, keras.constraints.MaxNorm):
+        norms = np.sqrt(np.sum(kernels[0].numpy() ** 2, axis=1))  # per block, per column
+        assert norms.max() <= 0.5 + 1e-12
+
+
+@pytest.mark.parametrize(
+    "regularizer",
+    [keras.regularizers.L2(0.1), keras.regularizers.L1L2(0.01, 0.1), GramPenalty(0.5)],
+    ids=["L2", "L1L2", "Gram"],
+)
+def test_regularizers_act_per_block_as_on_separate_blocks(regularizer):
+    stack, separate = fit_pair(dense_block(kernel_regularizer=regularizer))
+    assert len(stack.losses) == 2  # one per stacked kernel (F's and G's)
+    np.testing.assert_allclose(float(tf.add_n(stack.losses)), float(tf.add_n(separate.losses)),
+                               rtol=1e-12)
+    for i, block in enumerate(separate.units):
+        for stacked, reference in zip(stack.trainable_variables, block.trainable_variables):
+            np.testing.assert_allclose(stacked.numpy()[i], reference.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_regularizer_that_fails_on_a_block_weight_names_the_stack():
+    function = keras.layers.Conv2D(4, 3, padding="same",
+                                   kernel_regularizer=keras.regularizers.OrthogonalRegularizer())
+    stack = ReversibleBlockStack(ReversibleBlock(function, keras.layers.Identity()), depth=2,
+                                 name="my_stack")
+    with pytest.raises(ValueError, match=r"my_stack.*OrthogonalRegularizer.*\(3, 3, 4, 4\).*Fix"):
+        stack.build((None, 6, 6, 8))
+
+
+def test_initializers_draw_each_block_and_dtypes_follow_the_template():
+    stack = ReversibleBlockStack(dense_block(bias_initializer="random_normal"), depth=3)
+    stack.build((None, 5, 8))
+    for template, stacked in zip(stack.block.variables, stack.variables):
+        assert stack.stacked_variable(template) is stacked
+        assert stacked.dtype == template.dtype and stacked._autocast == template._autocast
+        values = stacked.numpy()
+        if template.trainable:
+            assert not np.allclose(values[0], values[1]), template.path
+
+
+def test_lambda_residual_function_is_copied_per_block():
+    def make_lambda_block():
+        return ReversibleBlock(
+            keras.layers.Lambda(lambda x: 0.5 * keras.ops.tanh(x), output_shape=lambda shape: shape,
+                                dtype="float64"),
+            keras.layers.Dense(4, dtype="float64"), dtype="float64")
+
+    stack = ReversibleBlockStack(make_lambda_block(), depth=2)
+    x = random_input((2, 5, 8))
+    stack.build(x.shape)
+    reference = ReversibleSequence([make_lambda_block() for _ in range(2)], dtype="float64",
+                                   use_custom_gradient=False, fuse_identical_blocks=False)
+    reference.build(x.shape)
+    for i, block in enumerate(reference.units):
+        for target, stacked in zip(block.trainable_variables, stack.trainable_variables):
+            target.assign(stacked.value[i])
+    np.testing.assert_allclose(stack(x), reference(x), rtol=1e-12)
+
+
+def test_residual_function_refused_by_safe_mode_names_it_and_the_fix():
+    function = keras.Sequential([keras.layers.Dense(4), keras.layers.Lambda(lambda x: 2.0 * x)],
+                                name="my_f")
+    stack = ReversibleBlockStack(ReversibleBlock(function, keras.layers.Dense(4)), depth=2)
+    with pytest.raises(ValueError, match=r"residual function F \(layer 'my_f'.*safe mode.*Fix:.*"
+                                         r"enable_unsafe_deserialization"):
+        stack.build((None, 5, 8))

@@ -362,7 +362,7 @@ def test_generic_revnet_custom_depth_and_width():
         "Stem", "StageTransition", "StageTransition", "ReversibleBlock", "ReversibleBlock"
     ]
     # Identical consecutive blocks still run as one loop.
-    assert [len(group) for group in unstacked._get_plan().groups] == [1, 1, 1, 2]
+    assert [getattr(u, "depth", 1) for u in unstacked._get_plan().units] == [1, 1, 1, 2]
 
 
 def test_docstrings_state_counts_and_paper_comparison():

@@ -13,22 +13,39 @@ from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.shortcut import Shortcut
 from tf_revnet.layers.stage_transition import StageTransition
 from tf_revnet.layers.stem import Stem
-from tf_revnet.layers.two_stream import StateRecord, TwoStreamLayer
+from tf_revnet.layers.two_stream import TwoStreamLayer
+from tf_revnet.layers.unit import (
+    BlockRecord,
+    BlockUnit,
+    LoopRecord,
+    LoopUnit,
+    StoredInputRecord,
+    StoredInputUnit,
+    Unit,
+    UnitValues,
+)
 
 __all__ = [
     "AdditiveCoupling",
+    "BlockRecord",
+    "BlockUnit",
     "AffineCoupling",
     "BasicResidualFunction",
     "BottleneckResidualFunction",
     "Coupling",
+    "LoopRecord",
+    "LoopUnit",
     "ResidualBlock",
     "ReversibleBlock",
     "ReversibleBlockStack",
     "ReversibleSequence",
     "Shortcut",
     "StageTransition",
-    "StateRecord",
+    "StoredInputRecord",
+    "StoredInputUnit",
     "Stem",
     "TwoStreamLayer",
+    "Unit",
+    "UnitValues",
     "is_invertible",
 ]

@@ -2,15 +2,16 @@
 
 Gomez, Ren, Urtasun, Grosse, "The Reversible Residual Network: Backpropagation Without Storing
 Activations", NeurIPS 2017 (arXiv:1707.04585), Section 3.1 (Eq. 1 forward, Eq. 2 inverse) and
-Algorithm 1 (the backward step of one block, `ReversibleBlock.stateless_backward`).
+Algorithm 1 (the backward step of one block, `tf_revnet.layers.unit.BlockUnit.backward`).
 """
 
 import keras
 import tensorflow as tf
 
 from tf_revnet.layers import coupling as coupling_lib
-from tf_revnet.layers.two_stream import StateRecord, TwoStreamLayer
-from tf_revnet.layers.utils import build_sublayer, scoped_value
+from tf_revnet.layers import unit as unit_lib
+from tf_revnet.layers.two_stream import TwoStreamLayer
+from tf_revnet.layers.utils import build_sublayer
 
 MIXED_PRECISION_GRID_BITS = 12  # see AdditiveCoupling: exact while |stream| < 2^(24 - 12)
 _PROBE_SIZE = 8  # stands in for unknown non-batch dimensions when checking F and G (odd-free, > 1)
@@ -197,95 +198,9 @@ class ReversibleBlock(TwoStreamLayer):
         with keras.StatelessScope():
             return self.merge(*self.inverse_halves(*self.split(outputs), training=training))
 
-    # ----------------------------------------------------------------------------------------------
-    # The stateless form `ReversibleSequence` runs (variable values passed in, no side effects).
-
-    def state_mapping(self, weights, state, rng_variable, rng):
-        """`keras.StatelessScope` mapping of the block's variables (and the global seed) to values."""
-        return (
-            list(zip(self.trainable_variables, weights))
-            + list(zip(self.non_trainable_variables, state))
-            + ([(rng_variable, rng)] if rng_variable is not None else [])
-        )
-
-    def stateless_forward(self, weights, state, rng_variable, rng, x1, x2, training=True):
-        """Eq. 1 with the variables' values given, recording what the recompute must replay.
-
-        Args:
-            weights: list of tensors, the values of `self.trainable_variables`, in order.
-            state: list of tensors, the values of `self.non_trainable_variables`, in order.
-            rng_variable: the state variable of Keras' global seed generator, or None.
-            rng: its value before the call (any int64 `(2,)` tensor if `rng_variable` is None).
-            x1, x2: the block's input halves, `stream_dtype`.
-            training: bool, passed to F and G.
-
-        Returns:
-            `((y1, y2), record, (new_state, new_rng))`: the outputs, the `StateRecord` of the call, and
-            the state after it (to be assigned by the caller).
-        """
-        variables = self.non_trainable_variables
-        x1, x2 = self.coupling.quantize(x1), self.coupling.quantize(x2)
-        with keras.StatelessScope(
-            state_mapping=self.state_mapping(weights, state, rng_variable, rng)
-        ) as scope:
-            y1 = self.coupling.couple(x1, self.f(x2, training=training), self.axis)
-            mid_state = [scope.get_current_value(v) for v in variables]
-            mid_rng = scoped_value(scope, rng_variable, rng)
-            y2 = self.coupling.couple(x2, self.g(y1, training=training), self.axis)
-            new_state = [scope.get_current_value(v) for v in variables]
-            new_rng = scoped_value(scope, rng_variable, rng)
-        return (y1, y2), StateRecord(list(state), rng, mid_state, mid_rng), (new_state, new_rng)
-
-    def stateless_backward(self, weights, record, rng_variable, y1, y2, dy1, dy2, training=True):
-        """One block of the backward pass (Algorithm 1): rebuild the inputs, back-propagate.
-
-        Given the block's outputs `(y1, y2)` and the loss gradients `(dy1, dy2)`, rebuilds
-        `x2 = y2 - G(y1)` and `x1 = y1 - F(x2)` while recomputing G and F under `tf.GradientTape`s
-        with the forward call's state replayed (`record`), and returns the gradients with respect to
-        `(x1, x2)` and the weights. No variable is read or updated.
-
-        Args:
-            weights: list of tensors, the values of `self.trainable_variables`.
-            record: the `StateRecord` from `stateless_forward`.
-            rng_variable: the state variable of Keras' global seed generator.
-            y1, y2: float tensors of the half shape, the block's outputs.
-            dy1, dy2: float tensors of the same shape, dL/dy1 and dL/dy2.
-            training: bool, passed to F and G; must match the forward call.
-
-        Returns:
-            `((x1, x2), (dx1, dx2), dweights)` with `dweights` a list aligned with `weights`.
-        """
-        mid = self.state_mapping(weights, record.mid_state, rng_variable, record.mid_rng)
-        pre = self.state_mapping(weights, record.state, rng_variable, record.rng)
-        # Algorithm 1: z1 <- y1; recompute G(z1) and rebuild x2 = y2 - G(z1).
-        x2, dz1_through_g, dx2, dw_g = self._rebuild_half(self.g, mid, weights, y1, y2, dy2, training)
-        # dL/dz1 = dL/dy1 + (dG/dz1)^T dL/dy2.
-        dz1 = dy1 + dz1_through_g
-        # Algorithm 1: recompute F(x2) and rebuild x1 = z1 - F(x2).
-        x1, dx2_through_f, dx1, dw_f = self._rebuild_half(self.f, pre, weights, x2, y1, dz1, training)
-        # dL/dx2 = dL/dy2 (through the coupling of y2) + (dF/dx2)^T dL/dz1.
-        dx2 = dx2 + dx2_through_f
-        return (x1, x2), (dx1, dx2), [a + b for a, b in zip(dw_g, dw_f)]
-
-    def _rebuild_half(self, residual_function, mapping, weights, z, y, dy, training):
-        """Half a step of Algorithm 1 for `y = couple(x, R(z))`, R being F or G.
-
-        Returns `(x, dL/dz through R, dL/dx, [dL/dw for w in weights])`.
-        """
-        with keras.StatelessScope(state_mapping=mapping), tf.GradientTape() as tape:
-            tape.watch(z)
-            tape.watch(weights)
-            h = residual_function(z, training=training)
-            x = tf.stop_gradient(self.coupling.uncouple(y, h, self.axis))
-            tape.watch(x)
-            y_recomputed = self.coupling.couple(x, h, self.axis)
-        dz, dx, *dweights = tape.gradient(
-            y_recomputed,
-            [z, x, *weights],
-            output_gradients=dy,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        return x, dz, dx, dweights
+    def reversible_unit(self):
+        """The block as a unit of `ReversibleSequence`: `tf_revnet.layers.unit.BlockUnit` (Algorithm 1)."""
+        return unit_lib.BlockUnit(self)
 
     def get_config(self):
         config = super().get_config()

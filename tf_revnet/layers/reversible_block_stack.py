@@ -13,9 +13,10 @@ weight of the block, instead of one per weight of every block.
 import keras
 import tensorflow as tf
 
+from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_block import ReversibleBlock
-from tf_revnet.layers.two_stream import StateRecord, TwoStreamLayer
-from tf_revnet.layers.utils import build_sublayer, check_positive_int, global_seed_state, no_autocast
+from tf_revnet.layers.two_stream import TwoStreamLayer
+from tf_revnet.layers.utils import build_sublayer, check_positive_int, no_autocast
 
 
 @keras.saving.register_keras_serializable(package="tf_revnet")
@@ -106,9 +107,6 @@ class ReversibleBlockStack(TwoStreamLayer):
             )
         return stacked
 
-    def _sync_flags(self):
-        if getattr(self, "built", False):
-            self._slots()
 
     @property
     def variables(self):
@@ -118,13 +116,13 @@ class ReversibleBlockStack(TwoStreamLayer):
         `variables` and `weights`, so a sub-layer of `block` frozen on its own
         (`stack.block.f.trainable = False`) freezes its stacked weights at once.
         """
-        self._sync_flags()
+        self._sync_trainable()
         return super().variables
 
     @property
     def weights(self):
         """Keras' `weights`, after the stacked variables took the template's trainable flags."""
-        self._sync_flags()
+        self._sync_trainable()
         return super().weights
 
     @property
@@ -160,13 +158,15 @@ class ReversibleBlockStack(TwoStreamLayer):
             while name in names:
                 name += "_"
             names.add(name)
-            # A regularizer of the stacked weight is the sum of its slices' (L1, L2): kept.
             self._stacked[id(v)] = self.add_weight(
                 shape=tuple(value.shape),
                 dtype=v.dtype,
                 initializer=lambda shape, dtype, value=value: tf.cast(value, dtype),
                 trainable=v.trainable,
-                regularizer=getattr(v, "regularizer", None),
+                regularizer=self._per_block_regularizer(v, value),
+                constraint=PerBlockConstraint(v.constraint) if v.constraint is not None else None,
+                autocast=v._autocast,  # no public getter (keras.Variable(autocast=...) only)
+                aggregation=v.aggregation,
                 name=name,
             )
         # The stacked variables as a tracked attribute too (as `Conv2D.kernel` is), so that
@@ -175,14 +175,41 @@ class ReversibleBlockStack(TwoStreamLayer):
         self.input_spec = block.input_spec
         self.built = True
 
-    def _slots(self):
-        """The stacked variables aligned with the template's trainable and non-trainable variables.
+    def _per_block_regularizer(self, variable, value):
+        """`variable.regularizer` applied to each block's slice (None without one).
 
-        The template follows the stack's `trainable` flag (as a tracked sublayer would: a frozen
-        BatchNorm normalises with its moving statistics), and the stacked variables follow the
-        template's (a sub-layer of `block` frozen on its own freezes its stacked weights), so the
-        split is read at each call.
+        Raises:
+            ValueError: naming the stack, the layer and the fix, if the regularizer fails on one
+                block's value (e.g. an `OrthogonalRegularizer` on a convolution kernel).
         """
+        regularizer = getattr(variable, "regularizer", None)
+        if regularizer is None:
+            return None
+        try:
+            regularizer(tf.cast(value[0], variable.dtype))
+        except Exception as error:  # noqa: BLE001 - whatever the user's regularizer raises
+            raise ValueError(
+                f"ReversibleBlockStack '{self.name}': the regularizer of weight '{variable.path}' "
+                f"({type(regularizer).__name__}) fails on one block's value of shape "
+                f"{tuple(value.shape[1:])} ({type(error).__name__}: {_short(error)}). Fix: give that "
+                "layer a regularizer that accepts its weight's shape (as it must without a stack)."
+            ) from None
+        return PerBlockRegularizer(regularizer)
+
+    def reversible_unit(self):
+        """The stack as a unit of `ReversibleSequence`: `tf_revnet.layers.unit.LoopUnit.for_stack`."""
+        self._sync_trainable()
+        return unit_lib.LoopUnit.for_stack(self)
+
+    def _sync_trainable(self):
+        """The template follows the stack's `trainable` flag, the stacked variables the template's.
+
+        As a tracked sublayer would, the template follows the stack (a frozen BatchNorm normalises with
+        its moving statistics); the stacked variables follow the template's (a sub-layer of `block`
+        frozen on its own, `stack.block.f.trainable = False`, freezes its stacked weights).
+        """
+        if not getattr(self, "built", False):
+            return
         if self._block.trainable != self.trainable:
             self._block.trainable = self.trainable
         if self.trainable:  # a sub-layer of the template frozen on its own (e.g. `block.f`)
@@ -190,15 +217,6 @@ class ReversibleBlockStack(TwoStreamLayer):
                 stacked = self._stacked.get(id(v))
                 if stacked is not None and stacked.trainable != v.trainable:
                     stacked.trainable = v.trainable
-        return ([self._stacked[id(v)] for v in self._block.trainable_variables],
-                [self._stacked[id(v)] for v in self._block.non_trainable_variables])
-
-    def _template_values(self, weights, state):
-        """Values given for (`trainable_variables`, `non_trainable_variables`) -> template order."""
-        values = {id(v): x for v, x in zip(self.trainable_variables, weights)}
-        values.update({id(v): x for v, x in zip(self.non_trainable_variables, state)})
-        weight_slots, state_slots = self._slots()
-        return values, [values[id(v)] for v in weight_slots], [values[id(v)] for v in state_slots]
 
     def _copy_block(self):
         """A new block of the template's structure, F and G rebuilt from their configs."""
@@ -209,43 +227,53 @@ class ReversibleBlockStack(TwoStreamLayer):
             if arg == "g" and layer is block.f:
                 copies["g"] = copies["f"]
                 continue
-            try:
-                copies[arg] = type(layer).from_config(layer.get_config())
-            except Exception as error:  # noqa: BLE001 - any failure of a user's get_config/from_config
-                reason = " ".join(str(error).split())
-                reason = reason if len(reason) <= 160 else reason[:157] + "..."
-                raise ValueError(
-                    f"ReversibleBlockStack '{self.name}' initialises each of its {self.depth} blocks "
-                    f"as a new copy of `block`, but residual function {arg.upper()} (layer "
-                    f"'{layer.name}', {type(layer).__name__}) cannot be rebuilt from its config "
-                    f"({type(error).__name__}: {reason}). Fix: give the layer a get_config() "
-                    "that returns its constructor arguments (as Keras layers do)."
-                ) from None
+            copies[arg] = self._copy_residual_function(arg, layer)
         config = block.get_config()
         config.update(copies)
         return type(block).from_config(config)
+
+    def _copy_residual_function(self, arg, layer):
+        """A new layer from `layer`'s config: `from_config(get_config())`, as Keras clones layers.
+
+        A `Lambda` holds a Python function, which Keras' safe mode refuses to rebuild from a config;
+        copying the caller's own live function is no deserialization of untrusted data, so a `Lambda`
+        is copied with `safe_mode=False`.
+        """
+        try:
+            if isinstance(layer, keras.layers.Lambda):
+                return keras.saving.deserialize_keras_object(
+                    keras.saving.serialize_keras_object(layer), safe_mode=False)
+            return type(layer).from_config(layer.get_config())
+        except Exception as error:  # noqa: BLE001 - any failure of a user's get_config/from_config
+            cause = ("it holds a Lambda or other Python code, which Keras' safe mode refuses to rebuild "
+                     "from a config" if "safe_mode" in str(error) else "it cannot be rebuilt from its "
+                     "config")
+            fix = ("write it as a Layer subclass with a get_config(), or call "
+                   "keras.config.enable_unsafe_deserialization() if you trust the code"
+                   if "safe_mode" in str(error) else
+                   "give the layer a get_config() that returns its constructor arguments (as Keras "
+                   "layers do)")
+            raise ValueError(
+                f"ReversibleBlockStack '{self.name}' initialises each of its {self.depth} blocks "
+                f"as a new copy of `block`, but residual function {arg.upper()} (layer "
+                f"'{layer.name}', {type(layer).__name__}): {cause} ({type(error).__name__}: "
+                f"{_short(error)}). Fix: {fix}."
+            ) from None
 
     # ----------------------------------------------------------------------------------------------
     # Ordinary layer (inference, plain autodiff, gradients of gradients).
 
     def call(self, inputs, training=None):
         self.check_input(inputs)
-        x1, x2 = self.split(tf.cast(inputs, self.stream_dtype))
-        rng_variable = global_seed_state() if training else None
-        weight_slots, state_slots = self._slots()
+        unit = self.reversible_unit()
         with no_autocast():
-            weights = [tf.convert_to_tensor(v.value) for v in weight_slots]
-            state = [tf.convert_to_tensor(v.value) for v in state_slots]
-            rng = (tf.convert_to_tensor(rng_variable.value) if rng_variable is not None
-                   else tf.zeros((2,), "int64"))
-        (y1, y2), new_state, new_rng = loop_call(
-            self._block, self.depth, weights, state, rng_variable, rng, x1, x2, training
-        )
-        for variable, value in zip(state_slots, new_state):
+            values = unit.pack(unit_lib.read_values(unit, training=bool(training)))
+        y, after = unit.run(values, self.split(tf.cast(inputs, self.stream_dtype)), training)
+        for variable, value in zip(unit.state, after.state):
             variable.assign(value)
-        if rng_variable is not None:
-            rng_variable.assign(new_rng)
-        return self.merge(y1, y2)
+        if training:
+            unit_lib.assign_rng(after.rng)
+        return self.merge(*y)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -255,24 +283,10 @@ class ReversibleBlockStack(TwoStreamLayer):
 
     def inverse_halves(self, y1, y2, training=None):
         """Eq. 2 through every block, last to first: returns the stack's input halves `(x1, x2)`."""
-        weight_slots, state_slots = self._slots()
+        unit = self.reversible_unit()
         with no_autocast():
-            weights = [tf.convert_to_tensor(v.value) for v in weight_slots]
-            state = [tf.convert_to_tensor(v.value) for v in state_slots]
-        block = self._block
-
-        def body(k, y1, y2):
-            i = self.depth - 1 - k
-            mapping = block.state_mapping([w[i] for w in weights], [s[i] for s in state], None, None)
-            with keras.StatelessScope(state_mapping=mapping):
-                x1, x2 = block.inverse_halves(y1, y2, training=training)
-            return k + 1, x1, x2
-
-        _, x1, x2 = tf.while_loop(
-            lambda k, *_: k < self.depth, body, (tf.constant(0), y1, y2),
-            maximum_iterations=self.depth,
-        )
-        return x1, x2
+            return unit.inverse(unit.pack(unit_lib.read_values(unit, bool(training))), (y1, y2),
+                                training)
 
     def inverse(self, outputs, training=None):
         """Rebuilds the stack's inputs from its outputs (Eq. 2), without side effects.
@@ -287,47 +301,6 @@ class ReversibleBlockStack(TwoStreamLayer):
         outputs = self.check_input(tf.convert_to_tensor(outputs))
         with keras.StatelessScope():
             return self.merge(*self.inverse_halves(*self.split(outputs), training=training))
-
-    # ----------------------------------------------------------------------------------------------
-    # The stateless form `ReversibleSequence` runs (the contract of `ReversibleBlock`).
-
-    def stateless_forward(self, weights, state, rng_variable, rng, x1, x2, training=True):
-        """Eq. 1 through every block with the stacked values given (see `ReversibleBlock`).
-
-        Args:
-            weights, state: lists of stacked tensors `(depth, ...)`, the values of
-                `trainable_variables` and `non_trainable_variables`.
-            rng_variable, rng: Keras' global seed state variable (or None) and its value.
-            x1, x2: the input halves, `stream_dtype`.
-
-        Returns:
-            `((y1, y2), record, (new_state, new_rng))`, `new_state` stacked like `state`.
-        """
-        values, weights, state = self._template_values(weights, state)
-        (y1, y2), record, (new_state, new_rng) = loop_forward(
-            self._block, self.depth, weights, state, rng_variable, rng, x1, x2, training
-        )
-        values.update({id(v): x for v, x in zip(self._slots()[1], new_state)})
-        new_state = [values[id(v)] for v in self.non_trainable_variables]
-        # The record carries the template-order weights: frozen ones are not in `weights` later.
-        return (y1, y2), (record, weights), (new_state, new_rng)
-
-    def stateless_backward(self, weights, record, rng_variable, y1, y2, dy1, dy2, training=True):
-        """Algorithm 1 through every block, last to first (see `ReversibleBlock`).
-
-        Returns:
-            `((x1, x2), (dx1, dx2), dweights)`, `dweights` stacked like `weights`.
-        """
-        record, template_weights = record
-        weight_slots = self._slots()[0]
-        # The trainable values given now (the same tensors as in the forward pass, or their values).
-        given = {id(v): w for v, w in zip(self.trainable_variables, weights)}
-        template_weights = [given.get(id(v), w) for v, w in zip(weight_slots, template_weights)]
-        x, dx, dweights = loop_backward(self._block, self.depth, template_weights, record,
-                                        rng_variable, y1, y2, dy1, dy2, training)
-        grads = {id(v): g for v, g in zip(weight_slots, dweights)}
-        return x, dx, [grads.get(id(v), tf.zeros_like(w))
-                       for v, w in zip(self.trainable_variables, weights)]
 
     def get_config(self):
         config = super().get_config()
@@ -355,91 +328,61 @@ def _relative_name(path, block_name):
     return relative.replace("/", "_")
 
 
-# --------------------------------------------------------------------------------------------------
-# The loops over stacked values (shared with `ReversibleSequence`'s fusion of identical blocks).
+def _short(error, limit=160):
+    """An exception's message on one line, cut to `limit` characters."""
+    reason = " ".join(str(error).split())
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
-def _arrays(values, n):
-    return [tf.TensorArray(v.dtype, size=n, element_shape=v.shape[1:]) for v in values]
+@keras.saving.register_keras_serializable(package="tf_revnet")
+class PerBlockConstraint(keras.constraints.Constraint):
+    """A weight constraint applied to each block's slice `w[i]` of a stacked weight `(depth, ...)`.
 
+    Keras' optimizer applies `variable.constraint` after each update; on a stacked weight the block's
+    own constraint (e.g. `MaxNorm` over axis 0 of a kernel) must see one block's kernel, not the stack.
 
-def loop_call(block, n, weights, state, rng_variable, rng, x1, x2, training):
-    """Eq. 1 through `n` blocks as an ordinary differentiable loop (autodiff stores activations).
-
-    The stacked weights are read through `TensorArray`s, so that the loop's gradient with respect to
-    them is written slice by slice (linear in `n`) rather than as `n` full-size slice gradients.
-
-    Returns:
-        `((y1, y2), new_state, new_rng)`.
-    """
-    weight_arrays = [ta.unstack(w) for ta, w in zip(_arrays(weights, n), weights)]
-
-    def body(i, x1, x2, rng, new_tas):
-        unit_weights = [ta.read(i) for ta in weight_arrays]
-        unit_state = [s[i] for s in state]
-        (y1, y2), _, (new, new_rng) = block.stateless_forward(
-            unit_weights, unit_state, rng_variable, rng, x1, x2, training=training
-        )
-        return i + 1, y1, y2, new_rng, [ta.write(i, v) for ta, v in zip(new_tas, new)]
-
-    _, y1, y2, rng, new_tas = tf.while_loop(
-        lambda i, *_: i < n, body, (tf.constant(0), x1, x2, rng, _arrays(state, n)),
-        maximum_iterations=n,
-    )
-    return (y1, y2), [ta.stack() for ta in new_tas], rng
-
-
-def loop_forward(block, n, weights, state, rng_variable, rng, x1, x2, training=True):
-    """Eq. 1 through `n` blocks with stacked values, recording what each block's recompute replays.
-
-    Returns:
-        `((y1, y2), record, (new_state, new_rng))` with `new_state` stacked.
+    Args:
+        constraint: the block weight's `keras.constraints.Constraint` (or callable).
     """
 
-    def body(i, x1, x2, rng, rng_ta, mid_rng_ta, mid_tas, new_tas):
-        (y1, y2), record, (new, new_rng) = block.stateless_forward(
-            [w[i] for w in weights], [s[i] for s in state], rng_variable, rng, x1, x2,
-            training=training,
-        )
-        rng_ta = rng_ta.write(i, rng)
-        mid_rng_ta = mid_rng_ta.write(i, record.mid_rng)
-        mid_tas = [ta.write(i, v) for ta, v in zip(mid_tas, record.mid_state)]
-        new_tas = [ta.write(i, v) for ta, v in zip(new_tas, new)]
-        return i + 1, y1, y2, new_rng, rng_ta, mid_rng_ta, mid_tas, new_tas
+    def __init__(self, constraint):
+        self.constraint = keras.constraints.get(constraint)
 
-    rng_arrays = _arrays([tf.expand_dims(rng, 0)] * 2, n)
-    loop_vars = (
-        tf.constant(0), x1, x2, rng, rng_arrays[0], rng_arrays[1], _arrays(state, n),
-        _arrays(state, n),
-    )
-    _, x1, x2, new_rng, rng_ta, mid_rng_ta, mid_tas, new_tas = tf.while_loop(
-        lambda i, *_: i < n, body, loop_vars, parallel_iterations=1, maximum_iterations=n
-    )
-    record = StateRecord(list(state), rng_ta.stack(), [ta.stack() for ta in mid_tas],
-                         mid_rng_ta.stack())
-    return (x1, x2), record, ([ta.stack() for ta in new_tas], new_rng)
+    def __call__(self, w):
+        w = tf.convert_to_tensor(w)
+        return tf.map_fn(self.constraint, w, fn_output_signature=w.dtype)
+
+    def get_config(self):
+        return {"constraint": keras.saving.serialize_keras_object(self.constraint)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["constraint"]))
 
 
-def loop_backward(block, n, weights, record, rng_variable, y1, y2, dy1, dy2, training=True):
-    """Algorithm 1 through `n` blocks, last to first, with stacked values (one traced step).
+@keras.saving.register_keras_serializable(package="tf_revnet")
+class PerBlockRegularizer(keras.regularizers.Regularizer):
+    """A weight regularizer summed over each block's slice `w[i]` of a stacked weight `(depth, ...)`.
 
-    Returns:
-        `((x1, x2), (dx1, dx2), dweights)` with `dweights` stacked like `weights`.
+    Equal to the sum of the penalties of `depth` separate blocks, for any regularizer (L1/L2, and
+    those that need the weight's own rank, such as `OrthogonalRegularizer`).
+
+    Args:
+        regularizer: the block weight's `keras.regularizers.Regularizer` (or callable).
     """
 
-    def body(k, y1, y2, dy1, dy2, grad_tas):
-        i = n - 1 - k
-        unit_record = StateRecord(
-            [s[i] for s in record.state], record.rng[i], [s[i] for s in record.mid_state],
-            record.mid_rng[i],
-        )
-        (x1, x2), (dx1, dx2), dweights = block.stateless_backward(
-            [w[i] for w in weights], unit_record, rng_variable, y1, y2, dy1, dy2, training=training
-        )
-        return k + 1, x1, x2, dx1, dx2, [ta.write(i, g) for ta, g in zip(grad_tas, dweights)]
+    def __init__(self, regularizer):
+        self.regularizer = keras.regularizers.get(regularizer)
 
-    _, x1, x2, dx1, dx2, grad_tas = tf.while_loop(
-        lambda k, *_: k < n, body, (tf.constant(0), y1, y2, dy1, dy2, _arrays(weights, n)),
-        parallel_iterations=1, maximum_iterations=n,
-    )
-    return (x1, x2), (dx1, dx2), [ta.stack() for ta in grad_tas]
+    def __call__(self, w):
+        w = tf.convert_to_tensor(w)
+        penalties = tf.map_fn(lambda block: tf.cast(self.regularizer(block), w.dtype), w,
+                              fn_output_signature=w.dtype)
+        return tf.reduce_sum(penalties)
+
+    def get_config(self):
+        return {"regularizer": keras.saving.serialize_keras_object(self.regularizer)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["regularizer"]))

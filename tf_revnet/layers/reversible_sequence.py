@@ -28,20 +28,19 @@ How it is exact and memory-flat in TensorFlow (see the project's NOTES):
    order gradients, at ordinary memory cost.
 """
 
+import collections
+
 import keras
 import tensorflow as tf
 
-from tf_revnet.layers import reversible_block_stack as stack_lib
+from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.utils import (
-    add_gradients,
     build_sublayer,
     global_seed_state,
     higher_order_possible,
     no_autocast,
-    scoped_value,
     stop_recording,
-    strip_names,
 )
 
 #: TensorFlow ops that draw from a hidden, stateful generator: their draws cannot be replayed.
@@ -194,7 +193,7 @@ class ReversibleSequence(keras.layers.Layer):
             except ValueError as error:
                 raise ValueError(f"In `units[{index}]` (layer '{unit.name}'): {error}") from None
             spec_shape, dtype = tuple(out.shape), out.dtype
-        global_seed_state()  # create Keras' global generator now, outside any trace
+        global_seed_state(create=True)  # create Keras' global generator now, outside any trace
         first = self.units[0]
         if _invertible(first):
             self.input_spec = first.input_spec
@@ -228,11 +227,12 @@ class ReversibleSequence(keras.layers.Layer):
         if self.use_custom_gradient and training:
             plan = self._get_plan()
             with no_autocast():
-                weights = [_read(v) for v in plan.trainable]
+                values = plan.read_values()
+            weights = [w for unit_values in values for w in unit_values.weights]
             # Gradients of gradients need the recorded forward pass (Algorithm 1 keeps none).
             if not higher_order_possible([inputs] + weights):
                 with no_autocast():
-                    return self._reversible_call(inputs, weights)
+                    return self._reversible_call(inputs, values)
         x = inputs
         for unit in self.units:
             x = unit(x, training=training)
@@ -262,16 +262,19 @@ class ReversibleSequence(keras.layers.Layer):
                     "ReversibleBlocks (and ReversibleBlockStacks) has an inverse."
                 )
         outputs = self.units[0].check_input(tf.convert_to_tensor(outputs))
+        plan = self._get_plan(check=False)
+        with no_autocast():
+            values = [unit.pack(unit_lib.read_values(unit, bool(training))) for unit in plan.units]
         with keras.StatelessScope():
-            y1, y2 = self.units[0].split(outputs)
-            for block in reversed(self.units):
-                y1, y2 = block.inverse_halves(y1, y2, training=training)
-            return self.units[0].merge(y1, y2)
+            y = self.units[0].split(outputs)
+            for unit, unit_values in zip(reversed(plan.units), reversed(values)):
+                y = unit.inverse(unit_values, y, training=training)
+            return self.units[0].merge(*y)
 
     # ----------------------------------------------------------------------------------------------
     # The memory-saving pass.
 
-    def _get_plan(self):
+    def _get_plan(self, check=True):
         """The plan of the memory-saving pass, rebuilt when a unit's variables change sides.
 
         A unit's `trainable` flag can change after the first call (freezing part of a trained model
@@ -283,23 +286,23 @@ class ReversibleSequence(keras.layers.Layer):
             for unit in self.units
         )
         if self._plan is None or self._plan.key != key:
-            self._plan = _Plan(self.units, self.fuse_identical_blocks)
+            self._plan = _Plan(self.units, self.fuse_identical_blocks, key)
+        if check and not self._plan.checked:
             self._plan.check_replayable(self._unit_input_shapes)
-            self._plan.key = key
         return self._plan
 
-    def _reversible_call(self, inputs, weights):
+    def _reversible_call(self, inputs, values):
+        """Algorithm 1 under one `tf.custom_gradient` whose inputs are `inputs` and every weight value."""
         plan = self._plan
-        rng_variable = global_seed_state()
-        state = [_read(v) for v in plan.state]
-        rng = _read(rng_variable) if rng_variable is not None else tf.zeros((2,), "int64")
+        sizes = [len(unit_values.weights) for unit_values in values]
 
         @tf.custom_gradient
         def reversible_forward(x, *weights):
+            unit_values = [v.replace(weights=w) for v, w in zip(values, _split(weights, sizes))]
             # Pitfall 1: no tape may record the forward activations.
             with stop_recording():
-                y, records, new_state, new_rng = plan.forward(x, list(weights), state, rng_variable, rng)
-            outputs = [y, new_rng, *new_state]
+                y, records, states, rng = plan.forward(x, unit_values)
+            outputs = [y, rng, *[t for state in states for t in state]]
 
             def grad_fn(dy, *unused_state_grads, variables=None):
                 if variables:
@@ -311,16 +314,15 @@ class ReversibleSequence(keras.layers.Layer):
                 # Only `y`, the records (stored inputs of non-invertible units, replay state) and
                 # the weights are captured.
                 with no_autocast():
-                    dx, dweights = plan.backward(y, dy, list(weights), records, rng_variable)
-                return [dx] + dweights
+                    dx, dweights = plan.backward(y, dy, unit_values, records)
+                return [dx] + [g for unit_grads in dweights for g in unit_grads]
 
             return outputs, grad_fn
 
-        y, new_rng, *new_state = reversible_forward(inputs, *weights)
-        for variable, value in zip(plan.state, new_state):
-            variable.assign(value)
-        if rng_variable is not None:
-            rng_variable.assign(new_rng)
+        weights = [w for unit_values in values for w in unit_values.weights]
+        y, rng, *states = reversible_forward(inputs, *weights)
+        plan.assign_state(_split(states, [len(v.state) for v in values]))
+        unit_lib.assign_rng(rng)
         return y
 
     def get_config(self):
@@ -348,77 +350,45 @@ def _read(variable):
     return tf.convert_to_tensor(variable.value)
 
 
-class _Unit:
-    """Static facts about one unit: its variables' positions in the sequence's flat lists."""
-
-    def __init__(self, layer, weight_index, state_index):
-        self.layer = layer
-        self.invertible = _invertible(layer)
-        self.trainable = list(layer.trainable_variables)
-        self.state = list(layer.non_trainable_variables)
-        self.weight_ids = [weight_index[id(v)] for v in self.trainable]
-        self.state_ids = [state_index[id(v)] for v in self.state]
-        self.signature = self._signature() if isinstance(layer, ReversibleBlock) else None
-
-    def _signature(self):
-        """Equal for blocks that one traced loop body can run with each other's weights."""
-        layer = self.layer
-        try:
-            config = strip_names(layer.get_config())
-        except Exception:  # noqa: BLE001 - a layer without a usable config is never fused
-            return None
-        shapes = tuple(
-            (tuple(v.shape), str(v.dtype), v.trainable) for v in self.trainable + self.state
-        )
-        return (type(layer), type(layer.f), type(layer.g), layer.f is layer.g, repr(config), shapes)
-
-
 class _Plan:
-    """How a `ReversibleSequence` runs its units: flat variable lists and groups of units.
+    """How a `ReversibleSequence` runs its layers: their units, in order.
 
-    A group is either one unit, or consecutive `ReversibleBlock`s of one structure sharing no variable,
-    which run as one `tf.while_loop` over their stacked weights.
+    Each layer becomes its unit (`tf_revnet.layers.unit.as_unit`); consecutive `BlockUnit`s of one
+    `structure_signature` that share no variable are fused into one `LoopUnit` (one `tf.while_loop`
+    over their values, stacked before the sequence's custom gradient: its inputs then grow with depth
+    by one tensor per variable position, not per variable).
+
+    Args:
+        layers: the sequence's units (Keras layers).
+        fuse: bool. Fuse runs of identical blocks.
+        key: the variable ids the plan was made for (the sequence rebuilds it when they change).
     """
 
-    def __init__(self, layers, fuse):
-        self.trainable, self.state = [], []
-        weight_index, state_index = {}, {}
-        for layer in layers:
-            for v in layer.trainable_variables:
-                if id(v) not in weight_index:
-                    weight_index[id(v)] = len(self.trainable)
-                    self.trainable.append(v)
-            for v in layer.non_trainable_variables:
-                if id(v) not in state_index:
-                    state_index[id(v)] = len(self.state)
-                    self.state.append(v)
-        self.units = [_Unit(layer, weight_index, state_index) for layer in layers]
-        self.groups = []
-        for unit in self.units:
-            group = self.groups[-1] if self.groups else None
-            if (
-                fuse
-                and group
-                and unit.signature is not None  # only invertible blocks have one
-                and unit.signature == group[0].signature
-                and _disjoint(group, unit)
-            ):
-                group.append(unit)
-            else:
-                self.groups.append([unit])
+    def __init__(self, layers, fuse, key):
+        self.key, self.checked = key, False
+        units = [unit_lib.as_unit(layer) for layer in layers]
+        self.units, self.layer_index = _fuse(units) if fuse else (units, list(range(len(units))))
+        counts = collections.Counter(id(v) for unit in self.units for v in unit.state)
+        #: Ids of state variables that more than one unit reads (a layer used twice).
+        self.shared_state = {i for i, count in counts.items() if count > 1}
+
+    def read_values(self):
+        """Every unit's packed `UnitValues`, each variable read once (shared ones feed every unit)."""
+        reads, rng = {}, unit_lib.read_rng()
+
+        def read(variable):
+            if id(variable) not in reads:
+                reads[id(variable)] = _read(variable)
+            return reads[id(variable)]
+
+        return [unit.pack(unit_lib.UnitValues(tuple(read(v) for v in unit.trainable),
+                                              tuple(read(v) for v in unit.state), rng))
+                for unit in self.units]
 
     def check_replayable(self, shapes):
         """Raises `ValueError` if a unit draws from a random op whose state cannot be replayed."""
-        seen = set()
-        for index, (unit, shape) in enumerate(zip(self.units, shapes)):
-            key = unit.signature
-            if key is not None and key in seen:
-                continue
-            seen.add(key)
-            if shape is None:
-                continue
-            ops = _traced_op_types(unit.layer, shape)
-            found = sorted(ops & _STATEFUL_RANDOM_OPS)
+        for unit, index in zip(self.units, self.layer_index):
+            found = sorted(_traced_op_types(unit.layer, shapes[index]) & _STATEFUL_RANDOM_OPS)
             if found:
                 raise ValueError(
                     f"`units[{index}]` (layer '{unit.layer.name}') draws random numbers with "
@@ -429,120 +399,65 @@ class _Plan:
                     "keras.layers.Dropout does) or with seed=None, or pass "
                     "use_custom_gradient=False."
                 )
+        self.checked = True
 
-    # Forward ---------------------------------------------------------------------------------------
+    def forward(self, x, values):
+        """Runs every unit forward; returns `(y, records, states, rng)`, a packed state per unit.
 
-    def forward(self, x, weights, state, rng_variable, rng):
-        state = list(state)
-        records = []
-        for group in self.groups:
-            first = group[0]
-            if not first.invertible:
-                layer = first.layer
-                mapping = _mapping(first, weights, state, rng_variable, rng)
-                with keras.StatelessScope(state_mapping=mapping) as scope:
-                    y = layer(x, training=True)
-                    unit_state = [state[i] for i in first.state_ids]
-                    new = [scope.get_current_value(v) for v in first.state]
-                    new_rng = scoped_value(scope, rng_variable, rng)
-                records.append(("stored", x, unit_state, rng))
-                for i, value in zip(first.state_ids, new):
-                    state[i] = value
-                x, rng = y, new_rng
-                continue
-            block = first.layer
-            in_dtype = x.dtype
-            x1, x2 = block.split(tf.cast(x, block.stream_dtype))
-            if len(group) == 1:
-                unit_weights = [weights[i] for i in first.weight_ids]
-                unit_state = [state[i] for i in first.state_ids]
-                (x1, x2), record, (new, rng) = block.stateless_forward(
-                    unit_weights, unit_state, rng_variable, rng, x1, x2
-                )
-                for i, value in zip(first.state_ids, new):
-                    state[i] = value
-                records.append(("block", record, in_dtype))
+        The state is threaded by variable: a layer used twice sees its own update.
+        """
+        current, records, states = {}, [], []
+        rng = values[0].rng if values else None
+        for unit, unit_values in zip(self.units, values):
+            if any(id(v) in current for v in unit.state):  # a variable an earlier unit updated
+                state = zip(unit.state, unit.unpack_state(unit_values.state))
+                unit_values = unit_values.replace(
+                    state=unit.pack_state(tuple(current.get(id(v), s) for v, s in state)))
+            unit_values, in_dtype = unit_values.replace(rng=rng), x.dtype
+            if unit.invertible:
+                layer = unit.layer
+                y, record, after = unit.forward(unit_values,
+                                                layer.split(tf.cast(x, layer.stream_dtype)))
+                y = layer.merge(*y)
             else:
-                (x1, x2), record, rng = self._loop_forward(
-                    group, weights, state, rng_variable, rng, x1, x2
-                )
-                records.append(("loop", record, in_dtype))
-            x = block.merge(x1, x2)
-        return x, records, state, rng
+                y, record, after = unit.forward(unit_values, x)
+            records.append((record, in_dtype))
+            states.append(tuple(after.state))
+            if self.shared_state & {id(v) for v in unit.state}:
+                current.update(zip(map(id, unit.state), unit.unpack_state(after.state)))
+            x, rng = y, after.rng
+        return x, records, states, rng
 
-    def _loop_forward(self, group, weights, state, rng_variable, rng, x1, x2):
-        n = len(group)
-        (x1, x2), record, (new_state, rng) = stack_lib.loop_forward(
-            group[0].layer, n, _stack(group, weights, "weight_ids"), _stack(group, state, "state_ids"),
-            rng_variable, rng, x1, x2,
-        )
-        for q, stacked in enumerate(new_state):
-            for unit, value in zip(group, tf.unstack(stacked, num=n)):
-                state[unit.state_ids[q]] = value
-        return (x1, x2), record, rng
-
-    # Backward --------------------------------------------------------------------------------------
-
-    def backward(self, y, dy, weights, records, rng_variable):
-        grads = {}
-        x, dx = y, tf.cast(dy, y.dtype)
-        for group, record in zip(reversed(self.groups), reversed(records)):
-            first = group[0]
-            if record[0] == "stored":
-                _, x_in, unit_state, rng = record
-                # Pitfall 4: recompute only once the gradient from above exists.
-                with tf.control_dependencies([dx]):
-                    x_in = tf.identity(x_in)
-                unit_weights = [weights[i] for i in first.weight_ids]
-                mapping = list(zip(first.trainable, unit_weights)) + list(
-                    zip(first.state, unit_state)
-                ) + ([(rng_variable, rng)] if rng_variable is not None else [])
-                with keras.StatelessScope(state_mapping=mapping), tf.GradientTape() as tape:
-                    tape.watch(x_in)
-                    tape.watch(unit_weights)
-                    out = first.layer(x_in, training=True)
-                dx, *dweights = tape.gradient(
-                    out,
-                    [x_in, *unit_weights],
-                    output_gradients=tf.cast(dx, out.dtype),
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-                for i, g in zip(first.weight_ids, dweights):
-                    add_gradients(grads, i, g)
-                x = x_in
-                continue
-            _, block_record, in_dtype = record
-            block = first.layer
-            with tf.control_dependencies([dx]):
-                x = tf.identity(x)
-            y1, y2 = block.split(tf.cast(x, block.stream_dtype))
-            dy1, dy2 = block.split(tf.cast(dx, block.stream_dtype))
-            if len(group) == 1:
-                unit_weights = [weights[i] for i in first.weight_ids]
-                (y1, y2), (dy1, dy2), dweights = block.stateless_backward(
-                    unit_weights, block_record, rng_variable, y1, y2, dy1, dy2
-                )
-                for i, g in zip(first.weight_ids, dweights):
-                    add_gradients(grads, i, g)
+    def backward(self, y, dy, values, records):
+        """Algorithm 1 over the units, last to first; returns `(dx, dweights)`, a list per unit."""
+        x, dx, grads = y, tf.cast(dy, y.dtype), []
+        for unit, unit_values, (record, in_dtype) in zip(
+                reversed(self.units), reversed(values), reversed(records)):
+            if unit.invertible:
+                layer = unit.layer
+                halves = layer.split(tf.cast(x, layer.stream_dtype))
+                grad_halves = layer.split(tf.cast(dx, layer.stream_dtype))
+                x, dx, dweights = unit.backward(unit_values, record, halves, grad_halves)
+                x, dx = tf.cast(layer.merge(*x), in_dtype), tf.cast(layer.merge(*dx), in_dtype)
             else:
-                (y1, y2), (dy1, dy2) = self._loop_backward(
-                    group, weights, block_record, rng_variable, y1, y2, dy1, dy2, grads
-                )
-            x = tf.cast(block.merge(y1, y2), in_dtype)
-            dx = tf.cast(block.merge(dy1, dy2), in_dtype)
-        dweights = [grads.get(i, tf.zeros_like(w)) for i, w in enumerate(weights)]
-        return dx, dweights
+                x, dx, dweights = unit.backward(unit_values, record, x, dx)
+            grads.append(list(dweights))
+        return dx, grads[::-1]
 
-    def _loop_backward(self, group, weights, record, rng_variable, y1, y2, dy1, dy2, grads):
-        n = len(group)
-        (y1, y2), (dy1, dy2), dweights = stack_lib.loop_backward(
-            group[0].layer, n, _stack(group, weights, "weight_ids"), record, rng_variable,
-            y1, y2, dy1, dy2,
-        )
-        for p, stacked in enumerate(dweights):
-            for unit, g in zip(group, tf.unstack(stacked, num=n)):
-                add_gradients(grads, unit.weight_ids[p], g)
-        return (y1, y2), (dy1, dy2)
+    def assign_state(self, states):
+        """Assigns each unit's packed state after the forward pass to its variables, once per step."""
+        for unit, state in zip(self.units, states):
+            for variable, value in zip(unit.state, unit.unpack_state(state)):
+                variable.assign(value)
+
+
+def _split(items, sizes):
+    """`items` cut into consecutive tuples of `sizes`."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(tuple(items[start:start + size]))
+        start += size
+    return out
 
 
 def _invertible(layer):
@@ -550,25 +465,38 @@ def _invertible(layer):
     return bool(getattr(layer, "invertible", False))
 
 
-def _disjoint(group, unit):
-    ids = {id(v) for member in group for v in member.trainable + member.state}
+def _fuse(units):
+    """Fuses runs of consecutive units of one `signature` that share no variable into `LoopUnit`s.
+
+    Returns `(units, layer_index)`: the new units and, for each, the index of its first layer.
+    """
+    fused, layer_index, run, run_start = [], [], [], 0
+
+    def flush():
+        if len(run) > 1:
+            fused.append(unit_lib.LoopUnit.for_blocks(run))
+            layer_index.append(run_start)
+        elif run:
+            fused.append(run[0])
+            layer_index.append(run_start)
+
+    signatures = [unit.signature for unit in units]
+    for index, (unit, signature) in enumerate(zip(units, signatures)):
+        if run and signature == signatures[run_start] and _disjoint(run, unit):
+            run.append(unit)
+            continue
+        flush()
+        run, run_start = [unit], index
+        if signature is None:
+            flush()
+            run = []
+    flush()
+    return fused, layer_index
+
+
+def _disjoint(run, unit):
+    ids = {id(v) for member in run for v in member.trainable + member.state}
     return not any(id(v) in ids for v in unit.trainable + unit.state)
-
-
-def _stack(group, values, attribute):
-    """Per variable position of the group's blocks, their values stacked on a new leading axis."""
-    first = getattr(group[0], attribute)
-    return [
-        tf.stack([values[getattr(unit, attribute)[p]] for unit in group]) for p in range(len(first))
-    ]
-
-
-def _mapping(unit, weights, state, rng_variable, rng):
-    return (
-        list(zip(unit.trainable, [weights[i] for i in unit.weight_ids]))
-        + list(zip(unit.state, [state[i] for i in unit.state_ids]))
-        + ([(rng_variable, rng)] if rng_variable is not None else [])
-    )
 
 
 def _traced_op_types(layer, input_shape):

@@ -9,35 +9,19 @@ are split on the channel axis into two halves x1 and x2 (the residual stream), a
   `mixed_float16` / `mixed_bfloat16`, so that the additions of the stream are exact to float32; only the
   residual functions compute in low precision);
 - the checks of an input (floating point, rank >= 2, even and known size on `axis`), with errors that
-  name the parameter and the fix;
-- the state a unit must replay when `ReversibleSequence` recomputes it during the backward pass
-  (`StateRecord`).
+  name the parameter and the fix.
 
-Three kinds of unit follow the contract: `ReversibleBlock` (invertible: `ReversibleSequence` rebuilds its
-inputs from its outputs, Eq. 2), `ReversibleBlockStack` (invertible: `depth` blocks of one structure with
-stacked weights) and `StageTransition` (not invertible: changes the stride or the channels, so
-`ReversibleSequence` keeps its input and recomputes it, Section 3.3). An invertible unit has
-`invertible = True` and provides `inverse_halves`, `stateless_forward` and `stateless_backward` (see
-`ReversibleBlock`): what `ReversibleSequence` calls.
+How `ReversibleSequence` runs a layer (stores its input, or rebuilds it from its output) is the layer's
+unit (`reversible_unit()`, see `tf_revnet.layers.unit`): `ReversibleBlock` (invertible: Eq. 2),
+`ReversibleBlockStack` (invertible: `depth` blocks of one structure with stacked weights, one loop) and
+`StageTransition` (not invertible: changes the stride or the channels, so the sequence keeps its input
+and recomputes it, Section 3.3).
 """
-
-import collections
 
 import keras
 import tensorflow as tf
 
 from tf_revnet.layers.utils import is_float_dtype
-
-StateRecord = collections.namedtuple("StateRecord", ["state", "rng", "mid_state", "mid_rng"])
-StateRecord.__doc__ = """What a unit's recompute needs to replay the forward pass exactly.
-
-Fields:
-    state: list of tensors. The values of the unit's `non_trainable_variables` before its forward call
-        (seed-generator states, BatchNorm statistics): random layers draw the same values again.
-    rng: int tensor `(2,)`. The state of Keras' global seed generator before the call (unseeded
-        `keras.random` calls draw from it).
-    mid_state, mid_rng: the same between F and G of a `ReversibleBlock` (what G saw), or None.
-"""
 
 
 class TwoStreamLayer(keras.layers.Layer):

@@ -125,12 +125,13 @@ def add_gradients(total, key, grad):
     total[key] = grad if key not in total else total[key] + grad
 
 
-def global_seed_state():
+def global_seed_state(create=False):
     """The state variable of Keras' global `SeedGenerator` (unseeded `keras.random` calls), or None.
 
-    Created outside any trace if it does not exist yet, so that its state can be replayed. Returns None
-    where it cannot be created (inside a `tf.distribute` replica function after
-    `keras.utils.set_random_seed` dropped it): unseeded `keras.random` calls cannot run there either.
+    With `create`, it is created outside any trace if it does not exist yet (`ReversibleSequence.build`
+    does, so that its state can be replayed). Returns None where it does not exist, or cannot be created
+    (inside a `tf.distribute` replica function after `keras.utils.set_random_seed` dropped it): unseeded
+    `keras.random` calls cannot run there either.
     """
     # Keras exports no public accessor for it; `keras.random.*(seed=None)` draws from this generator.
     from keras.src.backend.common import global_state
@@ -139,6 +140,8 @@ def global_seed_state():
     generator = global_state.get_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR)
     if generator is not None:
         return generator.state
+    if not create:
+        return None
     try:
         with tf.init_scope():
             return seed_generator.global_seed_generator().state
