@@ -279,6 +279,8 @@ def test_bad_arguments_name_the_argument(tmp_path):
         tf_revnet.transfer_weights(42, target)
     with pytest.raises(ValueError, match="`source` must be a path ending in"):
         tf_revnet.transfer_weights(str(tmp_path / "weights.ckpt"), target)
+    with pytest.raises(ValueError, match="`source` must be an existing `.weights.h5` file"):
+        tf_revnet.transfer_weights(str(tmp_path / "missing.weights.h5"), target)
     with pytest.raises(ValueError, match="`target` must be a keras.Model"):
         tf_revnet.transfer_weights(target, BasicResidualFunction())
 

@@ -104,7 +104,7 @@ def transfer_weights(source, target):
         if path.endswith(".keras"):
             loaded = keras.saving.load_model(path, compile=False)
             _transfer(loaded, target, only=_saved(loaded))
-        elif path.endswith(".h5"):
+        elif path.endswith(".weights.h5"):
             _transfer_file(path, target)
         else:
             raise ValueError(
