@@ -364,7 +364,7 @@ def _signature(block):
 
 def _collapse(units):
     """Units with each run of two or more identical consecutive blocks replaced by one stack."""
-    out, i = [], 0
+    copies, out, i = {}, [], 0
     while i < len(units):
         unit = units[i]
         j = i + 1
@@ -384,8 +384,10 @@ def _collapse(units):
             else:
                 template, name = first, f"{first}_stack"
             out.append(ReversibleBlockStack(_copy(unit, template), depth=j - i, name=name))
-        else:
-            out.append(_copy(unit))
+        else:  # a unit used twice stays one layer
+            if id(unit) not in copies:
+                copies[id(unit)] = _copy(unit)
+            out.append(copies[id(unit)])
         i = j
     return out
 
