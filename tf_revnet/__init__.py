@@ -13,9 +13,10 @@ __version__ = "0.2.0"
 from tf_revnet import callbacks, diagnostics, layers, memory, models
 from tf_revnet.layers import *  # noqa: F401,F403
 from tf_revnet.layers import __all__ as _layers_all
+from tf_revnet.weight_transfer import transfer_weights
 
 memory.configure_allocator()
 
 __all__ = [
-    "callbacks", "diagnostics", "layers", "memory", "models", "__version__"
+    "callbacks", "diagnostics", "layers", "memory", "models", "transfer_weights", "__version__"
 ] + list(_layers_all)
