@@ -1,7 +1,8 @@
 """Shared test helpers (our own: Keras' `keras.src.testing` is private).
 
-`check_layer` runs the checks every public layer must pass; the gradient helpers compare a reversible
-computation with ordinary autodiff on the same weights.
+`run_layer_test` runs the checks every public layer must pass (in the shape of Keras'
+`keras.src.testing.TestCase.run_layer_test`); the gradient helpers compare a reversible computation
+with ordinary autodiff on the same weights.
 """
 
 import json
@@ -70,9 +71,43 @@ def loss_and_gradients(layer, x, training=True, mode="eager"):
     return step(tf.convert_to_tensor(x))
 
 
+def run_layer_test(make_layer, input_shape, expected_output_shape=None, num_trainable_weights=None,
+                   num_seed_generators=0, tmp_path=None, fit=True, mixed_precision=True):
+    """The checks every public layer passes; returns the float32 model of `check_layer`.
+
+    Args:
+        make_layer: callable `make_layer(dtype=None)` returning a new, unbuilt layer (`dtype`: a
+            dtype policy name, or None for the default).
+        input_shape: input shape with `None` batch, e.g. `(None, 6, 6, 8)`.
+        num_seed_generators: the number of `keras.random.SeedGenerator` states the layer holds; each
+            must advance in a training call (so that the reversible recompute has states to replay).
+        mixed_precision: also build the layer under `mixed_float16` and `mixed_bfloat16` and check
+            that its variables stay float32 and its training-mode output is finite.
+
+    The other arguments are those of `check_layer`.
+    """
+    layer = make_layer()
+    model = check_layer(layer, input_shape, expected_output_shape, num_trainable_weights, tmp_path,
+                        fit)
+    x = np.random.default_rng(1).standard_normal((2,) + tuple(input_shape[1:])).astype("float32")
+    seeds = [v for v in layer.variables if v.path.endswith("seed_generator_state")]
+    assert len(seeds) == num_seed_generators, [v.path for v in seeds]
+    if seeds:
+        before = [v.numpy().copy() for v in seeds]
+        layer(x.astype(layer.dtype_policy.variable_dtype), training=True)
+        assert all((v.numpy() != b).any() for v, b in zip(seeds, before)), "a seed did not advance"
+    for policy in ("mixed_float16", "mixed_bfloat16") if mixed_precision else ():
+        mixed = make_layer(dtype=policy)
+        y = keras.ops.convert_to_numpy(keras.ops.cast(mixed(x, training=True), "float32"))
+        assert np.all(np.isfinite(y)), policy
+        floats = [v for v in mixed.weights if "float" in str(v.dtype)]
+        assert floats and all(str(v.dtype) == "float32" for v in floats), policy
+    return model
+
+
 def check_layer(layer, input_shape, expected_output_shape=None, num_trainable_weights=None,
                 tmp_path=None, fit=True):
-    """Runs the standard checks on a built-or-unbuilt layer instance.
+    """Runs the standard checks on a built-or-unbuilt layer instance (part of `run_layer_test`).
 
     - symbolic call on `keras.Input` gives the expected shape;
     - eager call works; number of trainable weights after `build`;

@@ -4,6 +4,7 @@ The reference is always ordinary autodiff (`use_custom_gradient=False`) on the s
 """
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -676,3 +677,23 @@ def test_symbolic_integer_input_raises():
     seq = sequence(True, dtype="float32")
     with pytest.raises(ValueError, match="floating point inputs.*int32"):
         seq(keras.Input((6, 6, 8), dtype="int32"))
+
+
+def test_shared_layers_serialize_as_one_same_as_path_and_load_legacy_configs():
+    shared_f = residual_function("basic", 4, "float64")
+    block = ReversibleBlock(shared_f, shared_f, dtype="float64")
+    other = ReversibleBlock(residual_function("basic", 4, "float64"), shared_f, dtype="float64")
+    seq = ReversibleSequence([block, other, block], dtype="float64")
+    seq.build((2, 6, 6, 8))
+    config = json.loads(json.dumps(seq.get_config()))
+    units = config["units"]
+    assert units[0]["config"]["g"] == {"same_as": ["f"]}  # within a block: the path from the block
+    assert units[1]["config"]["g"] == {"same_as": [0, "f"]}  # within a sequence: from the units
+    assert units[2] == {"same_as": [0]}
+    rebuilt = ReversibleSequence.from_config(config)
+    assert rebuilt.units[0].g is rebuilt.units[0].f is rebuilt.units[1].g
+    assert rebuilt.units[2] is rebuilt.units[0]
+    # A block config written by tf_revnet 0.2.0 (g as {"same_as": "f"}) still loads with F shared.
+    legacy = dict(units[0]["config"], g={"same_as": "f"})
+    loaded = ReversibleBlock.from_config(legacy)
+    assert loaded.g is loaded.f

@@ -1,5 +1,7 @@
 """Tests of tf_revnet/layers/unit.py: the unit protocol, against plain autodiff on the same weights."""
 
+import pathlib
+
 import keras
 import numpy as np
 import pytest
@@ -24,33 +26,13 @@ def block(half=4, dropout=False):
     return tf_revnet.ReversibleBlock(function(), function(), dtype="float64")
 
 
-class ChannelScale(tf_revnet.TwoStreamLayer):
-    """The README's custom unit: y1 = x1 * exp(s1), y2 = x2 * exp(s2), one learned scale per channel."""
-
-    invertible = True
-
-    def build(self, input_shape):
-        half = self.half_shape(input_shape)
-        self.log_scale = self.add_weight(shape=(2, half[-1]), initializer="random_normal")
-
-    def call(self, inputs, training=None):
-        x1, x2 = self.split(inputs)
-        return self.merge(x1 * tf.exp(self.log_scale[0]), x2 * tf.exp(self.log_scale[1]))
-
-    def reversible_unit(self):
-        return ChannelScaleUnit(self)
-
-
-class ChannelScaleUnit(tf_revnet.Unit):
-    invertible = True
-
-    def forward(self, values, x, training=True):
-        (s,) = values.weights
-        return (x[0] * tf.exp(s[0]), x[1] * tf.exp(s[1])), values, values
-
-    def inverse(self, values, y, training=None):
-        (s,) = values.weights
-        return y[0] * tf.exp(-s[0]), y[1] * tf.exp(-s[1])
+def readme_custom_unit():
+    """`ChannelScale` and `ChannelScaleUnit` as README.md defines them (its code, executed)."""
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = next(block for block in readme.split("```python")[1:] if "class ChannelScale" in block)
+    namespace = {"tf": tf, "tf_revnet": tf_revnet, "keras": keras}
+    exec(code.split("```")[0], namespace)  # noqa: S102 - the project's own README
+    return namespace["ChannelScale"], namespace["ChannelScaleUnit"]
 
 
 def test_as_unit_picks_each_kind():
@@ -139,7 +121,9 @@ def test_loop_pack_and_unpack_are_inverse():
     np.testing.assert_array_equal(packed.weights[1][2], blocks[2].trainable_variables[1].numpy())
 
 
-def test_custom_unit_in_a_sequence_equals_plain_autodiff():
+def test_readme_custom_unit_in_a_sequence_equals_plain_autodiff():
+    ChannelScale, ChannelScaleUnit = readme_custom_unit()
+
     def sequence(use_custom_gradient):
         keras.utils.set_random_seed(3)
         units = [block(), ChannelScale(dtype="float64"), block()]
@@ -150,6 +134,8 @@ def test_custom_unit_in_a_sequence_equals_plain_autodiff():
     x = x64((2, 5, 8))
     reversible(x)
     plain(x)
+    scale = reversible.units[1].log_scale
+    scale.assign(np.random.default_rng(1).standard_normal(scale.shape))
     for target, source in zip(plain.variables, reversible.variables):
         target.assign(source)
     assert type(reversible._get_plan().units[1]) is ChannelScaleUnit

@@ -207,8 +207,10 @@ class ReversibleBlock(TwoStreamLayer):
         config.update(
             {
                 "f": keras.saving.serialize_keras_object(self.f),
-                # F and G may be one layer (shared weights): keep it one layer when rebuilt.
-                "g": {"same_as": "f"}
+                # F and G may be one layer (shared weights): keep it one layer when rebuilt. A shared
+                # layer is `{"same_as": path}`, the path of keys to its first occurrence (as in
+                # `ReversibleSequence`'s config, where the path starts at the unit's index).
+                "g": {"same_as": ["f"]}
                 if self.g is self.f
                 else keras.saving.serialize_keras_object(self.g),
                 "coupling": keras.saving.serialize_keras_object(self.coupling),
@@ -222,7 +224,8 @@ class ReversibleBlock(TwoStreamLayer):
         f, g = config.pop("f"), config.pop("g")
         if not isinstance(f, keras.layers.Layer):
             f = keras.saving.deserialize_keras_object(f)
-        if g == {"same_as": "f"}:
+        # `{"same_as": "f"}`: files written by tf_revnet 0.2.0.
+        if g in ({"same_as": ["f"]}, {"same_as": "f"}):
             g = f
         elif not isinstance(g, keras.layers.Layer):
             g = keras.saving.deserialize_keras_object(g)

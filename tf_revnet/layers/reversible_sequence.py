@@ -12,14 +12,15 @@ How it is exact and memory-flat in TensorFlow (see the project's NOTES):
 
 1. The forward pass runs with gradient recording stopped, so an outer eager `GradientTape` does not keep
    every activation alive (`tf.recompute_grad` does the same).
-2. Every unit runs in its stateless form (`keras.StatelessScope` with the variables' values passed in):
+2. Every layer runs as its unit (`tf_revnet.layers.unit`: `forward`, `backward`, `inverse` over
+   explicit variable values, in a `keras.StatelessScope`):
    the variables are explicit inputs of the custom gradient (so it works under `tf.cond`, `tf.switch_case`
    and `tf.while_loop`), BatchNorm statistics are assigned once from the forward pass, and the recompute
    replays the state every unit saw (seed generators, Keras' global generator).
-3. A `ReversibleBlockStack` (weights stored stacked) runs as one `tf.while_loop`, forward and backward;
-   so do consecutive blocks of one structure (same classes, configs and shapes, no shared variables),
-   over their weights stacked at each call: the traced graph holds one block whatever the depth, so
-   graph memory and tracing/compile time do not grow with it.
+3. A `ReversibleBlockStack` (weights stored stacked) runs as one `LoopUnit`, a `tf.while_loop` forward
+   and backward; so do consecutive blocks of one `structure_signature` (no shared variables), over
+   their values stacked before the custom gradient: the traced graph holds one block whatever the
+   depth, so graph memory and tracing/compile time grow only by each variable's read and update.
 4. In a graph, the recompute of each unit waits for the gradient of the unit above (control
    dependencies, or the loop's carried gradient); otherwise the executor would run every recompute right
    after the forward pass and keep all their tensors.
@@ -541,6 +542,7 @@ def _serialize_units(units):
 
 
 def _deserialize_units(configs):
+    """Units from `_serialize_units`' configs: `{"same_as": [index, ...]}` is the layer at that path."""
     units = []
     for config in configs:
         if isinstance(config, dict) and "same_as" in config:
@@ -550,8 +552,10 @@ def _deserialize_units(configs):
             inner = dict(config["config"])
             for arg in ("f", "g"):
                 ref = inner.get(arg)
-                if isinstance(ref, dict) and isinstance(ref.get("same_as"), list):
-                    inner[arg] = _resolve(units, ref["same_as"])  # ReversibleBlock takes layers
+                path = ref.get("same_as") if isinstance(ref, dict) else None
+                # A path from the units (it starts at an index); ["f"] is the block's own.
+                if isinstance(path, list) and path and isinstance(path[0], int):
+                    inner[arg] = _resolve(units, path)  # ReversibleBlock takes layers
             config = dict(config, config=inner)
         units.append(keras.saving.deserialize_keras_object(config))
     return units

@@ -7,17 +7,21 @@ import operator
 import keras
 import tensorflow as tf
 
-try:  # The non-public switch `tf.recompute_grad` uses to stop every tape on this thread.
+# Private symbols (tests/layers/test_private_symbols.py fails if one moves or changes behaviour).
+try:  # The switch `tf.recompute_grad` uses to stop every tape on this thread; no public API pauses
+    # recording for all tapes at once (`GradientTape.stop_recording` pauses one known tape).
     from tensorflow.python.eager.record import stop_recording
 except ImportError:  # pragma: no cover - a future TF without it: correct, eager memory not flat.
     stop_recording = contextlib.nullcontext
-try:  # What `tf.function` asks to decide whether a backward pass must itself be differentiable.
+try:  # What `tf.function` asks to decide whether a backward pass must itself be differentiable; no
+    # public API tells how many tapes watch a tensor.
     from tensorflow.python.ops.gradients_util import (
         PossibleTapeGradientTypes as _possible_gradient_types,
     )
 except ImportError:  # pragma: no cover
     _possible_gradient_types = None
-try:  # The tangents that active `tf.autodiff.ForwardAccumulator`s track for some tensors.
+try:  # The tangents that active `tf.autodiff.ForwardAccumulator`s track for some tensors; no public
+    # API asks whether any accumulator is active.
     from tensorflow.python.eager.forwardprop_util import pack_tangents as _pack_tangents
 except ImportError:  # pragma: no cover
     _pack_tangents = None
@@ -33,6 +37,7 @@ def no_autocast():
     `keras.StatelessScope` would cast mapped float64 weights to float32, cutting their gradients.
     Sublayers called inside still open their own autocast scopes.
     """
+    # Keras has no public way to leave the autocast scope that `Layer.__call__` entered.
     from keras.src.backend.common import global_state
 
     previous = global_state.get_global_attribute("autocast_scope")

@@ -279,8 +279,8 @@ _REVNET_STRUCTURE = (
 _RESNET_STRUCTURE = "Every unit is a full-width pre-activation `ResidualBlock` (see `ResNet`)."
 
 
-def _document(arch, generic_name, default_name):
-    imagenet = arch.stem == "imagenet"
+def _paper_texts(arch):
+    """The docstring's sentences on the paper's parameter count and result for `arch`."""
     if arch.paper_params is not None:
         diff = 100.0 * (arch.params / 1e6 - arch.paper_params) / arch.paper_params
         trainable_diff = (
@@ -295,9 +295,29 @@ def _document(arch, generic_name, default_name):
         paper_params = "The paper's Table 1 gives no count for this model."
     if arch.paper_errors:
         errors = ", ".join(f"{_DATASET_NAMES[k]} {v:.2f}%" for k, v in arch.paper_errors.items())
-        paper_result = f"The paper's error: {errors} (Table {3 if imagenet else 2})."
+        paper_result = f"The paper's error: {errors} (Table {3 if arch.stem == 'imagenet' else 2})."
     else:
         paper_result = "The paper reports no result for this model."
+    return paper_params, paper_result
+
+
+def _wrap_description(doc):
+    """`doc` with its description (everything before `Args:`) wrapped at 100 columns."""
+    head, sep, rest = doc.partition("\n    Args:")
+    summary, _, body = head.partition("\n\n")
+    paragraphs = [
+        textwrap.fill(
+            " ".join(p.split()), width=100, initial_indent="    ", subsequent_indent="    "
+        )
+        for p in body.split("\n\n")
+    ]
+    return summary + "\n\n" + "\n\n".join(paragraphs) + "\n" + sep + rest
+
+
+def _document(arch, generic_name, default_name):
+    """The docstring of the builder of `arch`, from `_BUILDER_DOC`."""
+    imagenet = arch.stem == "imagenet"
+    paper_params, paper_result = _paper_texts(arch)
     doc = _BUILDER_DOC.format(
         title=f"{'RevNet' if arch.reversible else 'ResNet'}-{arch.depth}",
         role=(
@@ -337,16 +357,7 @@ def _document(arch, generic_name, default_name):
         name=arch.name,
         result_table=3 if imagenet else 2,
     )
-    # Wrap the generated description (everything before `Args:`) at 100 columns.
-    head, sep, rest = doc.partition("\n    Args:")
-    summary, _, body = head.partition("\n\n")
-    paragraphs = [
-        textwrap.fill(
-            " ".join(p.split()), width=100, initial_indent="    ", subsequent_indent="    "
-        )
-        for p in body.split("\n\n")
-    ]
-    return summary + "\n\n" + "\n\n".join(paragraphs) + "\n" + sep + rest
+    return _wrap_description(doc)
 
 
 _DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet top-1"}
