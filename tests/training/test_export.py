@@ -507,6 +507,8 @@ def test_cli_exports_a_run_dir(exported, tmp_path, capsys):  # noqa: F811
     np.testing.assert_allclose(_served(base / "1", exported.images), exported.expected, atol=1e-5)
     info = json.loads((base / "1" / "assets.extra" / "export.json").read_text())
     assert info["run_config"]["export_source"] == f"model_dir:{run.resolve()}"
+    # The run's --max-image-pixels (recorded in its config.json) is the export's default.
+    assert info["max_image_pixels"] == config["max_image_pixels"] == 100_000_000
     assert info["run_config"]["recipe"] == config["recipe"]
     assert info["test_accuracy"] == config["test_accuracy"]
     assert info["class_names"] == list(CLASSES)
