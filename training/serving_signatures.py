@@ -11,7 +11,7 @@ Signatures (`N` is the batch, `H, W` the model's image size, `K = min(TOP_K, cla
 |---|---|---|
 | `serving_default` | `images` | uint8 `(N, H, W, 3)` raw RGB pixels |
 | `serving_float` | `images` | float32 `(N, H, W, 3)` raw RGB pixels in [0, 255] (not normalized) |
-| `serving_bytes` | `image_bytes` | string `(N,)` encoded JPEG, PNG, GIF or BMP files of any size |
+| `serving_bytes` | `image_bytes` | string `(N,)` encoded JPEG, PNG, GIF or BMP files (see below) |
 
 `serving_bytes` decodes each file as RGB and resizes it to `(H, W)` with bilinear interpolation (as
 `keras.utils.image_dataset_from_directory` did for training; images already of size `(H, W)` are
