@@ -208,15 +208,27 @@ def test_corrupt_data_after_a_valid_header_is_the_decoders_error(photo):
         assert image_safety.refusal_reason(error.value) is None
 
 
-def test_gif_of_too_many_blocks_is_refused(monkeypatch):
+def test_files_of_too_many_blocks_are_refused(monkeypatch):
+    """GIFs of many empty extensions and JPEGs of many empty segments: the walks stop at their
+    limits (which bound their time)."""
     monkeypatch.setattr(image_safety, "MAX_GIF_BLOCKS", 50)
-    monkeypatch.setattr(image_safety, "_GRAPHS", {})  # traced again with the patched limit
-    empty_extensions = [b"\x21\xfe\x00"] * 60  # comment extensions without data
-    contents = hostile.gif(7, 5, empty_extensions + [hostile.gif_frame(7, 5)])
-    assert _refusal(contents) == ("image: GIF of more than 50 blocks (extensions and frames); "
-                                  "refused before decoding")
-    assert image_safety.image_size(hostile.gif(7, 5, empty_extensions[:40] + [
-        hostile.gif_frame(7, 5)])).numpy().tolist() == [5, 7, 1, 35]
+    monkeypatch.setattr(image_safety, "MAX_JPEG_SEGMENTS", 20)
+    monkeypatch.setattr(image_safety, "_GRAPHS", {})  # traced again with the patched limits
+    comment = b"\x21\xfe\x00"  # a GIF comment extension without data
+    # The NETSCAPE2.0 extension, 47 comments, the frame's graphic control extension and its
+    # image are 50 blocks (the trailer ends them).
+    fifty = hostile.gif(7, 5, [comment] * 47 + [hostile.gif_frame(7, 5)])
+    assert image_safety.image_size(fifty).numpy().tolist() == [5, 7, 1, 35]
+    assert _refusal(hostile.gif(7, 5, [comment] * 48 + [hostile.gif_frame(7, 5)])) == (
+        "image: GIF of more than 50 blocks (extensions and frames); refused before decoding")
+
+    def jpeg(segments):  # empty comment segments, then a frame header of 16 x 16
+        return (b"\xff\xd8" + b"\xff\xfe\x00\x02" * segments
+                + b"\xff\xc0\x00\x11\x08\x00\x10\x00\x10\x03" + b"\0" * 20)
+
+    assert image_safety.image_size(jpeg(20)).numpy().tolist() == [16, 16, 1, 256]
+    assert _refusal(jpeg(21)) == ("image: JPEG of more than 20 marker segments before its frame "
+                                  "header; refused before decoding")
 
 
 def test_decode_images_batches_and_names_the_refused_index(photo):
