@@ -16,6 +16,8 @@ Modules:
         (`saved_models/<model>/<n>/`), optionally TensorFlow Lite.
     serving_signatures: the exported signatures (uint8 images, float pixels, encoded files in;
         probabilities, class ids and names out).
+    image_safety: image sizes read from the headers inside the TF graph; oversized files (decompression
+        bombs), unsized formats and corrupt headers refused before decoding (TensorFlow only).
     serving_layout: atomic version directories of a TF Serving model base path (standard library).
     predict: `python -m training.predict`, the client: classify image files with an export or a
         TF Serving server, without `tf_revnet`.

@@ -15,9 +15,12 @@ sees from step `k` on (this is what makes `python -m training.train` resume exac
 
 Real folders: hidden files and folders (names starting with `.`, e.g. `.DS_Store`, `.git/`) and
 files without an image extension are ignored, as `keras.utils.image_dataset_from_directory` does;
-every listed file is decoded once at load time (`tf.io.decode_image(channels=3)`: JPEG, PNG, GIF
-(first frame), BMP; grayscale and RGBA become RGB), and files that do not decode (truncated, not an
-image) are skipped and reported in `Datasets.skipped`, or raise `DataError` with `strict=True`.
+every listed file is decoded once at load time (`training.image_safety.decode_image(channels=3)`:
+JPEG, PNG, GIF (first frame), BMP; grayscale and RGBA become RGB). Before decoding, each file's size
+is read from its header: files over `max_image_pixels` (all frames of a GIF together; 100 million
+by default), without pixels, or not one of the four formats are refused without being decoded and
+listed with the reason in `Datasets.refused`; files that do not decode (truncated, corrupt) are
+skipped and listed in `Datasets.skipped`. With `strict=True` either raises `DataError`.
 
 Errors are `DataError`s that name this module's parameters (`data_dir`, `dataset`, ...); the command
 line maps them to its flags.
@@ -42,6 +45,7 @@ import urllib.request
 import numpy as np
 import tensorflow as tf
 
+from training import image_safety
 from training.startup import quiet_stderr
 
 __all__ = [
@@ -102,11 +106,14 @@ class Split:
         labels: int32 array `(N,)`.
         images: uint8 array `(N, H, W, 3)` of decoded images, or None (read from `paths`).
         paths: str array `(N,)` of image files, or None (in memory).
+        max_image_pixels: int. The pixel budget of each file read from `paths` (see
+            `training.image_safety.decode_image`).
     """
 
     labels: np.ndarray
     images: np.ndarray | None = None
     paths: np.ndarray | None = None
+    max_image_pixels: int = image_safety.DEFAULT_MAX_IMAGE_PIXELS
 
     def __len__(self):
         return len(self.labels)
@@ -117,6 +124,7 @@ class Split:
             labels=self.labels[indices],
             images=None if self.images is None else self.images[indices],
             paths=None if self.paths is None else self.paths[indices],
+            max_image_pixels=self.max_image_pixels,
         )
 
 
@@ -132,6 +140,10 @@ class Datasets:
         class_names: list of str, index = label.
         source: str. Human-readable origin, e.g. `tfds:cifar10` or `folder:/tmp/cifar10`.
         skipped: tuple of str. Files that did not decode and were left out.
+        refused: tuple of str. Files refused before decoding and left out, each as
+            `"<path>: <reason>"`, e.g. `"/d/train/cat/x.png: 20000 x 20000 pixels x 1 frame =
+            400000000 pixels, over the limit of 100000000 pixels (max_image_pixels); refused
+            before decoding"`.
         test_name: str. `"test"`, `"validation"` (TFDS) or `"validation split 0.1 of train"`.
     """
 
@@ -142,6 +154,7 @@ class Datasets:
     source: str
     skipped: tuple = ()
     test_name: str = "test"
+    refused: tuple = ()
 
     @property
     def num_train(self):
@@ -166,11 +179,10 @@ class Datasets:
         return _examples(self.test_split)
 
 
-def _decode(contents):
-    """JPEG/PNG/GIF/BMP bytes -> uint8 (H, W, 3): grayscale and RGBA become RGB, GIF frame 1."""
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
+def _decode(contents, max_pixels, name="image"):
+    """JPEG/PNG/GIF/BMP bytes -> uint8 (H, W, 3): grayscale and RGBA become RGB, GIF frame 1;
+    refused (InvalidArgumentError) before decoding above `max_pixels`."""
+    return image_safety.decode_image(contents, max_pixels, channels=3, name=name)
 
 
 def _resize_uint8(image, size):
@@ -202,13 +214,15 @@ def _loader(split, size):
         paths = tf.constant(split.paths)
 
         def load(i):
-            image = _decode(tf.io.read_file(tf.gather(paths, i)))
+            path = tf.gather(paths, i)
+            image = _decode(tf.io.read_file(path), split.max_image_pixels, name=path)
             return _resize_uint8(image, size), tf.gather(labels, i)
     return load
 
 
 def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in_memory=True,
-         train_examples=None, test_examples=None, seed=0, validation_split=None, strict=False):
+         train_examples=None, test_examples=None, seed=0, validation_split=None, strict=False,
+         max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS):
     """Loads the training and test splits from an image folder (if `data_dir`) or from TFDS.
 
     Args:
@@ -224,18 +238,21 @@ def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in
         validation_split: float in (0, 1) or None. Folders without `test/`: hold out this
             fraction of `train/`.
         strict: bool. Raise on the first file that does not decode instead of skipping it.
+        max_image_pixels: int. Folders only: refuse files whose header announces more pixels
+            (see `load_image_folder`).
 
     Returns:
         `Datasets`.
 
     Raises:
-        DataError: unknown TFDS name, bad folder layout, undecodable file with `strict`, or no data
-            offline.
+        DataError: unknown TFDS name, bad folder layout, undecodable or refused file with
+            `strict`, or no data offline.
     """
     if data_dir is not None:
         return load_image_folder(data_dir, image_size=image_size, in_memory=in_memory,
                                  train_examples=train_examples, test_examples=test_examples,
-                                 seed=seed, validation_split=validation_split, strict=strict)
+                                 seed=seed, validation_split=validation_split, strict=strict,
+                                 max_image_pixels=max_image_pixels)
     if validation_split is not None:
         raise DataError("validation_split", validation_split,
                         "only for image folders without test/ (TFDS data sets have a test split)")
@@ -292,12 +309,12 @@ def list_image_folder(split_dir, parameter="data_dir"):
     return class_names, files
 
 
-def _decode_scan(paths, size, keep_images):
+def _decode_scan(paths, size, keep_images, max_pixels):
     """Decodes every file once. Returns (uint8 images or None, boolean ok mask)."""
     ds = tf.data.Dataset.from_tensor_slices((paths, np.arange(len(paths))))
 
     def decode(path, i):
-        image = _decode(tf.io.read_file(path))
+        image = _decode(tf.io.read_file(path), max_pixels, name=path)
         if keep_images:
             return _resize_uint8(image, size), i
         return tf.zeros([0], tf.uint8), i
@@ -317,6 +334,20 @@ def _decode_scan(paths, size, keep_images):
     return images, ok
 
 
+def _refusal(path, max_pixels):
+    """Why `path` was refused before decoding (`"<path>: <reason>"`), or None if its header passes
+    the checks (it failed in the decoder)."""
+    try:
+        contents = pathlib.Path(path).read_bytes()
+    except OSError:
+        return None
+    try:
+        image_safety.check_image(contents, max_pixels, name=str(path))
+    except tf.errors.InvalidArgumentError as e:
+        return image_safety.refusal_reason(e)
+    return None
+
+
 def _subset_indices(n, cap, seed):
     if cap is None or cap >= n:
         return np.arange(n)
@@ -324,11 +355,12 @@ def _subset_indices(n, cap, seed):
 
 
 def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=None,
-                      test_examples=None, seed=0, validation_split=None, strict=False):
+                      test_examples=None, seed=0, validation_split=None, strict=False,
+                      max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS):
     """Reads `data_dir/train/<class>/*` and `data_dir/test/<class>/*` (or a validation split).
 
     Labels follow the sorted class-folder names (for CIFAR-10 the standard label order). See the
-    module docstring for hidden files, formats and undecodable files.
+    module docstring for hidden files, formats, refused and undecodable files.
 
     Args:
         data_dir: str or path-like. Root of the tree.
@@ -341,15 +373,24 @@ def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=No
         seed: int. Seed of the subsets and of the validation split.
         validation_split: float in (0, 1) or None. Required when there is no `test/`: hold out
             this fraction of `train/` (a seeded random choice) as the test split.
-        strict: bool. Raise `DataError` naming the first file that does not decode.
+        strict: bool. Raise `DataError` naming the first file that does not decode or is refused.
+        max_image_pixels: int. Files whose header announces more pixels (all frames of a GIF
+            together) are refused before decoding (`Datasets.refused`). Defaults to
+            `training.image_safety.DEFAULT_MAX_IMAGE_PIXELS` (100 million).
 
     Returns:
         `Datasets`.
 
     Raises:
         DataError: missing folders, empty class folders, different class folders in train and
-            test, `validation_split` out of range or missing, undecodable file with `strict`.
+            test, `validation_split` out of range or missing, `max_image_pixels` not a positive
+            integer, undecodable or refused file with `strict`.
     """
+    try:
+        image_safety.check_max_image_pixels(max_image_pixels)
+    except ValueError:
+        raise DataError("max_image_pixels", max_image_pixels, "must be a positive integer, e.g. "
+                        f"{image_safety.DEFAULT_MAX_IMAGE_PIXELS}") from None
     root = pathlib.Path(data_dir).expanduser()
     layout = f"expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg ({ARCHIVE_HINT})"
     if not root.is_dir():
@@ -403,20 +444,28 @@ def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=No
         paths, labels = paths[keep], labels[keep]
         test_name = f"validation split {validation_split} of train"
 
-    splits, skipped = {}, []
+    splits, skipped, refused = {}, [], []
     for name, (p, y, cap) in {"train": (paths, labels, train_examples),
                               "test": (test_paths, test_labels, test_examples)}.items():
         keep = _subset_indices(len(p), cap, seed)
         p, y = p[keep], y[keep]
-        images, ok = _decode_scan(p, image_size, keep_images=in_memory)
-        bad = p[~ok].tolist()
-        if bad and strict:
-            raise DataError("data_dir", root, f"cannot decode {bad[0]} (truncated or not an "
-                            "image); remove it, or skip bad files with `strict=False`")
-        skipped.extend(bad)
+        images, ok = _decode_scan(p, image_size, keep_images=in_memory,
+                                  max_pixels=max_image_pixels)
+        for path in p[~ok].tolist():
+            reason = _refusal(path, max_image_pixels)
+            if strict and reason is not None:
+                fix = (f"raise the limit `max_image_pixels={max_image_pixels}`, "
+                       if "over the limit" in reason else "")
+                raise DataError("data_dir", root, f"refused {reason}; remove it, {fix}or skip bad "
+                                "files with `strict=False`")
+            if strict:
+                raise DataError("data_dir", root, f"cannot decode {path} (truncated or not an "
+                                "image); remove it, or skip bad files with `strict=False`")
+            (skipped if reason is None else refused).append(path if reason is None else reason)
         if not ok.any():
             raise DataError("data_dir", root, f"no decodable images in {root / name}")
-        splits[name] = Split(labels=y[ok], images=images, paths=None if in_memory else p[ok])
+        splits[name] = Split(labels=y[ok], images=images, paths=None if in_memory else p[ok],
+                             max_image_pixels=max_image_pixels)
     return Datasets(
         train_split=splits["train"],
         test_split=splits["test"],
@@ -425,6 +474,7 @@ def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=No
         source=f"folder:{root}",
         skipped=tuple(skipped),
         test_name=test_name,
+        refused=tuple(refused),
     )
 
 

@@ -14,11 +14,14 @@ when complete (`training.serving_layout`): concurrent exports get distinct versi
 version is never overwritten, and a failed export leaves nothing behind. A version holds
 
 - the SavedModel with the signatures of `training.serving_signatures` (`serving_default`: uint8
-  images; `serving_float`: float32 images in [0, 255]; `serving_bytes`: encoded JPEG/PNG files), each
-  returning `probabilities`, `class_ids` and `class_names` (the label names are in the graph);
+  images; `serving_float`: float32 images in [0, 255]; `serving_bytes`: encoded JPEG/PNG/GIF/BMP
+  files, refused before decoding above `--max-image-pixels`, 100 million pixels by default, see
+  `training.image_safety`), each returning `probabilities`, `class_ids` and `class_names` (the
+  label names are in the graph);
 - `assets.extra/class_names.txt` (one name per line, index = class id) and
-  `assets.extra/export.json`: the version, the source, the run's configuration and its test
-  accuracy (null for a run that did not finish), so that every served version says what it is;
+  `assets.extra/export.json`: the version, the source, the run's configuration, its test
+  accuracy (null for a run that did not finish) and the `max_image_pixels` of `serving_bytes`,
+  so that every served version says what it is;
 - with `--format tflite`: `model.tflite`, the TensorFlow Lite conversion of `serving_default` and
   `serving_float` (TFLite built-in ops only; `--tflite-select-tf-ops` adds `serving_bytes`, whose
   `DecodeImage` and `ResizeBilinear` need the TF Select (Flex) ops).
@@ -47,7 +50,7 @@ if __name__ == "__main__":  # the command line: no TensorFlow start-up noise (tr
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from training import serving_layout, serving_signatures  # noqa: E402
+from training import image_safety, serving_layout, serving_signatures  # noqa: E402
 
 __all__ = ["ExportError", "ExportResult", "export_saved_model", "convert_to_tflite",
            "load_run", "load_keras_file", "pin_hint", "build_parser", "run", "main",
@@ -103,7 +106,7 @@ def _write_extras(directory, class_names, info):
 
 def export_saved_model(model, base_path, class_names, run_info=None, model_name=None,
                        tflite=False, tflite_select_tf_ops=False, top_k=serving_signatures.TOP_K,
-                       verbose=False):
+                       max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS, verbose=False):
     """Writes `model` as a new version of the TF Serving model base path `base_path`.
 
     Args:
@@ -119,16 +122,20 @@ def export_saved_model(model, base_path, class_names, run_info=None, model_name=
         tflite: bool. Also write `model.tflite` (see `convert_to_tflite`).
         tflite_select_tf_ops: bool. Include `serving_bytes` in the TFLite model (Flex ops).
         top_k: int. Size of the `top_k_*` outputs (models with more than 10 classes).
+        max_image_pixels: int. `serving_bytes` refuses files whose header announces more pixels
+            (all frames of a GIF together) before decoding them; recorded in `export.json`.
+            Defaults to `image_safety.DEFAULT_MAX_IMAGE_PIXELS` (100 million).
         verbose: bool. Print Keras' list of endpoints.
 
     Returns:
         `ExportResult`.
 
     Raises:
-        ValueError: bad `base_path`, image input or `class_names`.
+        ValueError: bad `base_path`, image input, `class_names` or `max_image_pixels`.
     """
     run_info = dict(run_info or {})
-    archive = serving_signatures.build_archive(model, class_names, top_k=top_k)
+    archive = serving_signatures.build_archive(model, class_names, top_k=top_k,
+                                               max_image_pixels=max_image_pixels)
     height, width = serving_signatures.image_size_of(model)
     tflite_path = []
 
@@ -143,6 +150,7 @@ def export_saved_model(model, base_path, class_names, run_info=None, model_name=
             "image_size": [height, width],
             "class_names": list(class_names),
             "signatures": list(serving_signatures.SIGNATURES),
+            "max_image_pixels": max_image_pixels,
             "test_accuracy": run_info.get("test_accuracy"),
             "run_config": run_info,
         }
@@ -325,6 +333,11 @@ def build_parser():
                         help="size of the top_k_* outputs, added for models with more than "
                              f"{serving_signatures.TOP_K_MIN_CLASSES} classes. "
                              f"Default: {serving_signatures.TOP_K}")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="PIXELS",
+                        help="serving_bytes refuses encoded images whose header announces more "
+                             "pixels (all frames of a GIF together), before decoding them; "
+                             "recorded in export.json. Default: the run's --max-image-pixels, or "
+                             f"{image_safety.DEFAULT_MAX_IMAGE_PIXELS}")
     return parser
 
 
@@ -340,6 +353,8 @@ def run(argv=None):
         raise ExportError("--tflite-select-tf-ops: only with --format tflite")
     if args.top_k < 1:
         raise ExportError(f"--top-k must be >= 1. Received: {args.top_k}")
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        raise ExportError(f"--max-image-pixels must be >= 1. Received: {args.max_image_pixels}")
     if args.model_dir is not None:
         model, config = load_run(args.model_dir)
         source = f"model_dir:{pathlib.Path(args.model_dir).resolve()}"
@@ -355,13 +370,16 @@ def run(argv=None):
         raise ExportError(f"--keras-file {args.keras_file}: no config.json beside it to read the "
                           "class names from; pass --class-names")
     model_name = config.get("model") or model.name
+    max_image_pixels = (args.max_image_pixels or config.get("max_image_pixels")
+                        or image_safety.DEFAULT_MAX_IMAGE_PIXELS)
     base_path = pathlib.Path(args.export_dir or REPO_ROOT / "saved_models" / model_name)
     try:
         serving_layout.check_base_path(base_path)
         result = export_saved_model(
             model, base_path, class_names, run_info={**config, "export_source": source},
             model_name=model_name, tflite=args.format == "tflite",
-            tflite_select_tf_ops=args.tflite_select_tf_ops, top_k=args.top_k)
+            tflite_select_tf_ops=args.tflite_select_tf_ops, top_k=args.top_k,
+            max_image_pixels=max_image_pixels)
     except ValueError as e:
         raise ExportError(_one_line(e)) from None
     accuracy = config.get("test_accuracy")

@@ -1,10 +1,14 @@
 """Classify image files with an exported SavedModel, locally or through TF Serving's REST API.
 
 A client needs only TensorFlow (for a local SavedModel) or nothing but the standard library (for a
-TF Serving server): this file imports neither `tf_revnet` nor the rest of `training/`, so it can be
-copied on its own. Run as `python -m training.predict`, it imports TensorFlow (only when it needs it)
-without TensorFlow's start-up lines and libjpeg's warnings on stderr, through `training/startup.py`
-(a copy of this file without that module prints them). The images are sent as encoded files to
+TF Serving server): this file imports neither `tf_revnet` nor the rest of `training/` except
+`training/image_safety.py` (TensorFlow only), so the two can be copied together (beside each other,
+`import image_safety` is found). Before decoding or sending a file to a local export, its size is
+read from its header and a file over the export's `max_image_pixels` (its `export.json`; 100
+million pixels by default) is refused with one line naming the file, its size and the limit.
+Run as `python -m training.predict`, it imports TensorFlow (only when it needs it) without
+TensorFlow's start-up lines and libjpeg's warnings on stderr, through `training/startup.py` (a copy
+of this file without that module prints them). The images are sent as encoded files to
 the `serving_bytes` signature, which decodes, resizes and normalizes them inside the model and
 returns the class names.
 
@@ -39,11 +43,12 @@ import urllib.error
 import urllib.request
 
 __all__ = ["IMAGE_EXTENSIONS", "PredictError", "build_parser", "run", "resolve_export_dir",
-           "read_class_names", "decode_predictions", "list_images", "classify_files",
+           "max_image_pixels_of", "read_class_names", "decode_predictions", "list_images", "classify_files",
            "rest_request_body", "classify_with_server", "main"]
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 CLASS_NAMES_FILE = "assets.extra/class_names.txt"
+EXPORT_INFO_FILE = "assets.extra/export.json"
 BYTES_SIGNATURE = "serving_bytes"
 PIXEL_SIGNATURE = "serving_default"
 
@@ -81,6 +86,63 @@ def _quiet_decoding():
     (the one-line error names the file instead); elsewhere, leaves stderr alone."""
     startup = _startup()
     return startup.quiet_stderr() if startup is not None else contextlib.nullcontext()
+
+
+def _image_safety():
+    """`training.image_safety`, or `image_safety` beside a copy of this file."""
+    try:
+        from training import image_safety
+    except ImportError:
+        import image_safety
+    return image_safety
+
+
+def _checked_bytes(path, max_pixels):
+    """The bytes of image file `path`, after its header passed `image_safety.check_image`."""
+    tf = _tensorflow()
+    image_safety = _image_safety()
+    contents = pathlib.Path(path).read_bytes()
+    try:
+        image_safety.check_image(contents, max_pixels, name=str(path))
+    except tf.errors.InvalidArgumentError as e:
+        reason = image_safety.refusal_reason(e) or ""
+        if "over the limit" in reason:
+            raise PredictError(f"image {reason}") from None
+        raise PredictError(f"image {path}: cannot decode it (not a JPEG, PNG, GIF or BMP file, "
+                           "or truncated)") from None
+    return contents
+
+
+def _decode_file(path, max_pixels):
+    """uint8 `(H, W, 3)` pixels of image file `path`, checked before decoding."""
+    tf = _tensorflow()
+    contents = _checked_bytes(path, max_pixels)
+    try:
+        with _quiet_decoding():
+            return _image_safety().decode_image(contents, max_pixels, channels=3,
+                                                name=str(path)).numpy()
+    except tf.errors.InvalidArgumentError:
+        raise PredictError(f"image {path}: cannot decode it (not a JPEG, PNG, GIF or BMP file, "
+                           "or truncated)") from None
+
+
+def max_image_pixels_of(export_dir):
+    """The pixel budget of an export's `serving_bytes` (its `export.json`), or the default.
+
+    Args:
+        export_dir: str or path-like. A version directory.
+
+    Returns:
+        int: `max_image_pixels` of `assets.extra/export.json`, or
+        `image_safety.DEFAULT_MAX_IMAGE_PIXELS` for exports that do not record it.
+    """
+    path = pathlib.Path(export_dir, EXPORT_INFO_FILE)
+    try:
+        value = json.loads(path.read_text()).get("max_image_pixels")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return value if isinstance(value, int) and value > 0 else \
+        _image_safety().DEFAULT_MAX_IMAGE_PIXELS
 
 
 def resolve_export_dir(path):
@@ -173,38 +235,42 @@ def list_images(paths):
     return files
 
 
-def classify_files(export_dir, files, batch_size=64):
+def classify_files(export_dir, files, batch_size=64, max_image_pixels=None):
     """Runs the `serving_bytes` signature of a local SavedModel on encoded image files.
+
+    Each file's header is checked first (`image_safety.check_image`): nothing over the pixel
+    budget is decoded, here or in the export.
 
     Args:
         export_dir: str or path-like. A version directory (see `resolve_export_dir`).
         files: sequence of paths of JPEG, PNG, GIF or BMP files of any size.
         batch_size: int. Images per call.
+        max_image_pixels: int or None. Refuse files whose header announces more pixels (all
+            frames of a GIF together). Default: the export's (`max_image_pixels_of`).
 
     Returns:
         numpy float32 array `(len(files), classes)` of probabilities.
 
     Raises:
-        PredictError: a file cannot be decoded (names the file).
+        PredictError: a file is refused (names the file, its size and the limit) or cannot be
+            decoded (names the file).
     """
     import numpy as np
 
     tf = _tensorflow()
+    if max_image_pixels is None:
+        max_image_pixels = max_image_pixels_of(export_dir)
     serve = tf.saved_model.load(str(export_dir)).signatures[BYTES_SIGNATURE]
     batches = []
     with _quiet_decoding():
         for start in range(0, len(files), batch_size):
             batch = files[start:start + batch_size]
+            data = [_checked_bytes(f, max_image_pixels) for f in batch]
             try:
-                data = [pathlib.Path(f).read_bytes() for f in batch]
                 batches.append(serve(image_bytes=tf.constant(data))["probabilities"].numpy())
             except tf.errors.InvalidArgumentError:
-                for f in batch:  # find the culprit for a one-line message
-                    try:
-                        tf.io.decode_image(pathlib.Path(f).read_bytes(), expand_animations=False)
-                    except tf.errors.InvalidArgumentError:
-                        raise PredictError(f"image {f}: cannot decode it (not a JPEG, PNG, GIF or "
-                                           "BMP file, or truncated)") from None
+                for f in batch:  # find the culprit for a one-line message (checked: safe)
+                    _decode_file(f, max_image_pixels)
                 raise
     return np.concatenate(batches)
 
@@ -222,15 +288,16 @@ def rest_request_body(files, signature=BYTES_SIGNATURE):
         dict, e.g. `{"signature_name": "serving_bytes", "instances": [{"b64": "/9j/4AAQ..."}]}`.
 
     Raises:
-        PredictError: unknown `signature`.
+        PredictError: unknown `signature`; for `"serving_default"`, a file over
+            `image_safety.DEFAULT_MAX_IMAGE_PIXELS` (checked before decoding) or that does not
+            decode.
     """
     if signature == BYTES_SIGNATURE:
         instances = [{"b64": base64.b64encode(pathlib.Path(f).read_bytes()).decode("ascii")}
                      for f in files]
     elif signature == PIXEL_SIGNATURE:
-        tf = _tensorflow()
-        instances = [tf.io.decode_image(pathlib.Path(f).read_bytes(), channels=3,
-                                        expand_animations=False).numpy().tolist() for f in files]
+        max_pixels = _image_safety().DEFAULT_MAX_IMAGE_PIXELS
+        instances = [_decode_file(f, max_pixels).tolist() for f in files]
     else:
         raise PredictError(f"--rest-request {signature}: choose {BYTES_SIGNATURE} or "
                            f"{PIXEL_SIGNATURE}")

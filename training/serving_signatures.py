@@ -11,11 +11,18 @@ Signatures (`N` is the batch, `H, W` the model's image size, `K = min(TOP_K, cla
 |---|---|---|
 | `serving_default` | `images` | uint8 `(N, H, W, 3)` raw RGB pixels |
 | `serving_float` | `images` | float32 `(N, H, W, 3)` raw RGB pixels in [0, 255] (not normalized) |
-| `serving_bytes` | `image_bytes` | string `(N,)` encoded JPEG, PNG, GIF or BMP files of any size |
+| `serving_bytes` | `image_bytes` | string `(N,)` encoded JPEG, PNG, GIF or BMP files (see below) |
 
 `serving_bytes` decodes each file as RGB and resizes it to `(H, W)` with bilinear interpolation (as
 `keras.utils.image_dataset_from_directory` did for training; images already of size `(H, W)` are
-unchanged). All three return the same outputs:
+unchanged). Before decoding, it reads each file's size from its header (`training.image_safety`)
+and refuses files over `max_image_pixels` (all frames of a GIF together; 100 million by default),
+without pixels, or not JPEG, PNG, GIF or BMP: the request fails as a whole with an
+`InvalidArgumentError` naming the image's index, its size and the limit, e.g.
+`image_bytes[2]: 20000 x 20000 pixels x 1 frame = 400000000 pixels, over the limit of 100000000
+pixels (max_image_pixels); refused before decoding`. Only a GIF's first frame is decoded, and one
+image at a time, so a request's memory grows with its resized images only. All three return the
+same outputs:
 
 | output | dtype, shape | value |
 |---|---|---|
@@ -36,6 +43,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from training import image_safety
 
 __all__ = ["DEFAULT_SIGNATURE", "FLOAT_SIGNATURE", "BYTES_SIGNATURE", "SIGNATURES", "TOP_K",
            "TOP_K_MIN_CLASSES", "build_archive", "image_size_of"]
@@ -72,7 +81,8 @@ def image_size_of(model):
     return int(shape[1]), int(shape[2])
 
 
-def build_archive(model, class_names, top_k=TOP_K):
+def build_archive(model, class_names, top_k=TOP_K,
+                  max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS):
     """Builds a `keras.export.ExportArchive` with the three serving signatures of `model`.
 
     Args:
@@ -81,13 +91,16 @@ def build_archive(model, class_names, top_k=TOP_K):
             `training.train.build_classifier` builds it).
         class_names: sequence of `classes` str, index = class id.
         top_k: int. Number of `top_k_*` outputs when there are more than 10 classes.
+        max_image_pixels: int. `serving_bytes` refuses files whose header announces more pixels
+            (all frames of a GIF together), before decoding them. Defaults to
+            `image_safety.DEFAULT_MAX_IMAGE_PIXELS` (100 million).
 
     Returns:
         `keras.export.ExportArchive`; call `write_out(path)` on it.
 
     Raises:
-        ValueError: if the model's input is not fixed-size RGB, or `class_names` does not have one
-            name per output of the model.
+        ValueError: if the model's input is not fixed-size RGB, `class_names` does not have one
+            name per output of the model, or `max_image_pixels` is not a positive integer.
     """
     height, width = image_size_of(model)
     class_names = [str(name) for name in class_names]
@@ -99,6 +112,7 @@ def build_archive(model, class_names, top_k=TOP_K):
         )
     if top_k < 1:
         raise ValueError(f"`top_k` must be >= 1. Received: top_k={top_k}")
+    max_image_pixels = image_safety.check_max_image_pixels(max_image_pixels, "`max_image_pixels`")
     k = min(top_k, num_classes)
     names = tf.constant(class_names, dtype=tf.string)
 
@@ -123,14 +137,9 @@ def build_archive(model, class_names, top_k=TOP_K):
     def from_float(images):
         return classify(images)
 
-    def decode(image_bytes):
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-        return tf.image.resize(image, (height, width), method="bilinear")
-
     def from_bytes(image_bytes):
-        images = tf.map_fn(decode, image_bytes,
-                           fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
-        return classify(images)
+        return classify(image_safety.decode_images(image_bytes, (height, width), max_image_pixels,
+                                                   name="image_bytes"))
 
     archive = keras.export.ExportArchive()
     archive.track(model)

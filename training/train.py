@@ -68,7 +68,7 @@ from training import checkpoint as checkpoint_lib  # noqa: E402
 from training import data as data_lib  # noqa: E402
 from training import distribute as distribute_lib  # noqa: E402
 from training import export as export_lib  # noqa: E402
-from training import plots, recipes, serving_layout  # noqa: E402
+from training import image_safety, plots, recipes, serving_layout  # noqa: E402
 
 __all__ = ["main", "run", "build_parser", "resolve_config", "build_classifier", "RunConfig",
            "TrainResult", "ConfigError", "RunMetrics", "AtomicWeightsCheckpoint",
@@ -119,6 +119,9 @@ class RunConfig:
         worker_timeout: float. Seconds a multi-worker process waits for the other workers.
         save_every_steps: int or None.
         strict_data: bool.
+        max_image_pixels: int. Image files whose header announces more pixels (all frames of a
+            GIF together) are skipped (or stop the run with `strict_data`) before decoding, and
+            the export's `serving_bytes` refuses them.
         monitor_numerics: int. Steps between numerics measurements (0: off).
         max_gradient_angle: float. Degrees; the monitor warns above it.
         max_reconstruction_error: float. Relative; the monitor warns above it.
@@ -143,6 +146,7 @@ class RunConfig:
     worker_timeout: float = distribute_lib.DEFAULT_WORKER_TIMEOUT
     save_every_steps: int | None = None
     strict_data: bool = False
+    max_image_pixels: int = image_safety.DEFAULT_MAX_IMAGE_PIXELS
     monitor_numerics: int = 0
     max_gradient_angle: float = 1.0
     max_reconstruction_error: float = 1e-2
@@ -304,6 +308,12 @@ def build_parser():
     parser.add_argument("--strict-data", action="store_true",
                         help="stop at the first image file that does not decode (default: skip "
                              "and report such files)")
+    parser.add_argument("--max-image-pixels", type=int,
+                        default=image_safety.DEFAULT_MAX_IMAGE_PIXELS, metavar="PIXELS",
+                        help="image files whose header announces more pixels (all frames of a GIF "
+                             "together) are skipped before decoding (--strict-data: stop), and "
+                             "the export's serving_bytes signature refuses them. "
+                             "Default: %(default)d")
     parser.add_argument("--tfds-data-dir", default=None,
                         help="where TFDS stores datasets. Default: TFDS' default")
     parser.add_argument("--recipe", default="cifar", choices=recipes.list_recipes(),
@@ -406,6 +416,8 @@ def resolve_config(args):
         raise ConfigError("--distribution multi_worker needs --model-dir: one run directory that "
                           "every worker sees (e.g. on a network file system), the same in each "
                           "worker's command")
+    if args.max_image_pixels < 1:
+        raise ConfigError(f"--max-image-pixels must be >= 1. Received: {args.max_image_pixels}")
     if args.worker_timeout <= 0:
         raise ConfigError(f"--worker-timeout must be > 0 seconds. Received: {args.worker_timeout}")
     if args.model_dir:
@@ -436,6 +448,7 @@ def resolve_config(args):
         worker_timeout=args.worker_timeout,
         save_every_steps=args.save_every_steps,
         strict_data=args.strict_data,
+        max_image_pixels=args.max_image_pixels,
         monitor_numerics=args.monitor_numerics,
         max_gradient_angle=args.max_gradient_angle,
         max_reconstruction_error=args.max_reconstruction_error,
@@ -570,7 +583,8 @@ def _shared_options(config, run_dir):
     """The options every worker of a multi-worker run must share, keyed by flag name."""
     fingerprint = config.training_fingerprint()
     options = {"--model-dir": str(run_dir), "--save-every-steps": config.save_every_steps,
-               "--monitor-numerics": config.monitor_numerics}
+               "--monitor-numerics": config.monitor_numerics,
+               "--max-image-pixels": config.max_image_pixels}
     for key, value in fingerprint.items():
         if key == "use_custom_gradient":
             options["--no-custom-gradient"] = value
@@ -648,18 +662,32 @@ def _start_up_checks(config, strategy, run_dir, chief):
         seed=config.seed,
         validation_split=config.validation_split,
         strict=config.strict_data,
+        max_image_pixels=config.max_image_pixels,
     )
-    if datasets.skipped:
-        shown = ", ".join(datasets.skipped[:data_lib.MAX_REPORTED_FILES])
-        more = " ..." if len(datasets.skipped) > data_lib.MAX_REPORTED_FILES else ""
-        print(f"Skipped {len(datasets.skipped)} files that do not decode: {shown}{more} "
-              "(--strict-data stops instead)", flush=True)
+    for line in _left_out_lines(datasets):
+        print(line, flush=True)
     if datasets.num_train < recipe.batch_size:
         raise ConfigError(
             f"--batch-size {recipe.batch_size}: larger than the {datasets.num_train} training "
             "examples; lower it or use more examples"
         )
     return resuming, datasets
+
+
+def _left_out_lines(datasets):
+    """The lines that report the image files left out of `datasets` (none if there are none)."""
+    lines = []
+    if datasets.skipped:
+        shown = ", ".join(datasets.skipped[:data_lib.MAX_REPORTED_FILES])
+        more = " ..." if len(datasets.skipped) > data_lib.MAX_REPORTED_FILES else ""
+        lines.append(f"Skipped {len(datasets.skipped)} files that do not decode: {shown}{more} "
+                     "(--strict-data stops instead)")
+    if datasets.refused:
+        shown = "; ".join(datasets.refused[:data_lib.MAX_REPORTED_FILES])
+        more = " ..." if len(datasets.refused) > data_lib.MAX_REPORTED_FILES else ""
+        lines.append(f"Refused {len(datasets.refused)} files before decoding: {shown}{more} "
+                     "(--max-image-pixels raises the limit; --strict-data stops instead)")
+    return lines
 
 
 def _train(config, callbacks):
@@ -714,7 +742,8 @@ def _train(config, callbacks):
     facts = {"data_source": datasets.source, "num_train": datasets.num_train,
              "num_test": datasets.num_test, "test_split": datasets.test_name,
              "image_shape": list(image_shape), "class_names": datasets.class_names,
-             "skipped_files": len(datasets.skipped), "steps_per_epoch": steps_per_epoch,
+             "skipped_files": len(datasets.skipped), "refused_files": len(datasets.refused),
+             "steps_per_epoch": steps_per_epoch,
              "total_steps": total_steps, "num_replicas": strategy.num_replicas_in_sync}
     config_dict = {**config.to_dict(), **facts, "fingerprint": config.training_fingerprint()}
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -833,7 +862,8 @@ def _train(config, callbacks):
     export_dir = export_version = None
     if config.export:
         exported = export_lib.export_saved_model(model, config.export_dir,
-                                                 datasets.class_names, run_info=final_config)
+                                                 datasets.class_names, run_info=final_config,
+                                                 max_image_pixels=config.max_image_pixels)
         export_dir, export_version = exported.path, exported.version
     summary = {
         "model": config.model, "data": datasets.source, "test_split": datasets.test_name,

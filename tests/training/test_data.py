@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.training import hostile_images as hostile
 from training import data as data_lib
 
 
@@ -197,6 +198,54 @@ def test_strict_data_names_the_bad_file(messy_folder):
     with pytest.raises(data_lib.DataError, match="g_truncated.jpg") as error:
         data_lib.load_image_folder(root, strict=True)
     assert error.value.parameter == "data_dir" and "\n" not in str(error.value)
+
+
+def test_bombs_are_refused_before_decoding_and_listed_with_the_reason(messy_folder):
+    """Decompression bombs in a folder: refused from their headers (never decoded), left out and
+    listed with their size and the limit; the other files load as before."""
+    root, images = messy_folder
+    cat = root / "train" / "cat"
+    (cat / "y_bomb.png").write_bytes(hostile.png_of_zeros(20000, 20000))
+    (cat / "z_bomb.gif").write_bytes(hostile.gif_of_zeros(2000, 2000, frames=100))
+    datasets = data_lib.load_image_folder(root)
+    assert (datasets.num_train, datasets.num_test) == (7, 2)
+    assert datasets.skipped == (str(cat / "g_truncated.jpg"),)
+    limit = "over the limit of 100000000 pixels (max_image_pixels); refused before decoding"
+    assert datasets.refused == (
+        f"{cat / 'y_bomb.png'}: 20000 x 20000 pixels x 1 frame = 400000000 pixels, {limit}",
+        f"{cat / 'z_bomb.gif'}: 2000 x 2000 pixels x 100 frames = 400000000 pixels, {limit}")
+    np.testing.assert_array_equal(datasets.train_split.images[0], images[0][1])  # a.png
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.load_image_folder(root, strict=True)
+    assert "\n" not in str(error.value)
+    # The truncated JPEG comes first in file order; without it, the bomb stops the load.
+    (cat / "g_truncated.jpg").unlink()
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.load_image_folder(root, strict=True)
+    assert error.value.reason == (
+        f"refused {cat / 'y_bomb.png'}: 20000 x 20000 pixels x 1 frame = 400000000 pixels, "
+        f"{limit}; remove it, raise the limit `max_image_pixels=100000000`, or skip bad files "
+        "with `strict=False`")
+
+
+def test_max_image_pixels_of_the_loader(mixed_size_jpegs, messy_folder):
+    """Files of a folder read on the fly (ImageNet-style) keep the limit: sizes 40x56, 64x48,
+    33x33 and 80x100 against a limit of 3000 pixels."""
+    datasets = data_lib.load_image_folder(mixed_size_jpegs, in_memory=False,
+                                          max_image_pixels=3000)
+    refused = sorted(r.split(": ", 1)[1].split(" =")[0] for r in datasets.refused)
+    # train: 2 classes x (64x48, 80x100); test: 2 classes x 64x48.
+    assert refused == ["100 x 80 pixels x 1 frame"] * 2 + ["48 x 64 pixels x 1 frame"] * 4
+    assert (datasets.num_train, datasets.num_test) == (4, 2)
+    assert datasets.train_split.max_image_pixels == 3000
+    batch, _ = next(iter(data_lib.eval_dataset(datasets.train_split, 4, augment="imagenet",
+                                               image_size=24)))
+    assert batch.shape == (4, 24, 24, 3)
+    root, _ = messy_folder
+    with pytest.raises(data_lib.DataError, match=f"no decodable images in {root / 'train'}"):
+        data_lib.load_image_folder(root, max_image_pixels=32 * 32 - 1)
+    with pytest.raises(data_lib.DataError, match="max_image_pixels=0: must be a positive integer"):
+        data_lib.load_image_folder(root, max_image_pixels=0)
 
 
 def test_empty_class_folder_is_named(messy_folder):

@@ -11,6 +11,7 @@ injected failures) run on the standard library or on a dense model that exports 
 import json
 import os
 import pathlib
+import pickle
 import re
 import subprocess
 import sys
@@ -21,8 +22,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.training import hostile_images as hostile
 from tests.training.serving_fixtures import CLASSES, exported  # noqa: F401
-from training import export, serving_layout, serving_signatures, train
+from training import export, image_safety, serving_layout, serving_signatures, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SAVED_MODEL_CLI = pathlib.Path(sys.executable).with_name("saved_model_cli")
@@ -140,6 +142,7 @@ def test_version_carries_class_names_and_run_info(exported):  # noqa: F811
     assert info["run_config"] == run_config  # the run's finished config.json, as written
     assert info["test_accuracy"] == run_config["test_accuracy"] and run_config["finished"]
     assert info["image_size"] == [32, 32] and info["class_names"] == list(CLASSES)
+    assert info["max_image_pixels"] == image_safety.DEFAULT_MAX_IMAGE_PIXELS == 100_000_000
     assert sorted(p.name for p in exported.base_path.iterdir()) == ["1"]
 
 
@@ -168,9 +171,10 @@ def test_tflite_with_select_tf_ops_holds_the_bytes_signature(tmp_path):
     outputs = interpreter.get_signature_runner("serving_default")(images=images)
     np.testing.assert_allclose(outputs["probabilities"],
                                model.predict(images.astype("float32"), verbose=0), atol=1e-5)
-    # Decoding needs the Flex delegate, which TF 2.21's pip interpreter does not link in.
+    # Decoding (and the header checks before it: string formatting, byte gathers in a loop)
+    # needs the Flex delegate, which TF 2.21's pip interpreter does not link in.
     files = np.array([tf.io.encode_png(x).numpy() for x in images], dtype=object)
-    with pytest.raises(RuntimeError, match="FlexDecodeImage"):
+    with pytest.raises(RuntimeError, match=r"Select TensorFlow op\(s\).*Flex"):
         interpreter.get_signature_runner("serving_bytes")(image_bytes=files)
 
 
@@ -205,6 +209,161 @@ def test_bytes_signature_decodes_png_of_any_size(tmp_path):
         small, tf.cast(tf.image.resize(large, (8, 8)), tf.float32).numpy(), np.repeat(gray, 3, -1),
     ]).astype("float32"), verbose=0)
     np.testing.assert_allclose(out.numpy(), want, atol=1e-5)
+
+
+# ---- hostile requests to serving_bytes (issue 21) ----------------------------------------------
+
+HOSTILE_SERVER_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, gc, json, pathlib, pickle, sys
+    import tensorflow as tf
+
+    export_dir, requests_file = sys.argv[1:3]
+    libc = ctypes.CDLL("libc.so.6")
+
+    def status_mb(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+
+    serve = tf.saved_model.load(export_dir).signatures["serving_bytes"]
+
+    def call(batch):
+        try:
+            names = serve(image_bytes=tf.constant(batch))["class_names"].numpy()
+            return "answered", [n.decode() for n in names]
+        except tf.errors.InvalidArgumentError as e:
+            return "refused", e.message
+
+    requests = pickle.loads(pathlib.Path(requests_file).read_bytes())
+    good = requests.pop("warm_up")
+    call(good)  # traces nothing (a loaded SavedModel) but creates the kernels of every format
+    results = {}
+    for name, batch in requests.items():
+        gc.collect()
+        libc.malloc_trim(0)
+        before = status_mb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        outcome, detail = call(batch)
+        peak = status_mb("VmHWM") - before
+        results[name] = {"outcome": outcome, "detail": detail, "peak_mb": peak,
+                         "next": call(good)}
+    print(json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def dense_export(tmp_path_factory):
+    """A fresh export of the smallest classifier (8x8 images, 3 classes): what serving_bytes
+    costs is then the decoding, not the model."""
+    model = _dense_classifier(classes=3)
+    base = tmp_path_factory.mktemp("hostile") / "m"
+    return model, export.export_saved_model(model, base, ["a", "b", "c"])
+
+
+def test_hostile_requests_are_refused_in_a_few_mb_in_a_fresh_server(dense_export, tmp_path):
+    """Issue 21's table in a fresh process that loads the export (as TF Serving does: no Python
+    of ours): each request's peak memory (VmHWM, reset before it) and its answer; the request
+    after each one is answered normally."""
+    _, result = dense_export
+    rng = np.random.default_rng(5)
+    photo = tf.io.encode_jpeg(rng.integers(0, 256, (48, 40, 3)).astype("uint8")).numpy()
+    small_png = tf.io.encode_png(np.full((256, 256, 3), 90, np.uint8)).numpy()
+    png_bomb = hostile.png_of_zeros(20000, 20000)
+    gif_bomb = hostile.gif_of_zeros(2000, 2000, frames=100)
+    gif_allowed = hostile.gif_of_zeros(2000, 2000, frames=24)  # 96 megapixels: under the limit
+    requests = {
+        "warm_up": [photo, small_png, hostile.gif_of_zeros(20, 10, 2),
+                    _bmp(rng.integers(0, 256, (9, 7, 3)).astype("uint8"))],
+        "png_bomb": [png_bomb],
+        "gif_bomb": [gif_bomb],
+        "jpeg_claiming_65535": [hostile.jpeg_claiming(photo, 65535, 65535)],
+        "png_corrupt_ihdr": [hostile.png_with_ihdr(64, 64, kind=b"IHDX")],
+        "png_truncated_data": [small_png[:len(small_png) // 2]],
+        "zero_length": [b""],
+        "not_an_image": [b"GET / HTTP/1.1\r\n\r\n"],
+        "mixed_batch": [photo, photo, png_bomb, small_png],
+        "many_small_images": [small_png] * 1000,
+        "control_allowed_png_4000x4000": [hostile.png_of_zeros(4000, 4000)],
+        "control_allowed_gif_24_frames": [gif_allowed],
+    }
+    requests_file = tmp_path / "requests.pkl"
+    requests_file.write_bytes(pickle.dumps(requests))
+    script = tmp_path / "server.py"
+    script.write_text(HOSTILE_SERVER_SCRIPT)
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "MALLOC_MMAP_THRESHOLD_": "131072",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(script), str(result.path), str(requests_file)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    print({name: round(r["peak_mb"], 1) for name, r in results.items()})
+    for name, r in results.items():  # every request is followed by a normal answer
+        assert r["next"][0] == "answered" and len(r["next"][1]) == 4, name
+    reasons = {name: image_safety.refusal_reason(r["detail"]) for name, r in results.items()
+               if r["outcome"] == "refused"}
+    limit = "over the limit of 100000000 pixels (max_image_pixels); refused before decoding"
+    assert reasons["png_bomb"] == f"image_bytes[0]: 20000 x 20000 pixels x 1 frame = 400000000 " \
+        f"pixels, {limit}"
+    assert reasons["gif_bomb"] == f"image_bytes[0]: 2000 x 2000 pixels x 100 frames = 400000000 " \
+        f"pixels, {limit}"
+    assert reasons["jpeg_claiming_65535"] == ("image_bytes[0]: 65535 x 65535 pixels x 1 frame = "
+                                              f"4294836225 pixels, {limit}")
+    assert reasons["png_corrupt_ihdr"].startswith("image_bytes[0]: corrupt or truncated PNG header")
+    assert reasons["zero_length"] == ("image_bytes[0]: not a JPEG, PNG, GIF or BMP file (0 bytes); "
+                                      "refused before decoding")
+    assert reasons["not_an_image"].startswith("image_bytes[0]: not a JPEG, PNG, GIF or BMP file")
+    # A good image beside a bomb is not silently dropped: the request fails, naming the bomb.
+    assert reasons["mixed_batch"].startswith("image_bytes[2]: 20000 x 20000 pixels")
+    # Data cut after a valid header: the decoder's own error (no index), after the size check.
+    assert results["png_truncated_data"]["outcome"] == "refused"
+    assert reasons["png_truncated_data"] is None
+    for name in reasons:
+        assert results[name]["peak_mb"] < 10, (name, results[name]["peak_mb"])
+    # 1000 images of 256 x 256: memory grows with the resized (8, 8, 3) tensors, not with the
+    # 197 MB the decoded originals would hold together.
+    assert results["many_small_images"]["outcome"] == "answered"
+    assert len(results["many_small_images"]["detail"]) == 1000
+    assert results["many_small_images"]["peak_mb"] < 20
+    # Controls: the measurement sees decoding (a 4000 x 4000 PNG is 48 MB as RGB), and of an
+    # allowed animated GIF only the first frame is decoded (its 24 frames are 96 MB of raster).
+    assert results["control_allowed_png_4000x4000"]["outcome"] == "answered"
+    assert results["control_allowed_png_4000x4000"]["peak_mb"] > 40
+    assert results["control_allowed_gif_24_frames"]["outcome"] == "answered"
+    assert results["control_allowed_gif_24_frames"]["peak_mb"] < 40
+
+
+def test_max_image_pixels_is_recorded_and_enforced(tmp_path):
+    model = _dense_classifier(classes=3)
+    result = export.export_saved_model(model, tmp_path / "m", ["a", "b", "c"], max_image_pixels=100)
+    info = json.loads((result.path / "assets.extra" / "export.json").read_text())
+    assert info["max_image_pixels"] == 100
+    serve = tf.saved_model.load(str(result.path)).signatures["serving_bytes"]
+    rng = np.random.default_rng(6)
+    inside, over = (tf.io.encode_png(rng.integers(0, 256, shape).astype("uint8")).numpy()
+                    for shape in ((10, 10, 3), (20, 13, 3)))
+    assert serve(image_bytes=tf.constant([inside]))["probabilities"].shape == (1, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        serve(image_bytes=tf.constant([inside, over]))
+    assert image_safety.refusal_reason(error.value) == (
+        "image_bytes[1]: 13 x 20 pixels x 1 frame = 260 pixels, over the limit of 100 pixels "
+        "(max_image_pixels); refused before decoding")
+    with pytest.raises(ValueError, match="`max_image_pixels` must be a positive integer. "
+                                         "Received: 0"):
+        export.export_saved_model(model, tmp_path / "m", ["a", "b", "c"], max_image_pixels=0)
+
+
+def _bmp(pixels):
+    """An uncompressed 24-bit BMP (bottom-up rows, padded to 4 bytes) of uint8 (H, W, 3) RGB."""
+    height, width, _ = pixels.shape
+    row = width * 3 + (-width * 3) % 4
+    rows = b"".join(pixels[y, :, ::-1].tobytes().ljust(row, b"\0") for y in range(height - 1, -1, -1))
+    header = b"BM" + (54 + len(rows)).to_bytes(4, "little") + b"\0\0\0\0" + (54).to_bytes(4, "little")
+    info = (40).to_bytes(4, "little") + width.to_bytes(4, "little") + height.to_bytes(4, "little") \
+        + (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + b"\0" * 24
+    return header + info + rows
 
 
 def test_rejects_bad_model_or_class_names(tmp_path):
@@ -348,6 +507,8 @@ def test_cli_exports_a_run_dir(exported, tmp_path, capsys):  # noqa: F811
     np.testing.assert_allclose(_served(base / "1", exported.images), exported.expected, atol=1e-5)
     info = json.loads((base / "1" / "assets.extra" / "export.json").read_text())
     assert info["run_config"]["export_source"] == f"model_dir:{run.resolve()}"
+    # The run's --max-image-pixels (recorded in its config.json) is the export's default.
+    assert info["max_image_pixels"] == config["max_image_pixels"] == 100_000_000
     assert info["run_config"]["recipe"] == config["recipe"]
     assert info["test_accuracy"] == config["test_accuracy"]
     assert info["class_names"] == list(CLASSES)
@@ -360,12 +521,12 @@ def test_cli_exports_an_interrupted_run_with_tflite(dense_run, tmp_path, capsys)
     (run / "config.json").write_text(json.dumps(config))
     base = tmp_path / "served"
     assert export.main(["--model-dir", str(run), "--export-dir", str(base),
-                        "--format", "tflite"]) == 0
+                        "--format", "tflite", "--max-image-pixels", "5000"]) == 0
     out = capsys.readouterr().out
     assert "(test accuracy: unknown, the run did not finish)" in out
     assert f"TensorFlow Lite model: {base / '1' / 'model.tflite'}" in out
-    assert json.loads((base / "1" / "assets.extra" / "export.json").read_text())[
-        "test_accuracy"] is None
+    info = json.loads((base / "1" / "assets.extra" / "export.json").read_text())
+    assert info["test_accuracy"] is None and info["max_image_pixels"] == 5000
 
 
 def test_load_keras_file_restores_the_revnet(exported):  # noqa: F811
@@ -401,6 +562,8 @@ def test_cli_one_line_errors(exported, dense_run, tmp_path, capsys):  # noqa: F8
     run = tmp_path / "run"
     err = _error(["--model-dir", str(run), *base], capsys)
     assert f"--model-dir {run}: not a directory" in err
+    err = _error(["--model-dir", str(dense_run[0]), "--max-image-pixels", "0", *base], capsys)
+    assert err.endswith("--max-image-pixels must be >= 1. Received: 0")
     run.mkdir()
     assert f"--model-dir {run}: no config.json" in _error(["--model-dir", str(run), *base], capsys)
     (run / "config.json").write_text((dense_run[0] / "config.json").read_text())

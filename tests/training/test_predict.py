@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.training import hostile_images as hostile
 from tests.training.serving_fixtures import CLASSES, exported  # noqa: F401
 from training import predict
 
@@ -67,10 +68,12 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     assert command_line(version, bad_image) == 2
     sys.stderr.flush()
     os.write(2, b"--- next ---\\n")
-    # The client used training/predict.py (and its start-up helper) only: no tf_revnet.
+    # The client used training/predict.py (its start-up helper, its header checks) only: no
+    # tf_revnet.
     assert "tf_revnet" not in sys.modules, sorted(m for m in sys.modules if "revnet" in m)
     others = [m for m in sys.modules if m == "training" or m.startswith("training.")]
-    assert set(others) <= {"training", "training.predict", "training.startup"}, others
+    assert set(others) <= {"training", "training.predict", "training.startup",
+                           "training.image_safety"}, others
 
     # 3. The export alone through serving_default: TensorFlow, no tf_revnet.
     import numpy as np
@@ -184,6 +187,35 @@ def test_corrupt_image_and_unreachable_server_give_one_line_errors(exported, tmp
     assert predict.main(["--server", "http://127.0.0.1:9/v1/models/m", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot reach it" in err, err
+
+
+def test_client_refuses_bombs_before_decoding_in_one_line(exported, tmp_path, capsys):  # noqa: F811
+    """A bomb among good files: one line naming the file, its size and the export's limit (read
+    from its export.json), for the local export and for the pixel REST body (decoded here)."""
+    bomb = tmp_path / "photos" / "b_bomb.png"
+    bomb.parent.mkdir()
+    bomb.write_bytes(hostile.png_of_zeros(20000, 20000))
+    shutil.copy(exported.files[1], tmp_path / "photos" / "a.jpg")
+    assert predict.max_image_pixels_of(exported.result.path) == 100_000_000
+    refusal = (f"python -m training.predict: error: image {bomb}: 20000 x 20000 pixels x 1 frame "
+               "= 400000000 pixels, over the limit of 100000000 pixels (max_image_pixels); "
+               "refused before decoding")
+    for argv in ([str(exported.result.path), str(bomb.parent)],
+                 ["--rest-request", "serving_default", str(bomb)]):
+        assert predict.main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == refusal and captured.out == ""
+    # The export's own limit applies: an export made with a lower one refuses sooner.
+    low = tmp_path / "low"
+    shutil.copytree(exported.result.path, low)
+    info = json.loads((low / "assets.extra" / "export.json").read_text())
+    (low / "assets.extra" / "export.json").write_text(json.dumps({**info, "max_image_pixels": 1000}))
+    assert predict.main([str(low), str(exported.files[1])]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "32 x 32 pixels x 1 frame = 1024 pixels, over the limit of 1000 pixels "
+        "(max_image_pixels); refused before decoding")
+    probabilities = predict.classify_files(low, exported.files[:2], max_image_pixels=1024)
+    np.testing.assert_allclose(probabilities, exported.expected[:2], atol=1e-5)
 
 
 def _decode_rest_body(body, loaded):

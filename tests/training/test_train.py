@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.training import hostile_images as hostile
 from tests.training.conftest import BATCH, EPOCHS, STEPS, run_captured, small_run_args
 from training import data as data_lib
 from training import plots, train
@@ -334,6 +335,34 @@ def test_bad_data_dir_gives_one_line_error(layout, tmp_path, capsys):
         assert f"class folder without images in {root / 'train'}: cat" in err
     else:
         assert "DIR/train/<class>" in err and "tar xzf" in err
+
+
+def test_refused_image_and_bad_max_image_pixels_give_one_line_errors(tmp_path, cifar10_small_dir,
+                                                                    capsys):
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            good = sorted((cifar10_small_dir / split / label).glob("*.jpg"))[0].read_bytes()
+            (root / split / label / "0.jpg").write_bytes(good)
+    bomb = root / "train" / "cat" / "bomb.png"
+    bomb.write_bytes(hostile.png_of_zeros(20000, 20000))
+    common = ["--data-dir", str(root), "--model-dir", str(tmp_path / "m"), "--export-dir",
+              str(tmp_path / "e")]
+    err, _ = _main_error([*common, "--strict-data", "--max-image-pixels", "50000000"], capsys)
+    assert err == (f"python -m training.train: error: --data-dir {root}: refused {bomb}: 20000 x "
+                   "20000 pixels x 1 frame = 400000000 pixels, over the limit of 50000000 pixels "
+                   "(max_image_pixels); refused before decoding; remove it, raise the limit "
+                   "`--max-image-pixels 50000000`, or skip bad files without --strict-data")
+    err, _ = _main_error([*common, "--max-image-pixels", "0"], capsys)
+    assert err == "python -m training.train: error: --max-image-pixels must be >= 1. Received: 0"
+    # Without --strict-data the run reports the file it left out, with the reason.
+    datasets = data_lib.load_image_folder(root, max_image_pixels=50_000_000)
+    assert datasets.num_train == 2
+    assert train._left_out_lines(datasets) == [
+        f"Refused 1 files before decoding: {bomb}: 20000 x 20000 pixels x 1 frame = 400000000 "
+        "pixels, over the limit of 50000000 pixels (max_image_pixels); refused before decoding "
+        "(--max-image-pixels raises the limit; --strict-data stops instead)"]
 
 
 def test_offline_without_data_dir_fails_fast(tmp_path, capsys, monkeypatch):
