@@ -27,6 +27,7 @@ from tf_revnet.layers import (
     BasicResidualFunction,
     BottleneckResidualFunction,
     ReversibleBlock,
+    ReversibleBlockStack,
     ReversibleSequence,
     StageTransition,
     Stem,
@@ -697,3 +698,78 @@ def test_shared_layers_serialize_as_one_same_as_path_and_load_legacy_configs():
     legacy = dict(units[0]["config"], g={"same_as": "f"})
     loaded = ReversibleBlock.from_config(legacy)
     assert loaded.g is loaded.f
+
+
+# --- taps: multi-scale outputs out of the memory-saving backward ------------------------------------
+
+
+def tapped_pair(dtype, taps=(2, 3, 5)):
+    """A sequence with `taps` (stem, 3 blocks, transition, stack) and its plain-autodiff twin."""
+
+    def make(use_custom_gradient):
+        keras.utils.set_random_seed(0)
+
+        def block():
+            return ReversibleBlock(residual_function("dropout", 4, dtype),
+                                   residual_function("dropout", 4, dtype), dtype=dtype)
+
+        units = [Stem(8, dtype=dtype), block(), block(), block(),
+                 StageTransition(16, strides=2, dtype=dtype),
+                 ReversibleBlockStack(ReversibleBlock(BasicResidualFunction(8, dtype=dtype),
+                                                      BasicResidualFunction(8, dtype=dtype),
+                                                      dtype=dtype), depth=2)]
+        return ReversibleSequence(units, taps=list(taps), use_custom_gradient=use_custom_gradient,
+                                  dtype=dtype)
+
+    reversible, plain = make(True), make(False)
+    x = random_input((2, 8, 8, 3), dtype=dtype)
+    reversible(x)
+    plain(x)
+    copy_state(reversible, plain)
+    return reversible, plain, x
+
+
+def tap_loss_and_gradients(seq, x, levels, mode):
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs = seq(x, training=True)
+            loss = tf.add_n([tf.reduce_sum(tf.sin(outputs[i]) * (i + 1)) for i in levels])
+        grads = tape.gradient(loss, [x] + seq.trainable_variables)
+        return loss, [tf.zeros_like(v) if g is None else g
+                      for g, v in zip(grads, [x] + seq.trainable_variables)]
+
+    return (tf.function(step) if mode == "function" else step)(x)
+
+
+@pytest.mark.parametrize(
+    "dtype, mode, levels",
+    [("float64", "eager", (0, 1, 2)), ("float64", "function", (0, 1, 2)),
+     ("float32", "function", (0, 1, 2)), ("float64", "function", (0,)),
+     ("float64", "function", (1,)), ("float64", "eager", (0, 2))],
+    ids=["all-eager", "all-function", "all-float32", "level0", "level1", "levels0+2"],
+)
+def test_tapped_outputs_backpropagate_as_plain_autodiff(dtype, mode, levels):
+    reversible, plain, x = tapped_pair(dtype)
+    assert [getattr(u, "depth", 1) for u in reversible._get_plan().units] == [1, 2, 1, 1, 2]
+    # Equal state (statistics, seed states) before: the same dropout masks, one statistics update.
+    loss_r, grads_r = tap_loss_and_gradients(reversible, x, levels, mode)
+    loss_p, grads_p = tap_loss_and_gradients(plain, x, levels, mode)
+    assert relative_error(loss_r, loss_p) <= RTOL[dtype]
+    assert_all_close_relative(grads_r, grads_p, RTOL[dtype], what="gradient", atol=1e-30)
+    for v_r, v_p in zip(reversible.non_trainable_variables, plain.non_trainable_variables):
+        np.testing.assert_allclose(v_r.numpy(), v_p.numpy(), rtol=10 * RTOL[dtype])
+
+
+def test_taps_shapes_config_and_errors():
+    reversible, _, x = tapped_pair("float64")
+    outputs = reversible(x, training=False)
+    assert [tuple(o.shape) for o in outputs] == [(2, 8, 8, 8), (2, 8, 8, 8), (2, 4, 4, 16)]
+    symbolic = reversible(keras.Input((8, 8, 3), dtype="float64"))
+    assert [tuple(o.shape) for o in symbolic] == [(None, 8, 8, 8), (None, 8, 8, 8), (None, 4, 4, 16)]
+    config = json.loads(json.dumps(reversible.get_config()))
+    assert config["taps"] == [2, 3, 5]
+    assert ReversibleSequence.from_config(config).taps == (2, 3, 5)
+    for taps in ([], [6], [1, 1], ["0"], [True]):
+        with pytest.raises(ValueError, match=r"`taps` must be .*\[0, 6\)"):
+            ReversibleSequence([BasicResidualFunction(4) for _ in range(6)], taps=taps)

@@ -104,6 +104,11 @@ class ReversibleSequence(keras.layers.Layer):
             (stores activations; for comparison and debugging). Defaults to True.
         fuse_identical_blocks: bool. Run consecutive blocks of one structure as one `tf.while_loop`
             over their stacked weights (graph size independent of depth). Defaults to True.
+        taps: list of int, or None. Indices of units whose outputs the sequence returns (a list, in
+            this order) instead of its last output: multi-scale features for detection and
+            segmentation heads. The memory-saving backward keeps each tapped output (it is an
+            output) and adds its incoming gradient on the way down (Algorithm 1 restarts from the
+            exact tapped value); units after the last tap get zero gradients. Defaults to None.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -114,8 +119,9 @@ class ReversibleSequence(keras.layers.Layer):
         What the first unit accepts; a `ReversibleBlock` needs an even size on its `axis`.
 
     Output shape:
-        What the last unit returns. A sequence of blocks keeps the input shape and returns the blocks'
-        `stream_dtype` (float32 under mixed precision).
+        What the last unit returns (with `taps`: a list of what each tapped unit returns). A sequence
+        of blocks keeps the input shape and returns the blocks' `stream_dtype` (float32 under mixed
+        precision).
 
     Raises:
         ValueError: if `units` is empty or holds something that is not a Keras layer (named by index);
@@ -142,7 +148,8 @@ class ReversibleSequence(keras.layers.Layer):
     """
 
     def __init__(
-        self, units=None, use_custom_gradient=True, fuse_identical_blocks=True, blocks=None, **kwargs
+        self, units=None, use_custom_gradient=True, fuse_identical_blocks=True, blocks=None,
+        taps=None, **kwargs
     ):
         super().__init__(**kwargs)
         # The residual stream keeps the variable dtype: no autocast of our own reads to low precision.
@@ -170,6 +177,7 @@ class ReversibleSequence(keras.layers.Layer):
         if len(set(axes)) > 1:
             raise ValueError(f"All blocks must split the same axis. Received: axis values {axes}")
         self.units = units
+        self.taps = _check_taps(taps, len(units))
         self.use_custom_gradient = bool(use_custom_gradient)
         self.fuse_identical_blocks = bool(fuse_identical_blocks)
         self._plan = None
@@ -202,10 +210,10 @@ class ReversibleSequence(keras.layers.Layer):
         self.built = True
 
     def compute_output_shape(self, input_shape):
-        shape = tuple(input_shape)
+        shapes = [tuple(input_shape)]
         for unit in self.units:
-            shape = tuple(unit.compute_output_shape(shape))
-        return shape
+            shapes.append(tuple(unit.compute_output_shape(shapes[-1])))
+        return shapes[-1] if self.taps is None else [shapes[i + 1] for i in self.taps]
 
     def compute_output_spec(self, inputs, training=None):
         if not tf.as_dtype(keras.backend.standardize_dtype(inputs.dtype)).is_floating:
@@ -213,10 +221,11 @@ class ReversibleSequence(keras.layers.Layer):
                 f"Layer '{self.name}' expects floating point inputs. Received: dtype={inputs.dtype}. "
                 "Fix: cast the inputs, e.g. with keras.ops.cast(x, 'float32')."
             )
-        spec = inputs
+        specs = [inputs]
         for unit in self.units:
-            spec = unit.compute_output_spec(spec)
-        return keras.KerasTensor(spec.shape, dtype=spec.dtype)
+            specs.append(unit.compute_output_spec(specs[-1]))
+        outputs = [keras.KerasTensor(s.shape, dtype=s.dtype) for s in specs[1:]]
+        return outputs[-1] if self.taps is None else [outputs[i] for i in self.taps]
 
     def call(self, inputs, training=None):
         inputs = tf.convert_to_tensor(inputs)
@@ -234,10 +243,10 @@ class ReversibleSequence(keras.layers.Layer):
             if not higher_order_possible([inputs] + weights):
                 with no_autocast():
                     return self._reversible_call(inputs, values)
-        x = inputs
+        outputs = [inputs]
         for unit in self.units:
-            x = unit(x, training=training)
-        return x
+            outputs.append(unit(outputs[-1], training=training))
+        return outputs[-1] if self.taps is None else [outputs[i + 1] for i in self.taps]
 
     def inverse(self, outputs, training=None):
         """Rebuilds the sequence's inputs from its outputs (Eq. 2, block by block in reverse).
@@ -287,7 +296,7 @@ class ReversibleSequence(keras.layers.Layer):
             for unit in self.units
         )
         if self._plan is None or self._plan.key != key:
-            self._plan = _Plan(self.units, self.fuse_identical_blocks, key)
+            self._plan = _Plan(self.units, self.fuse_identical_blocks, key, self.taps)
         if check and not self._plan.checked:
             self._plan.check_replayable(self._unit_input_shapes)
         return self._plan
@@ -295,36 +304,37 @@ class ReversibleSequence(keras.layers.Layer):
     def _reversible_call(self, inputs, values):
         """Algorithm 1 under one `tf.custom_gradient` whose inputs are `inputs` and every weight value."""
         plan = self._plan
-        sizes = [len(unit_values.weights) for unit_values in values]
+        sizes, n_taps = [len(unit_values.weights) for unit_values in values], len(plan.tap_units)
 
         @tf.custom_gradient
         def reversible_forward(x, *weights):
             unit_values = [v.replace(weights=w) for v, w in zip(values, _split(weights, sizes))]
             # Pitfall 1: no tape may record the forward activations.
             with stop_recording():
-                y, records, states, rng = plan.forward(x, unit_values)
-            outputs = [y, rng, *[t for state in states for t in state]]
+                taps, records, states, rng = plan.forward(x, unit_values)
+            outputs = [*taps, rng, *[t for state in states for t in state]]
 
-            def grad_fn(dy, *unused_state_grads, variables=None):
+            def grad_fn(*output_grads, variables=None):
                 if variables:
                     names = ", ".join(v.name for v in variables)
                     raise ValueError(
                         f"Layer '{self.name}': a unit reads variables it does not track ({names}); "
                         "create them in the unit's build() so that Keras tracks them."
                     )
-                # Only `y`, the records (stored inputs of non-invertible units, replay state) and
-                # the weights are captured.
+                # Only the tapped outputs, the records (stored inputs of non-invertible units, replay
+                # state) and the weights are captured.
                 with no_autocast():
-                    dx, dweights = plan.backward(y, dy, unit_values, records)
+                    dx, dweights = plan.backward(taps, output_grads[:n_taps], unit_values, records)
                 return [dx] + [g for unit_grads in dweights for g in unit_grads]
 
             return outputs, grad_fn
 
         weights = [w for unit_values in values for w in unit_values.weights]
-        y, rng, *states = reversible_forward(inputs, *weights)
+        outputs = reversible_forward(inputs, *weights)
+        taps, rng, states = outputs[:n_taps], outputs[n_taps], outputs[n_taps + 1:]
         plan.assign_state(_split(states, [len(v.state) for v in values]))
         unit_lib.assign_rng(rng)
-        return y
+        return taps[0] if self.taps is None else list(taps)
 
     def get_config(self):
         config = super().get_config()
@@ -333,6 +343,7 @@ class ReversibleSequence(keras.layers.Layer):
                 "units": _serialize_units(self.units),
                 "use_custom_gradient": self.use_custom_gradient,
                 "fuse_identical_blocks": self.fuse_identical_blocks,
+                "taps": None if self.taps is None else list(self.taps),
             }
         )
         return config
@@ -361,14 +372,22 @@ class _Plan:
 
     Args:
         layers: the sequence's units (Keras layers).
-        fuse: bool. Fuse runs of identical blocks.
+        fuse: bool. Fuse runs of identical blocks (a run ends at a tapped layer).
         key: the variable ids the plan was made for (the sequence rebuilds it when they change).
+        taps: the sequence's `taps` (layer indices), or None (the last layer).
     """
 
-    def __init__(self, layers, fuse, key):
+    def __init__(self, layers, fuse, key, taps=None):
         self.key, self.checked = key, False
+        taps = (len(layers) - 1,) if taps is None else taps
         units = [unit_lib.as_unit(layer) for layer in layers]
-        self.units, self.layer_index = _fuse(units) if fuse else (units, list(range(len(units))))
+        self.units, self.layer_index = (_fuse(units, set(taps)) if fuse
+                                        else (units, list(range(len(units)))))
+        # The unit whose last layer is each tapped layer: a fused run ends at a tapped layer.
+        last_layer = [start + getattr(u, "depth", 1) - 1 if isinstance(u, unit_lib.LoopUnit)
+                      and not u.stacked else start for u, start in zip(self.units, self.layer_index)]
+        #: Plan unit index of each tap, in the order of `taps`.
+        self.tap_units = [last_layer.index(t) for t in taps]
         counts = collections.Counter(id(v) for unit in self.units for v in unit.state)
         #: Ids of state variables that more than one unit reads (a layer used twice).
         self.shared_state = {i for i, count in counts.items() if count > 1}
@@ -403,11 +422,12 @@ class _Plan:
         self.checked = True
 
     def forward(self, x, values):
-        """Runs every unit forward; returns `(y, records, states, rng)`, a packed state per unit.
+        """Runs every unit forward; returns `(taps, records, states, rng)`, a packed state per unit.
 
-        The state is threaded by variable: a layer used twice sees its own update.
+        `taps` are the outputs of `tap_units`, in order. The state is threaded by variable: a layer
+        used twice sees its own update.
         """
-        current, records, states = {}, [], []
+        current, records, states, outputs = {}, [], [], []
         rng = values[0].rng if values else None
         for unit, unit_values in zip(self.units, values):
             if any(id(v) in current for v in unit.state):  # a variable an earlier unit updated
@@ -423,17 +443,32 @@ class _Plan:
             else:
                 y, record, after = unit.forward(unit_values, x)
             records.append((record, in_dtype))
+            outputs.append(y)
             states.append(tuple(after.state))
             if self.shared_state & {id(v) for v in unit.state}:
                 current.update(zip(map(id, unit.state), unit.unpack_state(after.state)))
             x, rng = y, after.rng
-        return x, records, states, rng
+        return [outputs[i] for i in self.tap_units], records, states, rng
 
-    def backward(self, y, dy, values, records):
-        """Algorithm 1 over the units, last to first; returns `(dx, dweights)`, a list per unit."""
-        x, dx, grads = y, tf.cast(dy, y.dtype), []
-        for unit, unit_values, (record, in_dtype) in zip(
-                reversed(self.units), reversed(values), reversed(records)):
+    def backward(self, taps, tap_grads, values, records):
+        """Algorithm 1 over the units, last to first; returns `(dx, dweights)`, a list per unit.
+
+        Starts at the highest tapped unit from its output; at each tapped unit the exact tapped output
+        replaces the rebuilt one and its incoming gradient is added. Units above the highest tap get
+        zero gradients.
+        """
+        exact = {u: t for u, t in zip(self.tap_units, taps)}
+        incoming = {}
+        for u, g in zip(self.tap_units, tap_grads):
+            incoming[u] = incoming[u] + g if u in incoming else g
+        top = max(self.tap_units)
+        grads = [[tf.zeros_like(w) for w in v.weights] for v in values[top + 1:]]
+        x, dx = exact[top], None
+        for index in reversed(range(top + 1)):
+            unit, unit_values, (record, in_dtype) = self.units[index], values[index], records[index]
+            if index in exact:
+                x, grad = exact[index], tf.cast(incoming[index], exact[index].dtype)
+                dx = grad if dx is None else dx + tf.cast(grad, dx.dtype)
             if unit.invertible:
                 layer = unit.layer
                 halves = layer.split(tf.cast(x, layer.stream_dtype))
@@ -442,8 +477,8 @@ class _Plan:
                 x, dx = tf.cast(layer.merge(*x), in_dtype), tf.cast(layer.merge(*dx), in_dtype)
             else:
                 x, dx, dweights = unit.backward(unit_values, record, x, dx)
-            grads.append(list(dweights))
-        return dx, grads[::-1]
+            grads.insert(0, list(dweights))
+        return dx, grads
 
     def assign_state(self, states):
         """Assigns each unit's packed state after the forward pass to its variables, once per step."""
@@ -466,10 +501,11 @@ def _invertible(layer):
     return bool(getattr(layer, "invertible", False))
 
 
-def _fuse(units):
+def _fuse(units, ends=()):
     """Fuses runs of consecutive units of one `signature` that share no variable into `LoopUnit`s.
 
-    Returns `(units, layer_index)`: the new units and, for each, the index of its first layer.
+    A run ends at each layer index in `ends` (a tapped output must be a unit's output). Returns
+    `(units, layer_index)`: the new units and, for each, the index of its first layer.
     """
     fused, layer_index, run, run_start = [], [], [], 0
 
@@ -483,7 +519,8 @@ def _fuse(units):
 
     signatures = [unit.signature for unit in units]
     for index, (unit, signature) in enumerate(zip(units, signatures)):
-        if run and signature == signatures[run_start] and _disjoint(run, unit):
+        if run and signature == signatures[run_start] and _disjoint(run, unit) and (
+                index - 1 not in ends):
             run.append(unit)
             continue
         flush()
@@ -493,6 +530,25 @@ def _fuse(units):
             run = []
     flush()
     return fused, layer_index
+
+
+def _check_taps(taps, n_units):
+    """`taps` as a tuple of unit indices, or None.
+
+    Raises:
+        ValueError: unless `taps` is None or a non-empty list of distinct ints in `[0, n_units)`.
+    """
+    if taps is None:
+        return None
+    taps = tuple(taps) if isinstance(taps, (list, tuple)) else (taps,)
+    bad = not taps or len(set(taps)) != len(taps) or any(
+        isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_units for t in taps)
+    if bad:
+        raise ValueError(
+            f"`taps` must be a non-empty list of distinct unit indices in [0, {n_units}). "
+            f"Received: taps={taps!r}"
+        )
+    return taps
 
 
 def _disjoint(run, unit):

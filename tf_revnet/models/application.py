@@ -3,6 +3,7 @@
 Not public API: `tf_revnet.models.RevNet` and `tf_revnet.models.ResNet` call these helpers.
 """
 
+import math
 import textwrap
 
 import keras
@@ -166,7 +167,9 @@ def build_network(
     divides by `preprocessing_std` (per channel, on the 0-255 scale; defaults: the CIFAR-10 training
     set's for the CIFAR stem, ImageNet's as in `keras.applications` for the ImageNet stem).
 
-    `RevNet` and `ResNet` differ only in `body_fn(images) -> features` (stem and stages); this function
+    `RevNet` and `ResNet` differ only in `body_fn(images) -> (features, pyramid_outputs)` (stem and
+    stages; `pyramid_outputs` as `pyramid` makes it, set on the model as `model.pyramid_outputs`);
+    this function
     validates the shared arguments, makes the input and adds the head (as `keras.applications`'
     `ResNet(stack_fn, ...)`).
 
@@ -186,11 +189,39 @@ def build_network(
         raise ValueError(
             "`preprocessing_mean`/`preprocessing_std` need `include_preprocessing=True`."
         )
-    x = body_fn(x)
+    x, pyramid_outputs = body_fn(x)
     x = head(
         x, include_top, pooling, classes, classifier_activation, name, kernel_regularizer, bn_kwargs
     )
-    return keras.Model(model_inputs(input_tensor, img_input), x, name=name)
+    model = keras.Model(model_inputs(input_tensor, img_input), x, name=name)
+    model.pyramid_outputs = pyramid_outputs
+    return model
+
+
+#: Spatial stride of each stem (the ImageNet stem: a stride-2 convolution and stride-2 max pooling).
+STEM_STRIDES = {"cifar": 1, "imagenet": 4}
+
+
+def pyramid(features, stem, strides):
+    """`{"P{level}": feature}` of the stages' outputs, level = log2 of the cumulative stride.
+
+    The keras-hub convention for backbones (`Backbone.pyramid_outputs`): a CIFAR RevNet's stages at
+    strides 1, 2, 4 are P0, P1, P2; an ImageNet one's at strides 4 to 32 are P2 to P5. A later stage
+    at the same stride replaces an earlier one.
+
+    Args:
+        features: list of KerasTensors, each stage's output `(N, H / stride, W / stride, C)`.
+        stem: str. The stem kind (`"cifar"` or `"imagenet"`).
+        strides: list of int, each stage's stride.
+
+    Returns:
+        dict from `"P{level}"` to KerasTensor.
+    """
+    stride, levels = STEM_STRIDES[stem], {}
+    for feature, stage_stride in zip(features, strides):
+        stride *= stage_stride
+        levels[f"P{int(math.log2(stride))}"] = feature
+    return levels
 
 
 def head(

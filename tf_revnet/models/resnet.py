@@ -109,6 +109,7 @@ def ResNet(
 
     def body(images):
         x = Stem(widths[0], stem, name=f"{name}_stem", **common)(images)
+        features = []
         for s, (n_units, width, stride) in enumerate(zip(units, widths[1:], strides), 1):
             for b in range(1, n_units + 1):
                 x = ResidualBlock(
@@ -119,7 +120,8 @@ def ResNet(
                     name=f"{name}_stage{s}_block{b}",
                     **common,
                 )(x)
-        return x
+            features.append(x)
+        return x, application.pyramid(features, stem, strides)
 
     return application.build_network(
         body, stem, include_top, weights, input_tensor, input_shape, pooling, classes,

@@ -144,13 +144,19 @@ def RevNet(
     common = dict(kernel_regularizer=kernel_regularizer, **_prefixed(bn_kwargs))
 
     def body(images):
-        body_units = [Stem(widths[0], stem, name=f"{name}_stem", **common)]
-        body_units += revnet_units(
-            units, widths, residual_function, strides, name, common, stack_blocks=stack_blocks
+        stages = revnet_units(
+            units, widths, residual_function, strides, name, common, stack_blocks=stack_blocks,
+            by_stage=True,
         )
-        return ReversibleSequence(
-            body_units, use_custom_gradient=use_custom_gradient, name=f"{name}_body"
+        body_units = [Stem(widths[0], stem, name=f"{name}_stem", **common)]
+        taps = []
+        for stage in stages:
+            body_units += stage
+            taps.append(len(body_units) - 1)  # each stage's output comes out of the backward pass
+        features = ReversibleSequence(
+            body_units, use_custom_gradient=use_custom_gradient, taps=taps, name=f"{name}_body"
         )(images)
+        return features[-1], application.pyramid(features, stem, strides)
 
     return application.build_network(
         body, stem, include_top, weights, input_tensor, input_shape, pooling, classes,
@@ -160,7 +166,8 @@ def RevNet(
 
 
 def revnet_units(
-    units, widths, residual_function, strides, name="revnet", common=None, stack_blocks=True
+    units, widths, residual_function, strides, name="revnet", common=None, stack_blocks=True,
+    by_stage=False,
 ):
     """The units of a RevNet's stages, in order (the stage function of `RevNet`).
 
@@ -171,9 +178,11 @@ def revnet_units(
             (`kernel_regularizer`, `batch_norm_momentum`, `batch_norm_epsilon`).
         stack_blocks: bool. One `ReversibleBlockStack` for each stage's run of identical blocks
             (instead of one `ReversibleBlock` per block). Defaults to `True`.
+        by_stage: bool. Return one list per stage. Defaults to `False`.
 
     Returns:
-        list of `StageTransition`, `ReversibleBlock` and `ReversibleBlockStack` layers.
+        list of `StageTransition`, `ReversibleBlock` and `ReversibleBlockStack` layers (with
+        `by_stage`, a list of such lists, one per stage).
     """
     common = common or {}
     expansion = 4 if residual_function == "bottleneck" else 1
@@ -186,11 +195,13 @@ def revnet_units(
             name=prefix,
         )
 
-    layers = []
+    stages = []
     channels = widths[0]
     for s, (n_units, width, stride) in enumerate(zip(units, widths[1:], strides), 1):
         filters = width * expansion
         prefix = f"{name}_stage{s}"
+        layers = []
+        stages.append(layers)
         first = 2  # the first block of the stage's run of identical blocks
         if stride != 1 or filters != channels:
             layers.append(
@@ -213,7 +224,7 @@ def revnet_units(
         else:
             layers += [block(f"{prefix}_block{b}") for b in range(first, n_units + 1)]
         channels = filters
-    return layers
+    return stages if by_stage else [layer for stage in stages for layer in stage]
 
 
 def _prefixed(bn_kwargs):
