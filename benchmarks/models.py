@@ -19,7 +19,8 @@ the OS) and records, with the meters of `measure.py`:
 - `process_mb`: the whole process' peak RSS above the built model;
 - `first_step_s`: the warm-up step (tracing and, with `--jit-compile`, compilation);
 - `step_s`: the median measured step time;
-- `estimate_mb`: `tf_revnet.memory.estimate(model, batch_size)` for the method (analytic).
+- `estimate_mb`: `tf_revnet.memory.estimate(model, batch_size)` for each method (from the traced
+  layers, no measurement); a second table compares it with `step_peak_mb`.
 
 On a GPU the child reads `tf.config.experimental.get_memory_info("GPU:0")` instead of the RSS.
 
@@ -43,6 +44,10 @@ Commands (from the repository root, package installed):
     # Smoke test (a tiny RevNet, reversible and plain, batch 4; used by the test suite):
     python benchmarks/models.py --quick
 
+    # The estimate against the measured peak: the zoo and the custom models (`build_custom`):
+    python benchmarks/models.py --models convbnrelu attention nested revnet38 revnet110 revnet164 \
+        --methods reversible plain --batch-sizes 32 --output benchmarks/results/estimate_b32.json
+
     # Tables and plots again from saved runs:
     python benchmarks/models.py --from-json benchmarks/results/models_cifar.json
 
@@ -50,6 +55,7 @@ Commands (from the repository root, package installed):
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -59,7 +65,10 @@ import time
 from measure import MIB, AllocatorMeter, CpuMeter, malloc_trim, proc_status_bytes, run_child
 
 REVNETS = {"revnet38": "resnet32", "revnet110": "resnet110", "revnet164": "resnet164",
-           "revnet104": "resnet101", "revnet56": None, "deep": None}
+           "revnet104": "resnet101", "revnet56": None, "deep": None,
+           # Custom models for the estimate (issue 17, item 6): see `build_custom`.
+           "convbnrelu": None, "attention": None, "nested": None}
+CUSTOM = ("convbnrelu", "attention", "nested")
 METHODS = ("reversible", "plain", "recompute", "baseline")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -75,6 +84,8 @@ def build_model(name, method, image_size, quick=False, deep_units=166):
 
     import tf_revnet
 
+    if name in CUSTOM:
+        return build_custom(name, method, image_size, quick)
     if quick:
         depth_units = {"revnet38": (1, 1), "revnet110": (3, 3)}[name]
         if method == "baseline":
@@ -104,6 +115,96 @@ def build_model(name, method, image_size, quick=False, deep_units=166):
             if isinstance(layer, tf_revnet.layers.ReversibleSequence):
                 _wrap_units_in_recompute_grad(layer, tf)
     return model
+
+
+def build_custom(name, method, image_size, quick=False):
+    """The custom models of the estimate's benchmark, `reversible` or `plain` (ordinary autodiff).
+
+    - `convbnrelu`: a `ReversibleSequence` of a stem and 4 blocks whose F and G are a Conv-BN-ReLU
+      layer defined here (unknown to `tf_revnet.memory`), then pooling and a classifier;
+    - `attention`: `(N, T, C)` tokens (T = 256, C = 128; `quick`: 16, 16) through 4 reversible blocks,
+      F = LayerNorm + `keras.layers.MultiHeadAttention` (4 heads), G = LayerNorm + MLP (4x);
+    - `nested`: RevNet-38 (`tf_revnet.models.RevNet38`; `quick`: a tiny RevNet) used as a layer
+      inside another `keras.Model`.
+    """
+    import keras
+
+    import tf_revnet
+    from tf_revnet.layers import ReversibleBlock, ReversibleSequence, Stem
+
+    reversible = method == "reversible"
+    ConvBNReLU, SelfAttention, MLP = _custom_layers()  # noqa: N806 - classes
+    if name == "nested":
+        build = (functools.partial(tf_revnet.models.RevNet, units=(1, 1), widths=(8, 8, 16))
+                 if quick else tf_revnet.models.RevNet38)
+        inner = build(input_shape=(image_size, image_size, 3), use_custom_gradient=reversible,
+                      stack_blocks=reversible)
+        images = keras.Input((image_size, image_size, 3))
+        return keras.Model(images, inner(images), name="nested_revnet38")
+    if name == "convbnrelu":
+        width, blocks = (8, 1) if quick else (32, 4)
+        units = [Stem(width)] + [ReversibleBlock(ConvBNReLU(width // 2), ConvBNReLU(width // 2))
+                                 for _ in range(blocks)]
+        inputs = keras.Input((image_size, image_size, 3))
+        x = ReversibleSequence(units, use_custom_gradient=reversible)(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    else:
+        tokens, channels = (16, 16) if quick else (256, 128)
+        units = [ReversibleBlock(SelfAttention(4, channels // 8), MLP(4 * channels, channels // 2))
+                 for _ in range(1 if quick else 4)]
+        inputs = keras.Input((tokens, channels))
+        x = ReversibleSequence(units, use_custom_gradient=reversible)(inputs)
+        x = keras.layers.GlobalAveragePooling1D()(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _custom_layers():
+    """The F and G layers of the custom models (defined lazily: keras is imported in the child)."""
+    import keras
+
+    class ConvBNReLU(keras.layers.Layer):
+        def __init__(self, filters, **kwargs):
+            super().__init__(**kwargs)
+            self.filters = filters
+            self.conv = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)
+            self.bn = keras.layers.BatchNormalization()
+
+        def call(self, x, training=None):
+            return keras.ops.relu(self.bn(self.conv(x), training=training))
+
+        def get_config(self):
+            return {**super().get_config(), "filters": self.filters}
+
+    class SelfAttention(keras.layers.Layer):
+        def __init__(self, heads, key_dim, **kwargs):
+            super().__init__(**kwargs)
+            self.heads, self.key_dim = heads, key_dim
+            self.norm = keras.layers.LayerNormalization()
+            self.attention = keras.layers.MultiHeadAttention(heads, key_dim)
+
+        def call(self, x, training=None):
+            h = self.norm(x)
+            return self.attention(h, h, training=training)
+
+        def get_config(self):
+            return {**super().get_config(), "heads": self.heads, "key_dim": self.key_dim}
+
+    class MLP(keras.layers.Layer):
+        def __init__(self, hidden, channels, **kwargs):
+            super().__init__(**kwargs)
+            self.hidden, self.channels = hidden, channels
+            self.norm = keras.layers.LayerNormalization()
+            self.up = keras.layers.Dense(hidden, activation="gelu")
+            self.down = keras.layers.Dense(channels)
+
+        def call(self, x, training=None):
+            return self.down(self.up(self.norm(x)))
+
+        def get_config(self):
+            return {**super().get_config(), "hidden": self.hidden, "channels": self.channels}
+
+    return ConvBNReLU, SelfAttention, MLP
 
 
 def _wrap_units_in_recompute_grad(sequence, tf):
@@ -144,7 +245,7 @@ def measure_child(args):
     )
     rng = np.random.default_rng(0)
     steps = args.warmup + args.steps
-    shape = (args.image_size, args.image_size, 3)
+    shape = tuple(model.input_shape[1:])
     x = rng.uniform(0, 1, (args.batch_size, *shape)).astype("float32")
     y = rng.integers(0, classes, (args.batch_size,))
     xs, ys = np.concatenate([x] * steps), np.concatenate([y] * steps)
@@ -288,6 +389,20 @@ def markdown(results):
     return "\n".join(rows) + "\n"
 
 
+def estimate_markdown(results):
+    """Estimate against measured per-step peak, per model and method (the estimate's 20% target)."""
+    rows = ["| Model | Method | Batch | Step peak (MB) | Estimate (MB) | Estimate / peak | within 20% |",
+            "|---|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        if "error" in r:
+            continue
+        est = r["estimate_mb"][r["method"] if r["method"] != "baseline" else "plain"]
+        ratio = est / r["step_peak_mb"]
+        rows.append(f"| {_label(r)} | {r['method']} | {r['batch_size']} | {r['step_peak_mb']:.1f} | "
+                    f"{est:.1f} | {ratio:.2f} | {'yes' if abs(ratio - 1) <= 0.2 else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
 def plot(results, path):
     """PNG: step peak against depth (per method) and against batch size (per model and method)."""
     import matplotlib
@@ -350,8 +465,8 @@ def parse_args(argv=None):
                         "tf_revnet.memory.estimate and the depth label (the measurements are kept).")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.models = ["revnet38"]
+    if args.quick:  # one tiny model: a generic RevNet, or the first custom model asked for
+        args.models = [m for m in args.models if m in CUSTOM][:1] or ["revnet38"]
         args.methods = [m for m in args.methods if m in ("reversible", "plain")] or ["reversible"]
         args.batch_sizes = [int(os.environ.get("TF_REVNET_QUICK_BATCH", 4))]
         args.steps = 1
@@ -384,7 +499,7 @@ def main(argv=None):
                     result["quick"] = args.quick
                     results.append(result)
                     print(json.dumps(result), flush=True)
-    table = markdown(results)
+    table = markdown(results) + "\n" + estimate_markdown(results)
     print(table)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -117,3 +117,15 @@ def test_memory_quick_one_configuration(tmp_path, capsys):
     results = json.loads(output.read_text())["results"]
     assert len(results) == 1
     assert "| function | reversible |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["convbnrelu", "attention", "nested"])
+def test_custom_models_build_and_estimate(name):
+    """The custom models of the estimate's table (`models.py --models convbnrelu ...`), tiny."""
+    import tf_revnet
+
+    models = _benchmark("models")
+    for method in ("reversible", "plain"):
+        model = models.build_custom(name, method, 16, quick=True)
+        e = tf_revnet.memory.estimate(model, 2)
+        assert 0 < e.reversible and 0 < e.plain and not e.warnings

@@ -1,22 +1,26 @@
-"""Training-step memory: an analytic estimate per backprop method, and glibc allocator settings.
+"""Training-step memory: an estimate per backprop method derived from the plan, and glibc settings.
 
-`estimate(model, batch_size)` counts, layer by layer, the activation bytes that a training step keeps for
-its backward pass under three methods, from the layers' shapes and dtypes alone (no tracing, no
-measurement):
+`estimate(model, batch_size)` follows one training step of `model` on fixed shapes and returns the most
+bytes it holds at once above the memory held before it (weights, optimizer slots), for three methods:
 
-- `plain`: ordinary autodiff stores what each op's gradient needs: the input of every convolution and
-  dense layer, the input of every BatchNorm, the output of every ReLU and max pooling (Gomez et al.,
-  2017, Section 3: "activations which need to be stored");
-- `reversible`: `ReversibleSequence`'s backward pass (Algorithm 1) stores only the inputs of its
-  non-invertible units (stem, stage transitions) and its output, plus, while it runs, one unit's
-  recomputed activations and its gradients (the working set) and the stacked weights and gradients of
-  the blocks it runs as one `tf.while_loop`;
-- `recompute`: `tf.recompute_grad` around every unit stores every unit's input, plus one unit's working
-  set.
+- `plain`: ordinary autodiff; every layer keeps what its gradient reads until its backward runs;
+- `reversible`: each `ReversibleSequence` runs its memory-saving pass (Algorithm 1) as its plan says
+  (`tf_revnet.layers.unit`): a `StoredInputUnit` (stem, stage transition, any non-invertible layer)
+  keeps its input; a `BlockUnit` or `LoopUnit` keeps nothing; the sequence keeps its output; each unit's
+  backward holds its own working set while it runs. Layers outside sequences are plain;
+- `recompute`: `tf.recompute_grad` around every unit of every sequence: each unit keeps its input (a
+  `LoopUnit` of `n` blocks: `n` inputs) and is recomputed in its backward. Layers outside are plain.
 
-Each adds the head's activations, the weight gradients and the input batch; plain backprop also the
-gradient tensors alive at once (about two of the largest activation). `benchmarks/models.py` compares the
-estimate with measured per-step peaks (benchmarks/README.md).
+What a layer keeps and holds is measured, not looked up: `tf_revnet.footprint` traces the layer's
+training-mode forward and backward once (`tf.function` on its fixed input shapes, nothing runs) and
+counts the bytes of the forward tensors that the backward reads, and the most bytes alive while each
+half runs. A model is walked recursively (a functional or Sequential model used as a layer is walked
+into; a tensor kept by two layers counts once); identical layers on equal shapes are traced once.
+The step's timeline then gives the peak: in the forward of a layer, what the layers before it keep plus
+its forward's working set; in its backward, what it and the layers before it keep plus its backward's
+working set plus the weight gradients made so far. The input batch is added to every method.
+
+`benchmarks/models.py` compares the estimate with measured per-step peaks (benchmarks/README.md).
 
 `configure_allocator()` sets glibc's `M_MMAP_THRESHOLD` so that large freed buffers go back to the
 operating system: with glibc's default, adaptive threshold, TensorFlow's freed activation buffers stay
@@ -27,146 +31,167 @@ byte count to choose the threshold).
 
 import ctypes
 import dataclasses
-import math
+import itertools
 import os
 import sys
+import warnings
 
 import keras
+import tensorflow as tf
 
-from tf_revnet.layers.residual_block import ResidualBlock
-from tf_revnet.layers.residual_functions import _PreActivationResidualFunction
-from tf_revnet.layers.reversible_block import ReversibleBlock
-from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
+from tf_revnet import footprint as footprint_lib
+from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
-from tf_revnet.layers.shortcut import Shortcut
-from tf_revnet.layers.stage_transition import StageTransition
-from tf_revnet.layers.stem import Stem
+from tf_revnet.layers.utils import strip_names
 
 __all__ = ["MemoryEstimate", "estimate", "configure_allocator"]
 
 METHODS = ("plain", "reversible", "recompute")
+MB = 2.0**20  # the benchmarks' "MB"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 DEFAULT_MMAP_THRESHOLD = 131072
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes a training step needs above the memory held before it, per backprop method.
+    """Bytes one training step holds at its peak above the memory held before it, per backprop method.
+
+    `print(estimate)` shows a table: MB (2**20 bytes) per method, the ratios to plain backprop, and
+    where each peak falls.
 
     Attributes:
-        plain, reversible, recompute: int. Estimated per-step peak in bytes: stored activations,
-            working set, gradients and the input batch.
-        breakdown: dict `{method: {part: bytes}}` with parts `"input"`, `"stem"`, `"transitions"`,
-            `"blocks"`, `"working_set"`, `"head"`, `"activation_gradients"`, `"weight_gradients"`,
-            `"stacked_weights"` (reversible: the fused blocks' weights and gradients stacked)
-            (and `"optimizer_state"`, held before the step and not in the totals).
+        plain, reversible, recompute: int. The estimated per-step peak in bytes.
+        breakdown: dict `{method: {part: bytes}}` of the peak, parts `"input"` (the batch), `"kept"`
+            (what the layers before the peak keep for their backward), `"working_set"` (what the
+            layer at the peak holds while it runs) and `"weight_gradients"` (made so far).
+        peak_at: dict `{method: str}`, e.g. `"backward of 'revnet38_body/stage1'"`.
         batch_size: int.
+        warnings: tuple of str. Layers whose storage could not be measured (also warned at once).
     """
 
     plain: int
     reversible: int
     recompute: int
     breakdown: dict
+    peak_at: dict
     batch_size: int
+    warnings: tuple = ()
 
     def as_dict(self):
         """`{method: bytes}` for the three methods."""
         return {m: getattr(self, m) for m in METHODS}
 
-
-def _elements(shape, batch_size):
-    return batch_size * math.prod(d for d in shape[1:])
-
-
-def _itemsize(dtype):
-    import numpy as np
-
-    return np.dtype(keras.backend.standardize_dtype(dtype)).itemsize
-
-
-def _stored(layer, shape, batch_size):
-    """Bytes plain autodiff keeps for `layer`'s backward pass on inputs of `shape`, and the output shape."""
-    size = lambda s, lay=layer: _elements(s, batch_size) * _itemsize(lay.compute_dtype)  # noqa: E731
-    if isinstance(layer, _PreActivationResidualFunction):
-        total, s = 0, tuple(shape)
-        for bn, conv in zip(layer.batch_norms, layer.convs):
-            total += size(s) * (2 if bn is not None else 1)  # BN input and ReLU output, or conv input
-            s = tuple(conv.compute_output_shape(s))
-        return total, s
-    if isinstance(layer, Stem):
-        conv_out = tuple(layer.conv.compute_output_shape(shape))
-        total = size(shape) + 2 * size(conv_out)  # conv input; BN input; ReLU output
-        out = conv_out
-        if layer.pool is not None:
-            out = tuple(layer.pool.compute_output_shape(conv_out))
-            total += size(out)  # max pooling's gradient needs its output too
-        return total, out
-    if isinstance(layer, StageTransition):
-        half = tuple(shape[:-1]) + (shape[-1] // 2,)
-        f_bytes, f_out = _stored(layer.f, half, batch_size)
-        g_bytes, _ = _stored(layer.g, f_out, batch_size)
-        shortcut = sum(size(half) for s in (layer.shortcut1, layer.shortcut2) if s.conv is not None)
-        return f_bytes + g_bytes + shortcut, tuple(layer.compute_output_shape(shape))
-    if isinstance(layer, ReversibleBlockStack):
-        return layer.depth * _stored(layer.block, shape, batch_size)[0], shape
-    if isinstance(layer, ReversibleBlock):
-        half = tuple(shape[:-1]) + (shape[-1] // 2,)
-        return _stored(layer.f, half, batch_size)[0] + _stored(layer.g, half, batch_size)[0], shape
-    if isinstance(layer, ResidualBlock):
-        f_bytes, out = _stored(layer.f, shape, batch_size)
-        projection = layer.shortcut_layer is not None and layer.shortcut_layer.conv is not None
-        return f_bytes + (size(shape) if projection else 0), out
-    if isinstance(layer, Shortcut):
-        return (size(shape) if layer.conv is not None else 0), tuple(layer.compute_output_shape(shape))
-    out = tuple(layer.compute_output_shape(shape))
-    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
-        return size(shape), out
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return size(shape), out
-    if isinstance(layer, (keras.layers.Activation, keras.layers.ReLU, keras.layers.MaxPooling2D)):
-        return size(out), out
-    if isinstance(layer, (keras.layers.InputLayer, keras.layers.GlobalAveragePooling2D,
-                          keras.layers.AveragePooling2D, keras.layers.Rescaling,
-                          keras.layers.Normalization)):
-        return 0, out
-    return size(out), out  # an unknown layer: assume it keeps its output
+    def __str__(self):
+        rows = [f"Training-step memory estimate, batch {self.batch_size} (MB = 2**20 bytes)",
+                "| method     |        MB | vs plain | peak at",
+                "|------------|----------:|---------:|--------"]
+        for m in METHODS:
+            ratio = getattr(self, m) / self.plain if self.plain else float("nan")
+            rows.append(f"| {m:<10} | {getattr(self, m) / MB:9.1f} | {ratio:8.2f} | {self.peak_at[m]}")
+        rows += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(rows)
 
 
-def _working_set(unit, shape, batch_size):
-    """Bytes a unit's backward step holds at once: recomputed activations and the tensors around them.
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One layer (or unit) in the step's timeline; `{method: bytes}` each but `weights`.
 
-    A `ReversibleBlock` recomputes G, then F (Algorithm 1), each under its own tape: the larger of the
-    two, plus its outputs and their gradients (y1, y2, dy1, dy2) and the rebuilt half and its gradient.
-    Any other unit is recomputed whole under one tape from its stored input (counted elsewhere), plus
-    the gradient arriving at its output and the one it passes to its input.
+    Attributes:
+        name: str. The layer.
+        kept: bytes it keeps from its forward until its backward (tensors kept earlier not again).
+        working: bytes its backward holds above what it keeps.
+        forward: bytes its forward holds (its inputs and what it keeps included).
+        weights: int. Bytes of the weight gradients its backward makes.
     """
-    itemsize = _itemsize(getattr(unit, "stream_dtype", unit.compute_dtype))
-    if isinstance(unit, ReversibleBlockStack):
-        unit = unit.block
-    if isinstance(unit, ReversibleBlock):
-        half = tuple(shape[:-1]) + (shape[-1] // 2,)
-        stored = max(_stored(unit.f, half, batch_size)[0], _stored(unit.g, half, batch_size)[0])
-        return stored + 3 * itemsize * _elements(shape, batch_size)
-    stored, out = _stored(unit, shape, batch_size)
-    return stored + itemsize * (_elements(shape, batch_size) + _elements(out, batch_size))
+
+    name: str
+    kept: dict
+    working: dict
+    forward: dict
+    weights: int
 
 
-def estimate(model, batch_size):
-    """Estimates the bytes one training step of `model` needs, for plain, reversible and recompute.
+class _Walk:
+    """One estimate: tensor specs by key, the timeline so far, tensors already kept, traced layers."""
 
-    Walks the model's layers in order (functional models; a `ReversibleSequence`'s units one by one)
-    with their static shapes.
+    def __init__(self, batch_size):
+        self.batch_size = batch_size
+        self.specs, self.alias, self.steps, self.cache, self.warnings = {}, {}, [], {}, []
+        self.kept = {m: set() for m in METHODS}
+        self.variables = set()
+        self._keys = itertools.count()
+
+    def key(self, keras_tensor):
+        """The key of a symbolic tensor (a nested model's inputs and outputs alias the outer ones)."""
+        return self.alias.get(id(keras_tensor), id(keras_tensor))
+
+    def new(self, spec):
+        """A key for a new tensor of `spec`."""
+        key = ("tensor", next(self._keys))
+        self.specs[key] = spec
+        return key
+
+    def nbytes(self, key):
+        spec = self.specs[key]
+        return footprint_lib.nbytes(spec.shape, spec.dtype) or 0
+
+    def keep(self, method, keys):
+        """Bytes of the tensors of `keys` not kept yet under `method`; marks them kept."""
+        fresh = {k for k in keys if k not in self.kept[method]}
+        self.kept[method] |= fresh
+        return sum(self.nbytes(k) for k in fresh)
+
+    def weights(self, variables):
+        """Bytes of the gradients of `variables` not counted yet (a layer used twice: once)."""
+        fresh = {id(v): v for v in variables if id(v) not in self.variables}
+        self.variables |= set(fresh)
+        return _variable_bytes(fresh.values())
+
+    def add(self, name, kept, working, forward, weights):
+        self.steps.append(_Step(name, kept, working, forward, weights))
+
+    def trace(self, kind, layer, specs, measure, static=""):
+        """`measure()` (a `Footprint`), cached by the layer's structure and the input specs."""
+        try:
+            structure = (type(layer), repr(strip_names(layer.get_config())), layer.dtype_policy.name)
+        except Exception:  # noqa: BLE001 - no usable config: traced for itself
+            structure = ("layer", id(layer))
+        key = (kind, structure, tuple((tuple(s.shape), s.dtype.name) for s in specs), static)
+        if key not in self.cache:
+            self.cache[key] = measure()
+            if self.cache[key].unmeasured:
+                self.warn(layer, f"stores tensors of unknown size, not counted: "
+                          f"{', '.join(self.cache[key].unmeasured[:3])}")
+        return self.cache[key]
+
+    def warn(self, layer, message):
+        text = f"estimate(): layer '{layer.name}' ({type(layer).__name__}) {message}"
+        self.warnings.append(text)
+        warnings.warn(text, stacklevel=4)
+
+
+def estimate(model, batch_size, input_shape=None):
+    """Estimates the peak bytes one training step of `model` holds, for plain, reversible, recompute.
+
+    The step is followed layer by layer through its forward and backward (a `ReversibleSequence`
+    through its plan's units), with what each layer keeps and holds measured from its traced graph
+    (see the module docstring). Memory held before the step (weights, optimizer slots, the traced
+    graph) is not counted.
 
     Args:
-        model: a built `keras.Model` (e.g. from `tf_revnet.models`), or a `ReversibleSequence`.
+        model: a built functional or Sequential `keras.Model` (e.g. from `tf_revnet.models`; nested
+            models are walked into), or a built `ReversibleSequence`.
         batch_size: int, positive.
+        input_shape: optional shape without the batch, e.g. `(32, 32, 3)` (a list of them for several
+            inputs), for a model built with unknown sizes. Defaults to the model's own input shapes.
 
     Returns:
-        `MemoryEstimate`, in bytes.
+        `MemoryEstimate`, in bytes (`print` it for MB and ratios).
 
     Raises:
-        ValueError: if `batch_size` is not a positive int, or a layer's input shape (other than the
-            batch) is unknown (build the model with a fixed `input_shape`).
+        ValueError: if `batch_size` is not a positive int; if `model` is a subclassed model (no graph
+            of layers to follow) or not a Keras model; if an input or a layer's output has an unknown
+            size other than the batch (build with a fixed `input_shape`, or pass `input_shape`).
 
     Example:
 
@@ -174,6 +199,7 @@ def estimate(model, batch_size):
     >>> e = tf_revnet.memory.estimate(model, batch_size=128)
     >>> e.reversible < e.plain
     True
+    >>> print(e)  # doctest: +SKIP
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.2 and Table 4
@@ -181,83 +207,246 @@ def estimate(model, batch_size):
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}")
-    if isinstance(model, ReversibleSequence):
-        layers = [(model, tuple(model._unit_input_shapes[0]))]
-    else:
-        layers = []
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.InputLayer):
-                continue
-            shape = tuple(layer.input.shape) if not isinstance(layer.input, list) else None
-            layers.append((layer, shape))
-    parts = {m: dict.fromkeys(("input", "stem", "transitions", "blocks", "working_set", "head"), 0)
-             for m in METHODS}
-    largest = 0
-    for layer, shape in layers:
-        if shape is None or any(d is None for d in shape[1:]):
-            raise ValueError(
-                f"estimate() needs static shapes; layer '{layer.name}' has input shape {shape}. "
-                "Fix: build the model with a fixed input_shape, e.g. (32, 32, 3)."
-            )
-        if not isinstance(layer, ReversibleSequence):
-            stored, out = _stored(layer, shape, batch_size)
-            largest = max(largest, _elements(out, batch_size) * _itemsize(layer.compute_dtype))
-            part = "stem" if isinstance(layer, Stem) else (
-                "blocks" if isinstance(layer, (ResidualBlock, ReversibleBlock)) else "head")
-            for m in METHODS:
-                parts[m][part] += stored
-            continue
-        working = {"reversible": 0, "recompute": 0}
-        unit_shape = shape
-        for unit in layer.units:
-            stored, out = _stored(unit, unit_shape, batch_size)
-            in_bytes = _elements(unit_shape, batch_size) * _itemsize(
-                getattr(unit, "input_dtype", unit.compute_dtype))
-            largest = max(largest, _elements(out, batch_size) * _itemsize(unit.compute_dtype))
-            invertible = isinstance(unit, (ReversibleBlock, ReversibleBlockStack))
-            part = ("stem" if isinstance(unit, Stem) else
-                    "transitions" if not invertible else "blocks")
-            parts["plain"][part] += stored
-            ws = _working_set(unit, unit_shape, batch_size)
-            working["recompute"] = max(working["recompute"], ws)
-            # tf.recompute_grad around each unit keeps each block's input (a stack: `depth` of them).
-            parts["recompute"][part] += in_bytes * getattr(unit, "depth", 1)
-            if invertible:
-                working["reversible"] = max(working["reversible"], ws)
-            else:
-                parts["reversible"][part] += in_bytes  # kept: the unit is not invertible
-                working["reversible"] = max(working["reversible"], ws)
-            unit_shape = out
-        out_bytes = _elements(unit_shape, batch_size) * 4
-        parts["reversible"]["blocks"] += out_bytes  # the sequence's output
-        # Blocks fused into a while loop: their weights stacked, and their stacked gradients (a
-        # ReversibleBlockStack's weights are stacked already: only the gradients).
-        fused = sum(
-            math.prod(v.shape) * _itemsize(v.dtype)
-            for unit in layer.units if isinstance(unit, ReversibleBlock)
-            for v in unit.trainable_variables
-        ) if layer.fuse_identical_blocks else 0
-        stacks = sum(
-            math.prod(v.shape) * _itemsize(v.dtype)
-            for unit in layer.units if isinstance(unit, ReversibleBlockStack)
-            for v in unit.trainable_variables
+    _check_model(model)
+    walk = _Walk(batch_size)
+    in_keys = _input_keys(walk, model, input_shape)
+    input_bytes = sum(walk.keep(m, in_keys) for m in METHODS) // len(METHODS)
+    _visit(walk, model, in_keys, call=None)
+    return _result(walk, input_bytes)
+
+
+def _check_model(model):
+    """Raises `ValueError` unless `model` is a model whose layer graph can be followed."""
+    if isinstance(model, ReversibleSequence) or _is_functional(model) or isinstance(
+            model, keras.Sequential):
+        return
+    if isinstance(model, keras.Model):
+        raise ValueError(
+            f"estimate() needs a functional or Sequential model, or a ReversibleSequence. Received: "
+            f"the subclassed model '{model.name}' ({type(model).__name__}), whose call() connects "
+            "its layers in code that cannot be followed. Fix: build it with the functional API "
+            "(keras.Input, then call the layers), or estimate its ReversibleSequence."
         )
-        parts["reversible"]["stacked_weights"] = 2 * fused + stacks
-        for m in ("reversible", "recompute"):
-            parts[m]["working_set"] = max(parts[m]["working_set"], working[m])
-    input_shape = layers[0][1] if layers else (None,)
-    weights = sum(math.prod(v.shape) * _itemsize(v.dtype) for v in model.trainable_variables)
-    optimizer_state = weights  # SGD momentum: one slot per weight (held before the step)
-    totals = {}
+    raise ValueError(
+        "estimate() needs a functional or Sequential keras.Model, or a ReversibleSequence. "
+        f"Received: {model!r}"
+    )
+
+
+def _is_functional(model):
+    return isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth")
+
+
+def _input_keys(walk, model, input_shape):
+    """Registers the model's inputs (batch `walk.batch_size`) and returns their keys."""
+    if isinstance(model, ReversibleSequence):
+        if not model.built and input_shape is None:
+            raise footprint_lib.DynamicShapeError(
+                f"estimate(): build the sequence '{model.name}' first, or pass input_shape=.")
+        shapes = [tuple(input_shape) if input_shape is not None else
+                  tuple(model._unit_input_shapes[0])[1:]]
+        tensors, dtypes, names = [model], [model.input_dtype], [model.name]
+    else:
+        tensors = tf.nest.flatten(model.inputs)
+        shapes = [tuple(t.shape)[1:] for t in tensors]
+        dtypes, names = [t.dtype for t in tensors], [t.name for t in tensors]
+    if input_shape is not None and not isinstance(model, ReversibleSequence):
+        given = [input_shape] if len(tensors) == 1 else list(input_shape)
+        shapes = [tuple(s) for s in given]
+    keys = []
+    for tensor, shape, dtype, name in zip(tensors, shapes, dtypes, names):
+        if any(d is None for d in shape):
+            raise footprint_lib.DynamicShapeError(
+                f"estimate() needs static shapes; input '{name}' of '{model.name}' has shape "
+                f"{(None, *shape)}. Fix: build the model with a fixed input_shape, e.g. (32, 32, 3), "
+                "or pass input_shape=(32, 32, 3) to estimate()."
+            )
+        key = walk.new(tf.TensorSpec((walk.batch_size, *shape), dtype))
+        walk.alias[id(tensor)] = key
+        keys.append(key)
+    return keys
+
+
+def _visit(walk, layer, in_keys, call):
+    """Adds `layer` called on the tensors of `in_keys` to the timeline; returns its outputs' keys.
+
+    `call(*tensors)` runs the layer (None: `layer(x, training=True)`).
+    """
+    if isinstance(layer, ReversibleSequence):
+        return _visit_sequence(walk, layer, in_keys[0])
+    if _is_functional(layer):
+        return _visit_functional(walk, layer, in_keys)
+    if isinstance(layer, keras.Sequential):
+        keys = in_keys
+        for sub in layer.layers:
+            keys = _visit(walk, sub, keys, None)
+        return keys
+    if isinstance(layer, keras.Model):
+        _check_model(layer)
+    return _visit_layer(walk, layer, in_keys, call or _training_call(layer))
+
+
+def _training_call(layer, args=None, kwargs=None):
+    """A call of `layer` in training mode (`training=True` where its `call` takes it)."""
+    kwargs = dict(kwargs or {})
+    if getattr(layer, "_call_has_training_arg", False):
+        kwargs.setdefault("training", True)
+    return lambda *xs: layer(*(xs if args is None else args(xs)), **kwargs)
+
+
+def _visit_functional(walk, model, in_keys):
+    """The nodes of a functional model in order; its inputs alias `in_keys`."""
+    for tensor, key in zip(tf.nest.flatten(model.inputs), in_keys):
+        walk.alias[id(tensor)] = key
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input or not node.operation:
+                continue
+            keys = list(dict.fromkeys(walk.key(t) for t in node.input_tensors))
+            call = _node_call(walk, node, keys)
+            out_keys = _visit(walk, node.operation, keys, call)
+            for tensor, key in zip(node.outputs, out_keys):
+                walk.alias[id(tensor)] = key
+    return [walk.key(t) for t in tf.nest.flatten(model.outputs)]
+
+
+def _node_call(walk, node, keys):
+    """A function of the node's distinct input tensors (in `keys` order) that calls the node."""
+    layer = node.operation
+    call_kwargs = {"training": True} if getattr(layer, "_call_has_training_arg", False) else {}
+
+    def call(*xs):
+        by_key = dict(zip(keys, xs))
+        args, kw = node.arguments.fill_in({id(t): by_key[walk.key(t)] for t in node.input_tensors})
+        return layer(*args, **{**call_kwargs, **kw})
+
+    return call
+
+
+def _visit_layer(walk, layer, in_keys, call):
+    """A layer outside any sequence: plain in every method."""
+    specs = [walk.specs[k] for k in in_keys]
+    fp = _plain(walk, layer, specs, call)
+    out_keys = [walk.new(s) for s in fp.outputs]
+    stored = [in_keys[i] for i in fp.stored_inputs] + [out_keys[i] for i in fp.stored_outputs]
+    walk.add(layer.name, {m: fp.internal + walk.keep(m, stored) for m in METHODS},
+             dict.fromkeys(METHODS, fp.working), dict.fromkeys(METHODS, fp.forward_peak),
+             walk.weights(layer.trainable_variables))
+    return out_keys
+
+
+def _plain(walk, layer, specs, call=None):
+    """The traced plain-autodiff footprint of `layer` on `specs`; a warned guess if it cannot trace."""
+    call = call or _training_call(layer)
+    try:
+        return walk.trace("plain", layer, specs,
+                          lambda: footprint_lib.trace_layer(call, specs, layer))
+    except footprint_lib.DynamicShapeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any layer: fall back to its inputs and outputs
+        outputs = _output_specs(layer, specs, error)
+        walk.warn(layer, f"could not be traced ({type(error).__name__}: {str(error)[:120]}); "
+                  "counted as keeping its inputs and outputs")
+        io = sum(footprint_lib.nbytes(s.shape, s.dtype) for s in list(specs) + outputs)
+        return footprint_lib.Footprint(tuple(range(len(specs))), tuple(range(len(outputs))),
+                                       io, 0, io, 2 * io, tuple(outputs), ())
+
+
+def _output_specs(layer, specs, error):
+    """The layer's output specs from `compute_output_spec`; `ValueError` if it has none."""
+    try:
+        out = layer.compute_output_spec(*[keras.KerasTensor(s.shape, s.dtype) for s in specs])
+        outputs = [tf.TensorSpec(t.shape, t.dtype) for t in tf.nest.flatten(out)]
+    except Exception:  # noqa: BLE001
+        raise ValueError(f"estimate(): layer '{layer.name}' can neither be traced nor report its "
+                         f"output shape: {error}") from error
+    if not all(s.shape.is_fully_defined() for s in outputs):
+        raise footprint_lib.DynamicShapeError(f"estimate() needs static shapes: layer '{layer.name}' returns "
+                            f"{[tuple(s.shape) for s in outputs]}. Fix: pass input_shape=.")
+    return outputs
+
+
+def _visit_sequence(walk, sequence, in_key):
+    """A `ReversibleSequence` through its plan's units; under `reversible` it keeps its output."""
+    key = in_key
+    for unit in sequence._get_plan(check=False).units:
+        key = _visit_unit(walk, unit, key)
+    walk.steps[-1].kept["reversible"] += walk.keep("reversible", [key])
+    return [key]
+
+
+def _visit_unit(walk, unit, key):
+    """One unit of a plan: plain autodiff, its own backward (Algorithm 1), or `tf.recompute_grad`."""
+    loop = isinstance(unit, unit_lib.LoopUnit)
+    layer, depth = (unit.template.layer, unit.depth) if loop else (unit.layer, 1)
+    spec = walk.specs[key]
+    if unit.invertible:
+        spec = tf.TensorSpec(spec.shape, layer.stream_dtype)
+    plain = _plain(walk, layer, [spec])
+    out = walk.new(plain.outputs[0])
+    stored_io = [key] * len(plain.stored_inputs) + [out] * len(plain.stored_outputs)
+    recompute_unit = unit_lib.StoredInputUnit(layer)
+    recompute = walk.trace("stored_input_unit", layer, [spec],
+                           lambda: footprint_lib.trace_unit(recompute_unit, [spec]))
+    x_bytes = walk.nbytes(key)
+    kept = {"plain": depth * plain.internal + walk.keep("plain", stored_io)
+            + (depth - 1) * sum(walk.nbytes(k) for k in stored_io),
+            "recompute": depth * recompute.internal + walk.keep("recompute", [key])
+            + (depth - 1) * x_bytes}
+    working = {"plain": plain.working, "recompute": recompute.working}
+    forward = {"plain": plain.forward_peak, "recompute": recompute.forward_peak}
+    if unit.invertible:
+        rev = _invertible(walk, unit.template if loop else unit, layer, spec)
+        own = rev.stored - sum(footprint_lib.nbytes(rev.outputs[i].shape, rev.outputs[i].dtype)
+                               for i in rev.stored_outputs)  # replayed state: no activation
+        # Separate blocks fused into a loop: their weights stacked (kept) and gradients stacked.
+        stacked = _variable_bytes(unit.trainable) if loop and not unit.stacked else 0
+        kept["reversible"] = depth * own + stacked
+        working["reversible"] = rev.backward_peak - own + stacked
+        forward["reversible"] = rev.forward_peak
+    else:
+        kept["reversible"] = recompute.internal + walk.keep("reversible", [key])
+        working["reversible"] = recompute.working
+        forward["reversible"] = recompute.forward_peak
+    walk.add(unit.name, kept, working, forward, walk.weights(unit.trainable))
+    return out
+
+
+def _variable_bytes(variables):
+    """Bytes of `variables`' values."""
+    return sum(footprint_lib.nbytes(v.shape, v.dtype) for v in variables)
+
+
+def _invertible(walk, unit, layer, spec):
+    """The footprint of an invertible unit's own forward and backward on the halves of `spec`."""
+    half = tf.TensorSpec(layer.half_shape(tuple(spec.shape)), spec.dtype)
+    return walk.trace("unit", layer, [half, half],
+                      lambda: footprint_lib.trace_unit(unit, [half, half]))
+
+
+def _result(walk, input_bytes):
+    """The peak of the timeline per method (forward, then backward in reverse, then the update)."""
+    totals, breakdown, peak_at = {}, {}, {}
     for m in METHODS:
-        parts[m]["input"] = _elements(input_shape, batch_size) * 4
-        # Plain backprop: the gradients in flight next to the stored activations (about two of the
-        # largest). The other methods hold theirs in the working set.
-        parts[m]["activation_gradients"] = 2 * largest if m == "plain" else 0
-        parts[m]["weight_gradients"] = weights
-        totals[m] = int(sum(parts[m].values()))
-        parts[m]["optimizer_state"] = optimizer_state
-    return MemoryEstimate(breakdown=parts, batch_size=batch_size, **totals)
+        kept, grads, candidates = 0, 0, []
+        for step in walk.steps:
+            candidates.append((kept + step.forward[m], kept, step.forward[m], 0,
+                               f"forward of '{step.name}'"))
+            kept += step.kept[m]
+        for step in reversed(walk.steps):
+            grads += step.weights
+            candidates.append((kept + step.working[m] + grads, kept, step.working[m], grads,
+                               f"backward of '{step.name}'"))
+            kept -= step.kept[m]
+        candidates.append((grads, 0, 0, grads, "weight update"))
+        peak, kept_at, working_at, grads_at, where = max(candidates, key=lambda c: c[0])
+        totals[m] = int(peak + input_bytes)
+        breakdown[m] = {"input": input_bytes, "kept": kept_at, "working_set": working_at,
+                        "weight_gradients": grads_at}
+        peak_at[m] = where
+    return MemoryEstimate(breakdown=breakdown, peak_at=peak_at, batch_size=walk.batch_size,
+                          warnings=tuple(walk.warnings), **totals)
+
 
 
 def configure_allocator(threshold=None):
