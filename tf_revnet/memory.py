@@ -367,12 +367,16 @@ def _output_specs(layer, specs, error):
 
 
 def _visit_sequence(walk, sequence, in_key):
-    """A `ReversibleSequence` through its plan's units; under `reversible` it keeps its output."""
-    key = in_key
-    for unit in sequence._get_plan(check=False).units:
-        key = _visit_unit(walk, unit, key)
-    walk.steps[-1].kept["reversible"] += walk.keep("reversible", [key])
-    return [key]
+    """A `ReversibleSequence` through its plan's units; under `reversible` it keeps its outputs.
+
+    Its outputs are the last unit's, or those of its `taps` (one key each, in order).
+    """
+    plan, keys = sequence._get_plan(check=False), [in_key]
+    for unit in plan.units:
+        keys.append(_visit_unit(walk, unit, keys[-1]))
+    outputs = [keys[i + 1] for i in plan.tap_units]
+    walk.steps[-1].kept["reversible"] += walk.keep("reversible", list(dict.fromkeys(outputs)))
+    return outputs
 
 
 def _visit_unit(walk, unit, key):
