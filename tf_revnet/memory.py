@@ -42,7 +42,6 @@ import tensorflow as tf
 from tf_revnet import footprint as footprint_lib
 from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
-from tf_revnet.layers.utils import strip_names
 
 __all__ = ["MemoryEstimate", "estimate", "configure_allocator"]
 
@@ -152,9 +151,8 @@ class _Walk:
 
     def trace(self, kind, layer, specs, measure, static=""):
         """`measure()` (a `Footprint`), cached by the layer's structure and the input specs."""
-        try:
-            structure = (type(layer), repr(strip_names(layer.get_config())), layer.dtype_policy.name)
-        except Exception:  # noqa: BLE001 - no usable config: traced for itself
+        structure = unit_lib.structure_signature(layer, layer.variables)
+        if structure is None:  # no usable config: traced for itself
             structure = ("layer", id(layer))
         key = (kind, structure, tuple((tuple(s.shape), s.dtype.name) for s in specs), static)
         if key not in self.cache:
