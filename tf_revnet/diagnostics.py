@@ -27,10 +27,14 @@ import numpy as np
 import tensorflow as tf
 
 from tf_revnet.layers import unit as unit_lib
+from tf_revnet.layers.momentum import MomentumBlock
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.utils import no_autocast
+
+#: The layers measured: sequences, and blocks or stacks used on their own.
+_REVERSIBLE = (ReversibleSequence, ReversibleBlock, ReversibleBlockStack, MomentumBlock)
 
 __all__ = [
     "BlockReconstruction",
@@ -253,7 +257,7 @@ def reversible_layers(layer_or_model):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if isinstance(layer, (ReversibleSequence, ReversibleBlock, ReversibleBlockStack)):
+        if isinstance(layer, _REVERSIBLE):
             found.append(layer)
             return
         for sub in getattr(layer, "layers", None) or []:
@@ -343,7 +347,8 @@ def _forward_segments(units, x):
             block_states = []
             for name, block_unit, block_values in pieces:
                 # The block's own inputs: on the fixed-point grid where its coupling keeps one.
-                inputs = tuple(block_unit.layer.coupling.quantize(t) for t in halves)
+                coupling = getattr(block_unit.layer, "coupling", None)
+                inputs = tuple(coupling.quantize(t) for t in halves) if coupling else halves
                 halves, record, after = block_unit.forward(block_values.replace(rng=rng), inputs)
                 current.append((index, name, block_unit, block_values, record, inputs, halves))
                 block_states.append(after.state)
@@ -427,7 +432,7 @@ def reconstruction_error(layer_or_model, x):
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Eq. 2, Algorithm 1, Section 5.3.
     """
-    if isinstance(layer_or_model, (ReversibleSequence, ReversibleBlock, ReversibleBlockStack)):
+    if isinstance(layer_or_model, _REVERSIBLE):
         layer = layer_or_model
         x = _check_input(x)
         if not layer.built:
@@ -450,7 +455,7 @@ def reconstruction_error(layer_or_model, x):
         calls = recorder.records[id(layer)]
         for k, inputs in enumerate(calls):
             label = layer.name if len(calls) == 1 else f"{layer.name}#{k}"
-            if isinstance(layer, (ReversibleBlock, ReversibleBlockStack)):
+            if isinstance(layer, _REVERSIBLE[1:]):
                 label = None if len(calls) == 1 else label
             results.extend(_sequence_reconstruction(layer, inputs, label))
     return ReconstructionReport(tuple(results))
