@@ -117,3 +117,21 @@ def test_memory_quick_one_configuration(tmp_path, capsys):
     results = json.loads(output.read_text())["results"]
     assert len(results) == 1
     assert "| function | reversible |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("part", ["angle", "train"])
+def test_exact_stream_quick(part, cifar10_small_dir, tmp_path):
+    """`exact_stream.py --quick` on real CIFAR-10 images: tiny models, a few steps."""
+    exact_stream = _benchmark("exact_stream")
+    output = tmp_path / f"{part}.json"
+    rows, table = exact_stream.main([part, "--quick", "--data-dir", str(cifar10_small_dir),
+                                     "--output", str(output)])
+    assert json.loads(output.read_text())["rows"] == rows
+    assert {r["coupling"] for r in rows} == {"additive", "fixed_point"}
+    if part == "angle":
+        fixed = [r for r in rows if r["coupling"] == "fixed_point"]
+        assert all(r["bit_identical"] and r["angle_deg"] < 0.01 for r in fixed)
+        assert all(r["out_of_range_blocks"] == 0 for r in fixed)
+        assert "| tiny-a | 18 | fixed_point |" in table
+    else:
+        assert all(0 <= r["test_accuracy"] <= 1 and r["out_of_range_steps"] == 0 for r in rows)

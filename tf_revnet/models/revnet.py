@@ -32,6 +32,7 @@ def RevNet(
     preprocessing_mean=None,
     preprocessing_std=None,
     stack_blocks=True,
+    coupling="additive",
 ):
     """Instantiates a reversible residual network (RevNet) of any depth and width.
 
@@ -99,6 +100,10 @@ def RevNet(
             `ReversibleBlockStack` (stacked weights). `False` makes one `ReversibleBlock` layer, with
             its own variables, per block (graph and variable count then grow with depth). The
             architecture, parameter count and gradients are the same. Defaults to `True`.
+        coupling: str or `tf_revnet.layers.Coupling`. The reversible blocks' coupling (see
+            `ReversibleBlock`): `"fixed_point"` is the opt-in exact stream (bit-identical rebuilds
+            in float32; each block then counts its steps out of the grid's range). Stage
+            transitions keep their own floating point additions. Defaults to `"additive"`.
 
     Input shape:
         `(batch_size, height, width, channels)` (NHWC) float images, in the floatx dtype.
@@ -146,7 +151,8 @@ def RevNet(
     def body(images):
         body_units = [Stem(widths[0], stem, name=f"{name}_stem", **common)]
         body_units += revnet_units(
-            units, widths, residual_function, strides, name, common, stack_blocks=stack_blocks
+            units, widths, residual_function, strides, name, common, stack_blocks=stack_blocks,
+            coupling=coupling,
         )
         return ReversibleSequence(
             body_units, use_custom_gradient=use_custom_gradient, name=f"{name}_body"
@@ -160,7 +166,8 @@ def RevNet(
 
 
 def revnet_units(
-    units, widths, residual_function, strides, name="revnet", common=None, stack_blocks=True
+    units, widths, residual_function, strides, name="revnet", common=None, stack_blocks=True,
+    coupling="additive",
 ):
     """The units of a RevNet's stages, in order (the stage function of `RevNet`).
 
@@ -171,6 +178,8 @@ def revnet_units(
             (`kernel_regularizer`, `batch_norm_momentum`, `batch_norm_epsilon`).
         stack_blocks: bool. One `ReversibleBlockStack` for each stage's run of identical blocks
             (instead of one `ReversibleBlock` per block). Defaults to `True`.
+        coupling: str or `tf_revnet.layers.Coupling`. The blocks' coupling. Defaults to
+            `"additive"`.
 
     Returns:
         list of `StageTransition`, `ReversibleBlock` and `ReversibleBlockStack` layers.
@@ -183,6 +192,7 @@ def revnet_units(
         return ReversibleBlock(
             function(preactivate=preactivate, name=f"{prefix}_f", **common),
             function(name=f"{prefix}_g", **common),
+            coupling=coupling,
             name=prefix,
         )
 
