@@ -129,3 +129,21 @@ def test_custom_models_build_and_estimate(name):
         model = models.build_custom(name, method, 16, quick=True)
         e = tf_revnet.memory.estimate(model, 2)
         assert 0 < e.reversible and 0 < e.plain and not e.warnings
+
+
+@pytest.mark.parametrize("part", ["angle", "train"])
+def test_exact_stream_quick(part, cifar10_small_dir, tmp_path):
+    """`exact_stream.py --quick` on real CIFAR-10 images: tiny models, a few steps."""
+    exact_stream = _benchmark("exact_stream")
+    output = tmp_path / f"{part}.json"
+    rows, table = exact_stream.main([part, "--quick", "--data-dir", str(cifar10_small_dir),
+                                     "--output", str(output)])
+    assert json.loads(output.read_text())["rows"] == rows
+    assert {r["coupling"] for r in rows} == {"additive", "fixed_point"}
+    if part == "angle":
+        fixed = [r for r in rows if r["coupling"] == "fixed_point"]
+        assert all(r["bit_identical"] and r["angle_deg"] < 0.01 for r in fixed)
+        assert all(r["out_of_range_blocks"] == 0 for r in fixed)
+        assert "| tiny-a | 18 | fixed_point |" in table
+    else:
+        assert all(0 <= r["test_accuracy"] <= 1 and r["out_of_range_steps"] == 0 for r in rows)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from tf_revnet import diagnostics
 
-__all__ = ["ReversibleNumericsMonitor"]
+__all__ = ["ReversibleNumericsMonitor", "StreamRangeMonitor"]
 
 # Log keys written by `ReversibleNumericsMonitor` (CSVLogger columns, TensorBoard scalar tags).
 GRADIENT_ANGLE = "revnet_gradient_angle_deg"
@@ -18,6 +18,7 @@ GRADIENT_NORM_DIFFERENCE = "revnet_gradient_relative_norm_difference"
 RECONSTRUCTION_RELATIVE_ERROR = "revnet_reconstruction_relative_error"
 RECONSTRUCTION_MAX_ABS_ERROR = "revnet_reconstruction_max_abs_error"
 NONFINITE = "revnet_nonfinite"
+STREAM_OUT_OF_RANGE = "revnet_stream_out_of_range"  # written by `StreamRangeMonitor`
 LOG_KEYS = (GRADIENT_ANGLE, GRADIENT_RELATIVE_ERROR, GRADIENT_NORM_DIFFERENCE,
             RECONSTRUCTION_RELATIVE_ERROR, RECONSTRUCTION_MAX_ABS_ERROR, NONFINITE)
 
@@ -196,3 +197,62 @@ class ReversibleNumericsMonitor(keras.callbacks.Callback):
                 f"{angle.relative_error:.3g}), above max_gradient_angle={limit:g}; worst variable "
                 f"'{angle.worst_variable}' at {angle.per_variable[angle.worst_variable]:.3g} degrees.",
             )
+
+
+class StreamRangeMonitor(keras.callbacks.Callback):
+    """Warns when a fixed-point residual stream leaves its exact range during `model.fit`.
+
+    Blocks with a range-checked fixed-point stream (`coupling="fixed_point"`) count the training
+    steps in which a stream value was not below the grid's exact range (a non-trainable variable per
+    block, updated inside the compiled step, so it works with `tf.function`, XLA and distribution
+    strategies). Every `every_n_steps` steps and at the end of each epoch this callback reads the
+    counts (`tf_revnet.diagnostics.stream_out_of_range`: no computation) and, for each block whose
+    count grew, warns (`warnings.warn`, `RuntimeWarning`) once per block naming it, its count and
+    the fix. It adds `revnet_stream_out_of_range` (the number of steps-and-blocks out of range
+    so far, summed over blocks) to the epoch logs. `python -m training.train --coupling fixed_point`
+    adds it.
+
+    Args:
+        every_n_steps: int >= 1. Read the counters every this many training steps. Defaults to 100.
+
+    Raises:
+        ValueError: if `every_n_steps` is not a positive int.
+    """
+
+    def __init__(self, every_n_steps=100):
+        super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or (
+                every_n_steps < 1):
+            raise ValueError(
+                f"`every_n_steps` must be a positive int. Received: every_n_steps={every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.counts = {}
+        self._warned = set()
+        self._step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._step % self.every_n_steps == 0:
+            self.check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.check()
+        if logs is not None:
+            logs[STREAM_OUT_OF_RANGE] = float(sum(self.counts.values()))
+
+    def check(self):
+        """Reads the counters now and warns for each block newly out of range; returns the counts."""
+        self.counts = diagnostics.stream_out_of_range(self.model)
+        for name, count in self.counts.items():
+            if count > 0 and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"StreamRangeMonitor: block '{name}' left the exact range of its fixed-point "
+                    f"stream in {count:g} training step(s) by step {self._step}: its sums rounded, "
+                    "so reversible backprop rebuilt inputs that are not bit-identical (the gradient "
+                    "is as inexact as a floating point stream's, not wrong). Fix: a larger range, "
+                    "coupling=tf_revnet.AdditiveCoupling.fixed_point(max_abs=...), or a smaller "
+                    "learning rate.",
+                    RuntimeWarning, stacklevel=2,
+                )
+        return self.counts

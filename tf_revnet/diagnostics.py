@@ -27,10 +27,14 @@ import numpy as np
 import tensorflow as tf
 
 from tf_revnet.layers import unit as unit_lib
+from tf_revnet.layers.momentum import MomentumBlock
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.utils import no_autocast
+
+#: The layers measured: sequences, and blocks or stacks used on their own.
+_REVERSIBLE = (ReversibleSequence, ReversibleBlock, ReversibleBlockStack, MomentumBlock)
 
 __all__ = [
     "BlockReconstruction",
@@ -42,6 +46,7 @@ __all__ = [
     "gradients",
     "reconstruction_error",
     "reversible_layers",
+    "stream_out_of_range",
 ]
 
 
@@ -68,6 +73,10 @@ class BlockReconstruction:
         local_max_abs_error: float. Like `max_abs_error` for the local rebuild.
         nonfinite: int. Number of inf or NaN values in the forward inputs and the rebuilt inputs of this
             block together (0 when everything is finite).
+        max_abs_stream: float. `max |t|` over the block's forward inputs and outputs (NaN if one
+            is not finite).
+        exact_range: float. The magnitude below which the block's fixed-point stream adds exactly
+            (`coupling.exact_range`; inf for a floating point stream).
     """
 
     name: str
@@ -78,11 +87,18 @@ class BlockReconstruction:
     local_relative_error: float
     local_max_abs_error: float
     nonfinite: int
+    max_abs_stream: float = math.nan
+    exact_range: float = math.inf
 
     @property
     def finite(self):
         """bool. True if every forward and rebuilt input value is finite."""
         return self.nonfinite == 0
+
+    @property
+    def out_of_range(self):
+        """bool. True if the stream left `exact_range` (or is not finite) in this measurement."""
+        return not self.max_abs_stream < self.exact_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +131,19 @@ class ReconstructionReport:
         """float. Largest `relative_error` over the blocks (NaN if a block saw inf or NaN)."""
         worst = self.worst()
         return worst.relative_error
+
+    @property
+    def out_of_range(self):
+        """tuple of str. Names of the blocks with a fixed-point stream whose values left its exact
+        range in this measurement (empty when every grid held; blocks without a grid never appear)."""
+        return tuple(b.name for b in self.blocks
+                     if b.exact_range < math.inf and b.out_of_range)
+
+    @property
+    def max_abs_stream(self):
+        """float. Largest `max_abs_stream` over the blocks (NaN if a block saw inf or NaN)."""
+        values = [b.max_abs_stream for b in self.blocks]
+        return math.nan if any(math.isnan(v) for v in values) else max(values)
 
     @property
     def max_abs_error(self):
@@ -253,7 +282,7 @@ def reversible_layers(layer_or_model):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if isinstance(layer, (ReversibleSequence, ReversibleBlock, ReversibleBlockStack)):
+        if isinstance(layer, _REVERSIBLE):
             found.append(layer)
             return
         for sub in getattr(layer, "layers", None) or []:
@@ -343,7 +372,8 @@ def _forward_segments(units, x):
             block_states = []
             for name, block_unit, block_values in pieces:
                 # The block's own inputs: on the fixed-point grid where its coupling keeps one.
-                inputs = tuple(block_unit.layer.coupling.quantize(t) for t in halves)
+                coupling = getattr(block_unit.layer, "coupling", None)
+                inputs = tuple(coupling.quantize(t) for t in halves) if coupling else halves
                 halves, record, after = block_unit.forward(block_values.replace(rng=rng), inputs)
                 current.append((index, name, block_unit, block_values, record, inputs, halves))
                 block_states.append(after.state)
@@ -377,13 +407,58 @@ def _sequence_reconstruction(sequence, x, label):
                 local, _, _ = block_unit.backward(values, record, outputs, zeros)
                 rel, max_abs, nonfinite = _errors(y, inputs)
                 local_rel, local_max, local_nonfinite = _errors(local, inputs)
+                coupling = getattr(block_unit.layer, "coupling", None)
                 rebuilt.append(BlockReconstruction(
                     name=name, sequence=label, index=index, relative_error=rel,
                     max_abs_error=max_abs, local_relative_error=local_rel,
                     local_max_abs_error=local_max, nonfinite=max(nonfinite, local_nonfinite),
+                    max_abs_stream=_max_abs(inputs + tuple(outputs)),
+                    exact_range=(coupling.exact_range(block_unit.layer.stream_dtype)
+                                 if hasattr(coupling, "exact_range") else math.inf),
                 ))
             results += reversed(rebuilt)
     return results
+
+
+def _max_abs(tensors):
+    value = max(float(tf.reduce_max(tf.abs(tf.cast(t, tf.float64)))) for t in tensors)
+    return value if math.isfinite(value) else math.nan
+
+
+def stream_out_of_range(layer_or_model):
+    """Training-time counts of forward passes whose fixed-point stream left its exact range.
+
+    Every block with a range-checked coupling (`coupling="fixed_point"`,
+    `tf_revnet.AdditiveCoupling.fixed_point(...)`) counts, in its non-trainable variable
+    `stream_out_of_range`, the training-mode forward passes in which a value of its stream (inputs or
+    outputs) was not below `coupling.exact_range(stream_dtype)` (inf and NaN included). Out of range,
+    the stream's sums round as in floating point, so the inputs reversible backprop rebuilds are no
+    longer bit-identical to the forward pass's. This reads the counters (no computation, cheap in
+    `model.fit` callbacks: `tf_revnet.callbacks.StreamRangeMonitor` warns from it).
+
+    Args:
+        layer_or_model: a block, stack, `ReversibleSequence` or a model containing some.
+
+    Returns:
+        dict `{block name: count}` (float counts; a stack's blocks as `"stack_name[i]"`), one entry per
+        range-checked block in forward order; empty if no block checks its range.
+
+    Raises:
+        ValueError: if `layer_or_model` holds no reversible layer.
+    """
+    layers = reversible_layers(layer_or_model)
+    _require_reversible(layers, "layer_or_model", layer_or_model)
+    counts = {}
+    for layer in layers:
+        for unit in (layer.units if isinstance(layer, ReversibleSequence) else [layer]):
+            if isinstance(unit, ReversibleBlockStack):
+                counter = getattr(unit.block, "stream_out_of_range", None)
+                if counter is not None and unit.built:
+                    values = unit.stacked_variable(counter).numpy()
+                    counts.update({f"{unit.name}[{i}]": float(v) for i, v in enumerate(values)})
+            elif getattr(unit, "stream_out_of_range", None) is not None:
+                counts[unit.name] = float(unit.stream_out_of_range.numpy())
+    return counts
 
 
 def reconstruction_error(layer_or_model, x):
@@ -412,7 +487,9 @@ def reconstruction_error(layer_or_model, x):
     Returns:
         `ReconstructionReport` with one `BlockReconstruction` per block in forward order. Non-finite
         values are not hidden: a block whose forward or rebuilt inputs hold inf or NaN has
-        `nonfinite > 0` and NaN errors.
+        `nonfinite > 0` and NaN errors. Each block also reports `max_abs_stream` and, for a
+        fixed-point stream, its `exact_range`; `report.out_of_range` names the blocks whose stream
+        left it on `x` (their rebuilds are then not bit-identical).
 
     Raises:
         ValueError: if `layer_or_model` holds no reversible layer, or `x` is not a tensor or array.
@@ -427,7 +504,7 @@ def reconstruction_error(layer_or_model, x):
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Eq. 2, Algorithm 1, Section 5.3.
     """
-    if isinstance(layer_or_model, (ReversibleSequence, ReversibleBlock, ReversibleBlockStack)):
+    if isinstance(layer_or_model, _REVERSIBLE):
         layer = layer_or_model
         x = _check_input(x)
         if not layer.built:
@@ -450,7 +527,7 @@ def reconstruction_error(layer_or_model, x):
         calls = recorder.records[id(layer)]
         for k, inputs in enumerate(calls):
             label = layer.name if len(calls) == 1 else f"{layer.name}#{k}"
-            if isinstance(layer, (ReversibleBlock, ReversibleBlockStack)):
+            if isinstance(layer, _REVERSIBLE[1:]):
                 label = None if len(calls) == 1 else label
             results.extend(_sequence_reconstruction(layer, inputs, label))
     return ReconstructionReport(tuple(results))

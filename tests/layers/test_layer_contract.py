@@ -31,6 +31,8 @@ CASES = {
         None, 0),
     "ResidualBlock": (lambda dtype=None: layers.ResidualBlock(16, strides=2, dtype=dtype),
                       (None, 6, 6, 8), (None, 3, 3, 16), 0),
+    "MomentumBlock": (lambda dtype=None: layers.MomentumBlock(_dropout_function(dtype), gamma=0.8,
+                                                              dtype=dtype), (None, 5, 8), None, 1),
     "ReversibleBlock": (_block, (None, 6, 6, 8), None, 0),
     "ReversibleBlockStack": (
         lambda dtype=None: layers.ReversibleBlockStack(

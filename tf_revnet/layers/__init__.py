@@ -5,6 +5,7 @@ Nothing here imports `tf_revnet.models` or `training`.
 
 from tf_revnet.layers.coupling import AdditiveCoupling, AffineCoupling, Coupling
 from tf_revnet.layers.invertibility import is_invertible
+from tf_revnet.layers.momentum import MomentumBlock, MomentumUnit
 from tf_revnet.layers.residual_block import ResidualBlock
 from tf_revnet.layers.residual_functions import BasicResidualFunction, BottleneckResidualFunction
 from tf_revnet.layers.reversible_block import ReversibleBlock
@@ -35,6 +36,8 @@ __all__ = [
     "Coupling",
     "LoopRecord",
     "LoopUnit",
+    "MomentumBlock",
+    "MomentumUnit",
     "ResidualBlock",
     "ReversibleBlock",
     "ReversibleBlockStack",

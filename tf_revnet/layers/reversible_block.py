@@ -49,8 +49,12 @@ class ReversibleBlock(TwoStreamLayer):
         coupling: str or `tf_revnet.layers.Coupling`. `"additive"` (the paper's), `"affine"`, or an
             instance such as `AffineCoupling(clamp=3.0)` or `AdditiveCoupling(grid_bits=k)`. Under a
             mixed policy `"additive"` means `AdditiveCoupling(grid_bits=12)`: a fixed-point residual
-            stream whose rebuilt inputs are bit-identical to the forward pass's. Defaults to
-            `"additive"`.
+            stream whose rebuilt inputs are bit-identical to the forward pass's. `"fixed_point"`
+            is the same exactness in any policy, the grid chosen from `stream_dtype`
+            (`AdditiveCoupling.fixed_point`: float32 grid 2^-14, exact while |stream| < 1024), with
+            a range check: the block then has a non-trainable variable `stream_out_of_range`
+            counting training-mode forward passes that left the range (see
+            `tf_revnet.diagnostics.stream_out_of_range`). Defaults to `"additive"`.
         axis: int. The axis split into x1 and x2. Defaults to `-1`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
@@ -97,6 +101,8 @@ class ReversibleBlock(TwoStreamLayer):
         if coupling == "additive" and self.dtype_policy.compute_dtype != self.stream_dtype:
             # Mixed precision: a fixed-point stream makes the rebuilt inputs bit-identical.
             coupling = coupling_lib.AdditiveCoupling(grid_bits=MIXED_PRECISION_GRID_BITS)
+        elif coupling == "fixed_point":  # the exact stream, its grid chosen from the stream dtype
+            coupling = coupling_lib.AdditiveCoupling.fixed_point(self.stream_dtype)
         self.coupling = coupling_lib.get(coupling)
 
     def build(self, input_shape):
@@ -139,10 +145,36 @@ class ReversibleBlock(TwoStreamLayer):
                     "block cannot change the shape (no stride > 1, no change of channels): use a "
                     "non-reversible unit (tf_revnet.layers.StageTransition) for downsampling."
                 )
+        if getattr(self.coupling, "check_range", False):
+            # Forward passes (training mode) in which the stream left the coupling's exact range.
+            self.stream_out_of_range = self.add_weight(
+                shape=(), initializer="zeros", dtype="float32", trainable=False, autocast=False,
+                name="stream_out_of_range",
+            )
         self.input_spec = keras.InputSpec(
             ndim=len(half_shape), axes={self.axis: 2 * half_shape[axis]}
         )
         self.built = True
+
+    def count_out_of_range(self, streams, training=True):
+        """Counts a forward pass whose stream values leave the coupling's exact range.
+
+        With a range-checked coupling (`AdditiveCoupling.fixed_point`), adds 1 to the non-trainable
+        variable `stream_out_of_range` when `max |t|` over `streams` (the block's inputs and outputs)
+        is not below `coupling.exact_range(stream_dtype)` (NaN and inf count too). Inside a unit's
+        `keras.StatelessScope` the update goes to the scope (assigned once per step by the
+        sequence). `tf_revnet.diagnostics.stream_out_of_range` reads the counts and
+        `tf_revnet.callbacks.StreamRangeMonitor` warns naming the block (a warning from here could
+        not name a block of a fused loop, and graph mode could not emit it). A no-op for other
+        couplings and outside training (`training` False or None).
+        """
+        if not getattr(self.coupling, "check_range", False) or training is None or (
+                training is False):
+            return
+        limit = self.coupling.exact_range(self.stream_dtype)
+        peak = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(t)) for t in streams]))
+        out = tf.cast(tf.logical_not(peak < limit), "float32")
+        self.stream_out_of_range.assign(self.stream_out_of_range + out)
 
     # ----------------------------------------------------------------------------------------------
     # Eq. 1 and Eq. 2 on halves.
@@ -157,6 +189,7 @@ class ReversibleBlock(TwoStreamLayer):
         x1, x2 = self.coupling.quantize(x1), self.coupling.quantize(x2)
         y1 = self.coupling.couple(x1, self.f(x2, training=training), self.axis)
         y2 = self.coupling.couple(x2, self.g(y1, training=training), self.axis)
+        self.count_out_of_range((x1, x2, y1, y2), training)
         return y1, y2
 
     def inverse_halves(self, y1, y2, training=None):

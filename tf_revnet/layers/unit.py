@@ -285,6 +285,7 @@ class BlockUnit(Unit):
             y1 = coupling.couple(x1, block.f(x2, training=training), block.axis)
             mid = self.values_after(scope, values)
             y2 = coupling.couple(x2, block.g(y1, training=training), block.axis)
+            block.count_out_of_range((x1, x2, y1, y2), training)  # range-checked grids only
             after = self.values_after(scope, values)
         return (y1, y2), BlockRecord(values.state, values.rng, mid.state, mid.rng), after
 

@@ -32,6 +32,7 @@ def RevNet(
     preprocessing_mean=None,
     preprocessing_std=None,
     stack_blocks=True,
+    coupling="additive",
 ):
     """Instantiates a reversible residual network (RevNet) of any depth and width.
 
@@ -99,6 +100,10 @@ def RevNet(
             `ReversibleBlockStack` (stacked weights). `False` makes one `ReversibleBlock` layer, with
             its own variables, per block (graph and variable count then grow with depth). The
             architecture, parameter count and gradients are the same. Defaults to `True`.
+        coupling: str or `tf_revnet.layers.Coupling`. The reversible blocks' coupling (see
+            `ReversibleBlock`): `"fixed_point"` is the opt-in exact stream (bit-identical rebuilds
+            in float32; each block then counts its steps out of the grid's range). Stage
+            transitions keep their own floating point additions. Defaults to `"additive"`.
 
     Input shape:
         `(batch_size, height, width, channels)` (NHWC) float images, in the floatx dtype.
@@ -146,7 +151,7 @@ def RevNet(
     def body(images):
         stages = revnet_units(
             units, widths, residual_function, strides, name, common, stack_blocks=stack_blocks,
-            by_stage=True,
+            coupling=coupling, by_stage=True,
         )
         body_units = [Stem(widths[0], stem, name=f"{name}_stem", **common)]
         taps = []
@@ -167,7 +172,7 @@ def RevNet(
 
 def revnet_units(
     units, widths, residual_function, strides, name="revnet", common=None, stack_blocks=True,
-    by_stage=False,
+    coupling="additive", by_stage=False,
 ):
     """The units of a RevNet's stages, in order (the stage function of `RevNet`).
 
@@ -178,6 +183,8 @@ def revnet_units(
             (`kernel_regularizer`, `batch_norm_momentum`, `batch_norm_epsilon`).
         stack_blocks: bool. One `ReversibleBlockStack` for each stage's run of identical blocks
             (instead of one `ReversibleBlock` per block). Defaults to `True`.
+        coupling: str or `tf_revnet.layers.Coupling`. The blocks' coupling. Defaults to
+            `"additive"`.
         by_stage: bool. Return one list per stage. Defaults to `False`.
 
     Returns:
@@ -192,6 +199,7 @@ def revnet_units(
         return ReversibleBlock(
             function(preactivate=preactivate, name=f"{prefix}_f", **common),
             function(name=f"{prefix}_g", **common),
+            coupling=coupling,
             name=prefix,
         )
 
