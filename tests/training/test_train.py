@@ -24,8 +24,8 @@ import pytest
 
 from tests.training import hostile_images as hostile
 from tests.training.conftest import BATCH, EPOCHS, STEPS, run_captured, small_run_args
+from training import classifier, command_line, plots, report, run_dir, train
 from training import data as data_lib
-from training import plots, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The shared run (tests/training/conftest.py): `trained`, `_small_run_args`, `_run_captured`.
@@ -184,9 +184,9 @@ RESUME_SCRIPT = textwrap.dedent(
     import sys, time
     import keras
     import tf_revnet.models
-    from training import train
+    from training import classifier, train
 
-    train.MODEL_BUILDERS["tiny_revnet"] = lambda **kw: tf_revnet.models.RevNet(
+    classifier.MODEL_BUILDERS["tiny_revnet"] = lambda **kw: tf_revnet.models.RevNet(
         units=[1, 1], widths=[8, 8, 16], name="tiny", **kw)
 
     class StallAt(keras.callbacks.Callback):
@@ -355,11 +355,11 @@ def test_refused_image_and_bad_max_image_pixels_give_one_line_errors(tmp_path, c
                    "(max_image_pixels); refused before decoding; remove it, raise the limit "
                    "`--max-image-pixels 50000000`, or skip bad files without --strict-data")
     err, _ = _main_error([*common, "--max-image-pixels", "0"], capsys)
-    assert err == "python -m training.train: error: --max-image-pixels must be >= 1. Received: 0"
+    assert err == "python -m training.train: error: --max-image-pixels 0: must be > 0"
     # Without --strict-data the run reports the file it left out, with the reason.
     datasets = data_lib.load_image_folder(root, max_image_pixels=50_000_000)
     assert datasets.num_train == 2
-    assert train._left_out_lines(datasets) == [
+    assert report.left_out_lines(datasets) == [
         f"Refused 1 files before decoding: {bomb}: 20000 x 20000 pixels x 1 frame = 400000000 "
         "pixels, over the limit of 50000000 pixels (max_image_pixels); refused before decoding "
         "(--max-image-pixels raises the limit; --strict-data stops instead)"]
@@ -385,7 +385,7 @@ def test_network_check_is_quick_for_unreachable_host():
 
 def test_help_has_examples(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.run(["--help"])
+        train.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for option in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size",
@@ -395,16 +395,18 @@ def test_help_has_examples(capsys):
     assert "python -m training.train --data-dir" in out
 
 
+def _config(argv):
+    return command_line.resolve_config(command_line.build_parser().parse_args(argv), argv)
+
+
 def _unfinished_run(tmp_path, argv):
     """A run directory as a killed run of `argv` leaves it: config.json and a backup."""
-    args = train.build_parser().parse_args(argv)
-    args.argv = argv
-    config = train.resolve_config(args)
+    config = _config(argv)
     model_dir = pathlib.Path(config.model_dir)
     (model_dir / "backup").mkdir(parents=True)
     (model_dir / "backup" / "latest.weights.h5").write_bytes(b"")
     (model_dir / "config.json").write_text(json.dumps(
-        {**config.to_dict(), "fingerprint": config.training_fingerprint()}))
+        {**config.to_dict(), "fingerprint": train._fingerprint(config)}))
     return model_dir
 
 
@@ -490,57 +492,38 @@ def test_truncated_checkpoint_gives_one_line_error(cifar10_small_dir, tmp_path, 
 
 @pytest.mark.parametrize("name", ["RevNet-38", "revnet_38", "REVNET38", "resnet-32", "ResNet_101"])
 def test_model_names_as_the_registry_takes_them(name, tmp_path):
-    args = train.build_parser().parse_args(["--model", name, "--export-dir", str(tmp_path / "e")])
-    args.argv = []
-    assert train.resolve_config(args).model == name
-
-
-@pytest.mark.parametrize("distribution, advice", [
-    ("none", "pick a new --model-dir or leave it out (a new runs/<model>/<time>)"),
-    ("multi_worker", "pick a new --model-dir"),  # leaving it out is refused there
-])
-def test_finished_run_is_refused_with_advice_that_applies(distribution, advice, tmp_path):
-    args = train.build_parser().parse_args(
-        ["--model-dir", str(tmp_path / "m"), "--export-dir", str(tmp_path / "e"),
-         "--distribution", distribution])
-    args.argv = []
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"finished": True, "command": "c"}))
-    with pytest.raises(train.ConfigError) as error:
-        train._prepare_run_dir(train.resolve_config(args))
-    assert str(error.value) == f"--model-dir {tmp_path / 'm'}: holds a finished run (c); {advice}"
+    assert _config(["--model", name, "--export-dir", str(tmp_path / "e")]).model == name
 
 
 def test_resume_accepts_another_spelling_of_the_model(tmp_path):
     """`RevNet-38` resumes a run started as `revnet38` (the same model), also from a config.json
     of an earlier version that kept the name as typed; `resnet32` does not."""
-    def config(name):
-        args = train.build_parser().parse_args(
-            ["--model", name, "--model-dir", str(tmp_path / "m"), "--export-dir",
-             str(tmp_path / "e")])
-        args.argv = []
-        return train.resolve_config(args)
+    def fingerprint(name):
+        return train._fingerprint(_config(["--model", name, "--model-dir", str(tmp_path / "m"),
+                                           "--export-dir", str(tmp_path / "e")]))
+
+    def open_run(name):
+        with run_dir.RunDirectory(tmp_path / "m", fingerprint(name),
+                                  canonical_model=classifier.canonical_model_name) as run:
+            return run.resuming
 
     (tmp_path / "m").mkdir()
-    fingerprint = config("revnet38").training_fingerprint()
-    assert fingerprint["model"] == "RevNet38"
+    assert fingerprint("revnet38")["model"] == "RevNet38"
     for stored in ("RevNet38", "revnet38"):
         (tmp_path / "m" / "config.json").write_text(json.dumps(
-            {"command": "python -m training.train", "fingerprint": {**fingerprint,
-                                                                    "model": stored}}))
-        assert train._prepare_run_dir(config("RevNet-38")) is True
-        with pytest.raises(train.ConfigError, match="holds an unfinished run with different model"):
-            train._prepare_run_dir(config("resnet32"))
+            {"command": "python -m training.train",
+             "fingerprint": {**fingerprint("revnet38"), "model": stored}}))
+        assert open_run("RevNet-38") is True
+        with pytest.raises(run_dir.RunDirError, match="holds an unfinished run with different model"):
+            open_run("resnet32")
 
 
 def test_default_run_dir_is_new_for_each_run(tmp_path):
-    args = train.build_parser().parse_args(["--export-dir", str(tmp_path / "e")])
-    args.argv = []
     dirs = []
     try:
         for _ in range(3):
-            path = pathlib.Path(train.resolve_config(args).model_dir)
-            assert path.parent == train.REPO_ROOT / "runs" / "revnet38"
+            path = pathlib.Path(_config(["--export-dir", str(tmp_path / "e")]).model_dir)
+            assert path.parent == command_line.REPO_ROOT / "runs" / "revnet38"
             path.mkdir(parents=True)
             dirs.append(path)
         assert len(set(dirs)) == 3
