@@ -215,7 +215,8 @@ def _loader(split, size):
 
 def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in_memory=True,
          train_examples=None, test_examples=None, seed=0, validation_split=None, strict=False,
-         max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS, follow_links=False):
+         max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS, follow_links=False,
+         progress=None):
     """Loads the training and test splits from an image folder (if `data_dir`) or from TFDS.
 
     Args:
@@ -234,6 +235,8 @@ def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in
         max_image_pixels: int. Folders only: refuse files whose header announces more pixels
             (see `load_image_folder`).
         follow_links: bool. Folders only: follow folder links inside class folders.
+        progress: callable `progress(split, done, total)` or None. Folders only: called while
+            the files are decoded (e.g. a progress bar).
 
     Returns:
         `Datasets`.
@@ -246,7 +249,8 @@ def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in
         return load_image_folder(data_dir, image_size=image_size, in_memory=in_memory,
                                  train_examples=train_examples, test_examples=test_examples,
                                  seed=seed, validation_split=validation_split, strict=strict,
-                                 max_image_pixels=max_image_pixels, follow_links=follow_links)
+                                 max_image_pixels=max_image_pixels, follow_links=follow_links,
+                                 progress=progress)
     if validation_split is not None:
         raise DataError("validation_split", validation_split,
                         "only for image folders without test/ (TFDS data sets have a test split)")
@@ -314,8 +318,11 @@ def list_image_folder(split_dir, parameter="data_dir", follow_links=False):
     return class_names, files
 
 
-def _decode_scan(paths, size, keep_images, max_pixels):
-    """Decodes every file once. Returns (uint8 images or None, boolean ok mask)."""
+def _decode_scan(paths, size, keep_images, max_pixels, progress=None):
+    """Decodes every file once. Returns (uint8 images or None, boolean ok mask).
+
+    `progress(done, total)` is called after each chunk of 1,024 files (None: nothing).
+    """
     ds = tf.data.Dataset.from_tensor_slices((paths, np.arange(len(paths))))
 
     def decode(path, i):
@@ -329,8 +336,10 @@ def _decode_scan(paths, size, keep_images, max_pixels):
     ok = np.zeros(len(paths), dtype=bool)
     chunks = []
     with quiet_stderr():
-        for images, indices in ds.as_numpy_iterator():
+        for done, (images, indices) in enumerate(ds.as_numpy_iterator(), 1):
             ok[indices] = True
+            if progress is not None:
+                progress(min(done * 1024, len(paths)), len(paths))
             if keep_images:
                 chunks.append(images)
     if not keep_images:
@@ -437,7 +446,8 @@ def _left_out(paths, ok, root, strict, max_image_pixels):
 
 def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=None,
                       test_examples=None, seed=0, validation_split=None, strict=False,
-                      max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS, follow_links=False):
+                      max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS, follow_links=False,
+                      progress=None):
     """Reads `data_dir/train/<class>/*` and `data_dir/test/<class>/*` (or a validation split).
 
     Labels follow the sorted class-folder names (for CIFAR-10 the standard label order). See the
@@ -459,6 +469,7 @@ def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=No
             together) are refused before decoding (`Datasets.refused`). Defaults to
             `training.image_safety.DEFAULT_MAX_IMAGE_PIXELS` (100 million).
         follow_links: bool. Follow folder links inside the class folders (each folder once).
+        progress: callable `progress(split, done, total)` or None, called while decoding.
 
     Returns:
         `Datasets`.
@@ -488,7 +499,8 @@ def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=No
         keep = _subset_indices(len(p), cap, seed)
         p, y = p[keep], y[keep]
         images, ok = _decode_scan(p, image_size, keep_images=in_memory,
-                                  max_pixels=max_image_pixels)
+                                  max_pixels=max_image_pixels,
+                                  progress=progress and (lambda d, t, n=name: progress(n, d, t)))
         split_skipped, split_refused = _left_out(p, ok, root, strict, max_image_pixels)
         skipped, refused = skipped + split_skipped, refused + split_refused
         if not ok.any():

@@ -48,10 +48,14 @@ def memory_estimate_mb(model, batch_size):
     """`{"estimate_reversible_mb", "estimate_plain_mb", "memory_ratio", "estimate_batch_size"}`
     of a training step of `model` at `batch_size` (per replica), from `tf_revnet.memory.estimate`;
     None when it cannot estimate the model."""
+    import keras
+
     import tf_revnet.memory
 
+    # The classifier wraps the zoo model (normalization first): estimate the zoo model.
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     try:
-        estimate = tf_revnet.memory.estimate(model, batch_size)
+        estimate = tf_revnet.memory.estimate(nested[0] if len(nested) == 1 else model, batch_size)
     except (ValueError, TypeError, NotImplementedError):
         return None
     return {"estimate_reversible_mb": estimate.reversible / 2**20,
@@ -99,6 +103,18 @@ class Reporter:
 
     def __init__(self, stream=None, enabled=True):
         self.stream, self.enabled = stream, enabled
+        self._bars = {}
+
+    def decoding(self, split, done, total):
+        """A progress bar of the files of `split` decoded (`training.data.load`'s `progress`)."""
+        if not self.enabled:
+            return
+        import keras
+
+        if split not in self._bars:
+            self.line(f"Decoding the {total} {split} images")
+            self._bars[split] = keras.utils.Progbar(total, unit_name="image")
+        self._bars[split].update(done, finalize=done >= total)
 
     def line(self, text, always=False):
         """Writes one line (or several, joined by newlines)."""

@@ -123,9 +123,9 @@ def _load_data(config, replicas, reporter):
         raise command_line.ConfigError("batch_size", recipe.batch_size, (
             f"the global batch is split into {replicas} equal replica batches "
             f"({config.distribution}); use a multiple of {replicas}"))
-    reporter.line(f"Loading the data ({config.data_dir or config.dataset}; an image folder is "
-                  "decoded once into memory)")
-    datasets = data.load(
+    reporter.line(f"Loading the data ({config.data_dir or config.dataset}; an image folder's files "
+                  "are decoded once)")
+    datasets = data.load(progress=reporter.decoding if config.verbose else None,
         dataset=config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
         image_size=recipe.image_size, in_memory=recipe.preprocessing == "cifar",
         train_examples=recipe.train_examples, test_examples=recipe.test_examples,
@@ -307,7 +307,7 @@ def _train(config, extra_callbacks):
         test_ds = data.eval_dataset(datasets.test_split, config.recipe.batch_size,
                                     augment=config.recipe.preprocessing,
                                     image_size=config.recipe.image_size)
-        test = (test_ds, data.num_steps(datasets.num_test, config.recipe.batch_size),
+        test = (test_ds, -(-datasets.num_test // config.recipe.batch_size),
                 f"the {datasets.num_test} {datasets.test_name} images")
         callbacks = fitting.make_callbacks(config, model, strategy, backup, test,
                                            extra_callbacks, reporter.line)

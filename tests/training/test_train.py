@@ -578,3 +578,101 @@ def test_strict_data_error_names_the_file_and_the_flag(tmp_path, cifar10_small_d
     assert err == (f"python -m training.train: error: --data-dir {root}: cannot decode "
                    f"{root / 'train' / 'cat' / 'bad.jpg'} (truncated or not an image); remove it, "
                    "or skip bad files without --strict-data")
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_the_rerun_is_exact(trained, cifar10_small_dir,
+                                                                tmp_path):
+    """SIGINT after step 7 (epoch 2, batch 3; backups only every epoch): one line, exit status
+    130; the backup holds step 7, and the same command ends with the uninterrupted weights."""
+    _, _, reference_dir, _ = trained
+    script = tmp_path / "cli.py"
+    script.write_text(RESUME_SCRIPT.replace(
+        "import sys, time\n",
+        "import sys, time\nfrom training import startup\nstartup.import_tensorflow_quietly()\n"
+    ).replace("train.run(sys.argv[2:], callbacks=[StallAt(int(sys.argv[1]))])",
+              "run = train.run\n"
+              "train.run = lambda argv: run(argv, callbacks=[StallAt(int(sys.argv[1]))])\n"
+              "sys.exit(train.main(sys.argv[2:]))"))
+    args = _small_run_args(cifar10_small_dir, tmp_path / "run", tmp_path / "x", extra=["--no-export"])
+    victim = _cli(script, 7, args)
+    try:
+        line, deadline = "", time.time() + 240
+        while "STALLED" not in line and time.time() < deadline and victim.poll() is None:
+            line = victim.stdout.readline()
+        assert "STALLED" in line, victim.stderr.read()[-3000:]
+        victim.send_signal(signal.SIGINT)
+        _, err = victim.communicate(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "python -m training.train: interrupted at step 7; run the same command to resume")
+    assert json.loads((tmp_path / "run" / "backup" / "training_metadata.json").read_text())[
+        "step"] == 7
+    resumed, out = _run_captured(args)
+    assert not isinstance(resumed, Exception), resumed
+    assert "Resuming at step 7 of 12 (epoch 2, batch 3)" in out, out
+    _assert_same_weights(reference_dir / "model.weights.h5", tmp_path / "run" / "model.weights.h5",
+                         atol=1e-6)
+
+
+def test_interrupted_line_names_the_run_dir_when_the_command_did_not():
+    from training import fitting
+
+    error = fitting.Interrupted(57, 50, "/x/runs/revnet38/1")
+    assert train._interrupted_line(error, ["--epochs", "2"]) == (
+        "interrupted at step 57; run the same command with --model-dir /x/runs/revnet38/1 to "
+        "resume (from the backup of step 50)")
+    assert train._interrupted_line(None, []).startswith("interrupted before training started")
+
+
+@pytest.mark.parametrize("flag", ["--model-dir", "--export-dir"])
+def test_unwritable_directories_are_one_line_before_anything_runs(flag, tmp_path, capsys):
+    """sysfs refuses new files (even to root): the probe at start-up says so in one line, within
+    seconds, and no run directory is left."""
+    argv = ["--data-dir", str(tmp_path / "data"), "--model-dir", str(tmp_path / "m"),
+            "--export-dir", str(tmp_path / "e"), flag, "/sys/kernel/revnet_test"]
+    err, elapsed = _main_error(argv, capsys)
+    assert err == (f"python -m training.train: error: {flag} /sys/kernel/revnet_test: cannot "
+                   f"write in /sys/kernel (Permission denied); pick a writable folder for {flag}")
+    assert elapsed < 30 and not (tmp_path / "m").exists()
+
+
+def test_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    err, _ = _main_error(["--data-dir", str(tmp_path / "nothing"), "--model-dir",
+                          str(tmp_path / "runs" / "new"), "--export-dir", str(tmp_path / "e")],
+                         capsys)
+    assert f"--data-dir {tmp_path / 'nothing'}: no such directory" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "e").exists()
+
+
+def test_help_of_every_command_line_answers_without_tensorflow():
+    for module in ("training.train", "training.evaluate", "training.export", "training.predict"):
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "usage: python -m" in proc.stdout, proc.stderr[-2000:]
+        assert " tensorflow" not in proc.stderr and " keras" not in proc.stderr, module
+        assert time.time() - start < 3, module
+
+
+def test_first_step_epoch_header_and_validation_progress(cifar10_small_dir, tmp_path):
+    """One epoch: an `Epoch 1/1` header, the training bar, then a validation bar; the summary
+    gives the measured peak and the estimated reversible and plain-backprop step memory."""
+    argv = _small_run_args(cifar10_small_dir, tmp_path / "run", tmp_path / "e", epochs=1,
+                           extra=["--no-export", "--verbose", "1"])
+    result, out = _run_captured(argv)
+    assert not isinstance(result, Exception), result
+    assert "\nEpoch 1/1\n" in out and "Validating on the 32 test images" in out, out
+    assert re.search(r"^Decoding the 128 train images", out, flags=re.M), out
+    summary = result.summary
+    assert summary["estimate_plain_mb"] > summary["estimate_reversible_mb"] > 0
+    assert summary["memory_ratio"] == pytest.approx(
+        summary["estimate_reversible_mb"] / summary["estimate_plain_mb"])
+    assert (f"needs {summary['estimate_reversible_mb']:.0f} MB with reversible backprop against "
+            f"{summary['estimate_plain_mb']:.0f} MB with plain backprop: "
+            f"{summary['memory_ratio']:.2f}x") in out
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["memory_ratio"] == pytest.approx(summary["memory_ratio"])
