@@ -319,6 +319,8 @@ def classify_readable(export_dir, files, batch_size=64, max_image_pixels=None):
                 except tf.errors.InvalidArgumentError:
                     skipped.append((f, "cannot decode it (not a JPEG, PNG, GIF or BMP file, or "
                                        "truncated)"))
+    position = {f: i for i, f in enumerate(files)}
+    skipped.sort(key=lambda item: position[item[0]])  # in the order given
     probabilities = (np.concatenate([r.numpy() for r in rows]) if rows
                      else np.zeros((0, len(read_class_names(export_dir))), np.float32))
     return classified, probabilities, skipped
