@@ -133,20 +133,19 @@ def test_monitor_rejects_bad_arguments(kwargs, match):
 
 
 def test_train_cli_monitor_numerics_flag(tmp_path):
-    from training import train
+    from training import command_line, run_dir
 
     def resolve(*extra):
-        args = train.build_parser().parse_args(
-            ["--model-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "export"),
-             *extra])
-        args.argv = list(extra)
-        return train.resolve_config(args)
+        argv = ["--model-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "export"),
+                *extra]
+        return command_line.resolve_config(command_line.build_parser().parse_args(argv), argv)
 
     config = resolve("--monitor-numerics", "50", "--max-gradient-angle", "0.5")
     assert (config.monitor_numerics, config.max_gradient_angle,
             config.max_reconstruction_error) == (50, 0.5, 1e-2)
     assert resolve().monitor_numerics == 0  # off by default
     # Monitoring does not change training: a run may be resumed with other monitor settings.
-    assert "monitor_numerics" not in config.training_fingerprint()
-    with pytest.raises(train.ConfigError, match="--monitor-numerics must be >= 0"):
+    assert "monitor_numerics" not in run_dir.TRAINING_FIELDS
+    with pytest.raises(command_line.ConfigError) as error:
         resolve("--monitor-numerics", "-1")
+    assert command_line.error_line(error.value) == "--monitor-numerics -1: must be >= 0 (0: off)"

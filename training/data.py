@@ -22,8 +22,13 @@ by default), without pixels, or not one of the four formats are refused without 
 listed with the reason in `Datasets.refused`; files that do not decode (truncated, corrupt) are
 skipped and listed in `Datasets.skipped`. With `strict=True` either raises `DataError`.
 
-Errors are `DataError`s that name this module's parameters (`data_dir`, `dataset`, ...); the command
-line maps them to its flags.
+Folder links inside a class folder are not followed (as `keras.utils.image_dataset_from_directory`
+with its default `follow_links=False`): a link loop would list the same images again and again.
+`follow_links=True` follows them, reading each folder once (a link back to a folder already read,
+a loop, is skipped).
+
+Errors are `training.errors.DataError`s that name this module's parameters (`data_dir`, `dataset`,
+...); the command line writes them with its flags.
 
 Example:
 
@@ -46,6 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 from training import image_safety
+from training.errors import DataError, Mention
 from training.startup import quiet_stderr
 
 __all__ = [
@@ -68,11 +74,11 @@ __all__ = [
     "num_steps",
 ]
 
-# How to get data without network; shown in error messages.
+# How to get data without network; the end of error messages (a list of reason parts).
 ARCHIVE_HINT = (
-    "extract the CIFAR-10 copy with `mkdir -p /tmp/cifar10 && "
-    "tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10` and read it with "
-    "`data_dir=/tmp/cifar10`"
+    "Extract the CIFAR-10 copy with `mkdir -p /tmp/cifar10 && tar xzf "
+    "../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10`, then read it with ",
+    Mention("data_dir", "/tmp/cifar10"), ".",
 )
 # The extensions keras.utils.image_dataset_from_directory accepts.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -83,19 +89,6 @@ AUGMENTATIONS = ("none", "cifar", "imagenet")
 IMAGENET_RESIZE_RATIO = 256 / 224
 MAX_REPORTED_FILES = 5
 
-
-class DataError(ValueError):
-    """Data cannot be loaded as asked.
-
-    Attributes:
-        parameter: str. The parameter of this module at fault (`"data_dir"`, `"dataset"`, ...).
-        value: the value received.
-        reason: str. One line: what is wrong and how to fix it.
-    """
-
-    def __init__(self, parameter, value, reason):
-        self.parameter, self.value, self.reason = parameter, value, reason
-        super().__init__(f"{parameter}={value}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +215,8 @@ def _loader(split, size):
 
 def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in_memory=True,
          train_examples=None, test_examples=None, seed=0, validation_split=None, strict=False,
-         max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS):
+         max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS, follow_links=False,
+         progress=None):
     """Loads the training and test splits from an image folder (if `data_dir`) or from TFDS.
 
     Args:
@@ -240,6 +234,9 @@ def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in
         strict: bool. Raise on the first file that does not decode instead of skipping it.
         max_image_pixels: int. Folders only: refuse files whose header announces more pixels
             (see `load_image_folder`).
+        follow_links: bool. Folders only: follow folder links inside class folders.
+        progress: callable `progress(split, done, total)` or None. Folders only: called while
+            the files are decoded (e.g. a progress bar).
 
     Returns:
         `Datasets`.
@@ -252,7 +249,8 @@ def load(dataset="cifar10", data_dir=None, tfds_data_dir=None, image_size=32, in
         return load_image_folder(data_dir, image_size=image_size, in_memory=in_memory,
                                  train_examples=train_examples, test_examples=test_examples,
                                  seed=seed, validation_split=validation_split, strict=strict,
-                                 max_image_pixels=max_image_pixels)
+                                 max_image_pixels=max_image_pixels, follow_links=follow_links,
+                                 progress=progress)
     if validation_split is not None:
         raise DataError("validation_split", validation_split,
                         "only for image folders without test/ (TFDS data sets have a test split)")
@@ -264,10 +262,19 @@ def _visible(name):
     return not name.startswith(".")
 
 
-def _list_class(class_dir):
-    """Image files under `class_dir` (recursively, as Keras follows sub-folders), sorted."""
-    files = []
-    for parent, dirs, names in os.walk(class_dir, followlinks=True):
+def _list_class(class_dir, follow_links=False):
+    """Image files under `class_dir` (recursively, as Keras reads sub-folders), sorted.
+
+    With `follow_links`, folder links are followed, each folder (by device and inode) once.
+    """
+    files, seen = [], set()
+    for parent, dirs, names in os.walk(class_dir, followlinks=follow_links):
+        if follow_links:
+            identity = (os.stat(parent).st_dev, os.stat(parent).st_ino)
+            if identity in seen:  # a loop, or a second link to a folder already read
+                dirs[:] = []
+                continue
+            seen.add(identity)
         dirs[:] = sorted(d for d in dirs if _visible(d))
         files.extend(
             os.path.join(parent, n) for n in sorted(names)
@@ -276,15 +283,17 @@ def _list_class(class_dir):
     return files
 
 
-def list_image_folder(split_dir, parameter="data_dir"):
+def list_image_folder(split_dir, parameter="data_dir", follow_links=False):
     """Lists `split_dir/<class>/...` image files like `keras.utils.image_dataset_from_directory`.
 
     Hidden files and folders (`.DS_Store`, `.git/`, `._x.jpg`) and files without an image
-    extension are ignored; sub-folders of a class folder are followed.
+    extension are ignored; sub-folders of a class folder are read, folder links inside it only
+    with `follow_links` (each folder once, so a link loop is read once).
 
     Args:
         split_dir: path-like. Folder of class folders.
         parameter: str. Parameter name used in errors.
+        follow_links: bool. Follow folder links inside the class folders.
 
     Returns:
         `(class_names, files)`: sorted class names and a dict class name -> sorted list of paths.
@@ -297,7 +306,7 @@ def list_image_folder(split_dir, parameter="data_dir"):
     if not class_names:
         raise DataError(parameter, split_dir.parent,
                         f"no class folders in {split_dir}; expected DIR/train/<class>/*.jpg")
-    files = {name: _list_class(split_dir / name) for name in class_names}
+    files = {name: _list_class(split_dir / name, follow_links) for name in class_names}
     empty = [name for name in class_names if not files[name]]
     if empty:
         raise DataError(
@@ -309,8 +318,11 @@ def list_image_folder(split_dir, parameter="data_dir"):
     return class_names, files
 
 
-def _decode_scan(paths, size, keep_images, max_pixels):
-    """Decodes every file once. Returns (uint8 images or None, boolean ok mask)."""
+def _decode_scan(paths, size, keep_images, max_pixels, progress=None):
+    """Decodes every file once. Returns (uint8 images or None, boolean ok mask).
+
+    `progress(done, total)` is called after each chunk of 1,024 files (None: nothing).
+    """
     ds = tf.data.Dataset.from_tensor_slices((paths, np.arange(len(paths))))
 
     def decode(path, i):
@@ -324,8 +336,10 @@ def _decode_scan(paths, size, keep_images, max_pixels):
     ok = np.zeros(len(paths), dtype=bool)
     chunks = []
     with quiet_stderr():
-        for images, indices in ds.as_numpy_iterator():
+        for done, (images, indices) in enumerate(ds.as_numpy_iterator(), 1):
             ok[indices] = True
+            if progress is not None:
+                progress(min(done * 1024, len(paths)), len(paths))
             if keep_images:
                 chunks.append(images)
     if not keep_images:
@@ -354,13 +368,90 @@ def _subset_indices(n, cap, seed):
     return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
 
 
+def _check_layout(root, validation_split):
+    """Whether `root` has a `test/` folder; raises `DataError` for a layout it cannot read."""
+    layout = ["expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg. ", *ARCHIVE_HINT]
+    if not root.is_dir():
+        raise DataError("data_dir", root, ["no such directory; ", *layout])
+    if not (root / "train").is_dir():
+        raise DataError("data_dir", root, [f"missing {root / 'train'}; ", *layout])
+    has_test = (root / "test").is_dir()
+    if validation_split is not None:
+        if not 0 < validation_split < 1:
+            raise DataError("validation_split", validation_split, "must be in (0, 1), e.g. 0.1")
+        if has_test:
+            raise DataError("validation_split", validation_split, [
+                f"{root} has a test/ folder, which is the test split; drop ",
+                Mention("validation_split"), " or move test/ away"])
+    elif not has_test:
+        raise DataError("data_dir", root, [
+            f"missing {root / 'test'}; add DIR/test/<class>/* or hold out part of train with ",
+            Mention("validation_split", 0.1), "; ", *layout])
+    return has_test
+
+
+def _list_splits(root, has_test, follow_links):
+    """(class names, {split: {class: files}}) of the folder's train/ (and test/)."""
+    class_names, train_files = list_image_folder(root / "train", follow_links=follow_links)
+    split_files = {"train": train_files}
+    if has_test:
+        test_names, split_files["test"] = list_image_folder(root / "test",
+                                                            follow_links=follow_links)
+        if test_names != class_names:
+            only_train = sorted(set(class_names) - set(test_names))
+            only_test = sorted(set(test_names) - set(class_names))
+            raise DataError(
+                "data_dir", root,
+                "train/ and test/ have different class folders (only in train: "
+                f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}); "
+                "both need the same <class> names",
+            )
+    return class_names, split_files
+
+
+def _index(class_names, files):
+    paths = np.array([p for name in class_names for p in files[name]])
+    labels = np.array([i for i, name in enumerate(class_names) for _ in files[name]], np.int32)
+    return paths, labels
+
+
+def _hold_out(paths, labels, validation_split, seed, root):
+    """(train paths, train labels, test paths, test labels): a seeded fraction held out."""
+    order = np.random.default_rng(seed).permutation(len(paths))
+    n_val = max(1, int(round(validation_split * len(paths))))
+    if n_val >= len(paths):
+        raise DataError("validation_split", validation_split,
+                        f"leaves no training images of the {len(paths)} in {root / 'train'}")
+    val, keep = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return paths[keep], labels[keep], paths[val], labels[val]
+
+
+def _left_out(paths, ok, root, strict, max_image_pixels):
+    """(skipped, refused) files of `paths` that did not decode; with `strict`, the first raises."""
+    skipped, refused = [], []
+    for path in paths[~ok].tolist():
+        reason = _refusal(path, max_image_pixels)
+        if strict and reason is not None:
+            fix = (["raise the limit ", Mention("max_image_pixels", max_image_pixels), ", "]
+                   if "over the limit" in reason else [])
+            raise DataError("data_dir", root, [f"refused {reason}; remove it, ", *fix,
+                                               "or skip bad files ", Mention("strict", False)])
+        if strict:
+            raise DataError("data_dir", root, [f"cannot decode {path} (truncated or not an "
+                                               "image); remove it, or skip bad files ",
+                                               Mention("strict", False)])
+        (skipped if reason is None else refused).append(path if reason is None else reason)
+    return skipped, refused
+
+
 def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=None,
                       test_examples=None, seed=0, validation_split=None, strict=False,
-                      max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS):
+                      max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS, follow_links=False,
+                      progress=None):
     """Reads `data_dir/train/<class>/*` and `data_dir/test/<class>/*` (or a validation split).
 
     Labels follow the sorted class-folder names (for CIFAR-10 the standard label order). See the
-    module docstring for hidden files, formats, refused and undecodable files.
+    module docstring for hidden files, folder links, formats, refused and undecodable files.
 
     Args:
         data_dir: str or path-like. Root of the tree.
@@ -377,6 +468,8 @@ def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=No
         max_image_pixels: int. Files whose header announces more pixels (all frames of a GIF
             together) are refused before decoding (`Datasets.refused`). Defaults to
             `training.image_safety.DEFAULT_MAX_IMAGE_PIXELS` (100 million).
+        follow_links: bool. Follow folder links inside the class folders (each folder once).
+        progress: callable `progress(split, done, total)` or None, called while decoding.
 
     Returns:
         `Datasets`.
@@ -392,88 +485,33 @@ def load_image_folder(data_dir, image_size=32, in_memory=True, train_examples=No
         raise DataError("max_image_pixels", max_image_pixels, "must be a positive integer, e.g. "
                         f"{image_safety.DEFAULT_MAX_IMAGE_PIXELS}") from None
     root = pathlib.Path(data_dir).expanduser()
-    layout = f"expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg ({ARCHIVE_HINT})"
-    if not root.is_dir():
-        raise DataError("data_dir", root, f"no such directory; {layout}")
-    if not (root / "train").is_dir():
-        raise DataError("data_dir", root, f"missing {root / 'train'}; {layout}")
-    has_test = (root / "test").is_dir()
-    if validation_split is not None:
-        if not 0 < validation_split < 1:
-            raise DataError("validation_split", validation_split, "must be in (0, 1), e.g. 0.1")
-        if has_test:
-            raise DataError("validation_split", validation_split,
-                            f"{root} has a test/ folder, which is the test split; drop "
-                            "validation_split or move test/ away")
-    elif not has_test:
-        raise DataError("data_dir", root,
-                        f"missing {root / 'test'}; add DIR/test/<class>/* or hold out part of "
-                        f"train with `validation_split=0.1`; {layout}")
-    class_names, train_files = list_image_folder(root / "train")
-    split_files = {"train": train_files}
+    has_test = _check_layout(root, validation_split)
+    class_names, split_files = _list_splits(root, has_test, follow_links)
+    paths, labels = _index(class_names, split_files["train"])
     if has_test:
-        test_names, split_files["test"] = list_image_folder(root / "test")
-        if test_names != class_names:
-            only_train = sorted(set(class_names) - set(test_names))
-            only_test = sorted(set(test_names) - set(class_names))
-            raise DataError(
-                "data_dir", root,
-                "train/ and test/ have different class folders (only in train: "
-                f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}); "
-                "both need the same <class> names",
-            )
-
-    def index(files):
-        paths = np.array([p for name in class_names for p in files[name]])
-        labels = np.array([i for i, name in enumerate(class_names) for _ in files[name]],
-                          np.int32)
-        return paths, labels
-
-    paths, labels = index(train_files)
-    test_name = "test"
-    if has_test:
-        test_paths, test_labels = index(split_files["test"])
+        test_paths, test_labels = _index(class_names, split_files["test"])
     else:
-        order = np.random.default_rng(seed).permutation(len(paths))
-        n_val = max(1, int(round(validation_split * len(paths))))
-        if n_val >= len(paths):
-            raise DataError("validation_split", validation_split,
-                            f"leaves no training images of the {len(paths)} in {root / 'train'}")
-        val, keep = np.sort(order[:n_val]), np.sort(order[n_val:])
-        test_paths, test_labels = paths[val], labels[val]
-        paths, labels = paths[keep], labels[keep]
-        test_name = f"validation split {validation_split} of train"
-
+        paths, labels, test_paths, test_labels = _hold_out(paths, labels, validation_split,
+                                                           seed, root)
     splits, skipped, refused = {}, [], []
     for name, (p, y, cap) in {"train": (paths, labels, train_examples),
                               "test": (test_paths, test_labels, test_examples)}.items():
         keep = _subset_indices(len(p), cap, seed)
         p, y = p[keep], y[keep]
         images, ok = _decode_scan(p, image_size, keep_images=in_memory,
-                                  max_pixels=max_image_pixels)
-        for path in p[~ok].tolist():
-            reason = _refusal(path, max_image_pixels)
-            if strict and reason is not None:
-                fix = (f"raise the limit `max_image_pixels={max_image_pixels}`, "
-                       if "over the limit" in reason else "")
-                raise DataError("data_dir", root, f"refused {reason}; remove it, {fix}or skip bad "
-                                "files with `strict=False`")
-            if strict:
-                raise DataError("data_dir", root, f"cannot decode {path} (truncated or not an "
-                                "image); remove it, or skip bad files with `strict=False`")
-            (skipped if reason is None else refused).append(path if reason is None else reason)
+                                  max_pixels=max_image_pixels,
+                                  progress=progress and (lambda d, t, n=name: progress(n, d, t)))
+        split_skipped, split_refused = _left_out(p, ok, root, strict, max_image_pixels)
+        skipped, refused = skipped + split_skipped, refused + split_refused
         if not ok.any():
             raise DataError("data_dir", root, f"no decodable images in {root / name}")
         splits[name] = Split(labels=y[ok], images=images, paths=None if in_memory else p[ok],
                              max_image_pixels=max_image_pixels)
     return Datasets(
-        train_split=splits["train"],
-        test_split=splits["test"],
+        train_split=splits["train"], test_split=splits["test"],
         image_shape=(image_size, image_size, 3) if in_memory else None,
-        class_names=list(class_names),
-        source=f"folder:{root}",
-        skipped=tuple(skipped),
-        test_name=test_name,
+        class_names=list(class_names), source=f"folder:{root}", skipped=tuple(skipped),
+        test_name="test" if has_test else f"validation split {validation_split} of train",
         refused=tuple(refused),
     )
 
@@ -517,11 +555,9 @@ def load_tfds(name="cifar10", tfds_data_dir=None, train_examples=None, test_exam
     try:
         builder = tfds.builder(name, data_dir=tfds_data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(
-            "dataset", name,
+        raise DataError("dataset", name, [
             "no such TFDS dataset (see https://www.tensorflow.org/datasets/catalog/overview); or "
-            "read an image folder with `data_dir=DIR`",
-        ) from None
+            "read an image folder with ", Mention("data_dir", "DIR")]) from None
     features = builder.info.features
     keys = builder.info.supervised_keys
     if (
@@ -541,12 +577,12 @@ def load_tfds(name="cifar10", tfds_data_dir=None, train_examples=None, test_exam
         )
     if not builder.is_prepared():
         if not network_available():
-            raise DataError(
-                "dataset", name,
-                f"not downloaded yet (looked in {tfds_data_dir or 'the TFDS default directory'}) "
-                f"and there is no network; read {name} from an image folder instead "
-                + (ARCHIVE_HINT if name == "cifar10" else "(`data_dir=DIR`)"),
-            )
+            where = tfds_data_dir or "the TFDS default directory"
+            raise DataError("dataset", name, [
+                f"not downloaded yet (looked in {where}), and there is no network to download "
+                f"it. Read {name} from an image folder instead. ",
+                *(ARCHIVE_HINT if name == "cifar10"
+                  else ["Give its folder with ", Mention("data_dir", "DIR"), "."])])
         builder.download_and_prepare()
     splits = builder.info.splits
     test_split = "test" if "test" in splits else "validation"

@@ -16,6 +16,7 @@ when there are more than 10 classes, and each class' accuracy, and writes `confu
 (into the run directory, or `--output-dir`, default the current directory).
 
 `main(argv)` returns the exit code (2 after a one-line error); `evaluate(...)` returns the numbers.
+`--help` answers without importing TensorFlow (it is imported when needed).
 """
 
 from __future__ import annotations
@@ -26,24 +27,17 @@ import json
 import pathlib
 import sys
 
-if __name__ == "__main__":  # the command line: no TensorFlow start-up noise
-    from training.startup import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from training import data as data_lib  # noqa: E402
-from training import export as export_lib  # noqa: E402
-from training import plots  # noqa: E402
+from training.errors import RunDirError, StageError
 
 __all__ = ["main", "evaluate", "load_predictor", "Evaluation", "EvaluateError"]
 
 
-class EvaluateError(ValueError):
-    """PATH or the data cannot be used; one line naming the option."""
+class EvaluateError(StageError):
+    """PATH or the data cannot be used (parameter `path`: PATH on the command line)."""
+
+
+def _error(path, reason):
+    return EvaluateError("path", path, reason)
 
 
 @dataclasses.dataclass
@@ -62,7 +56,7 @@ class Evaluation:
     top1: float
     top5: float | None
     per_class: dict
-    confusion: np.ndarray
+    confusion: object  # numpy int64 array
     num_examples: int
     confusion_png: pathlib.Path | None = None
 
@@ -76,11 +70,12 @@ class _Predictor:
 
 def _run_dir_model(path):
     """The run's classifier rebuilt from its weights (float32), as `python -m training.export`."""
+    from training import classifier
+
     try:
-        return export_lib.load_run(path)
-    except export_lib.ExportError as e:
-        # load_run names its own option (`--model-dir DIR: reason`): name PATH instead.
-        raise EvaluateError(f"PATH {path}: {str(e).split(': ', 1)[-1]}") from None
+        return classifier.load_run(path)
+    except RunDirError as e:
+        raise EvaluateError("path", path, e.parts) from None
 
 
 def load_predictor(path):
@@ -98,6 +93,11 @@ def load_predictor(path):
     Raises:
         EvaluateError: PATH is none of these or cannot be loaded.
     """
+    import keras
+    import tensorflow as tf
+
+    from training.export import EXPORT_INFO_FILE
+
     path = pathlib.Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         model, config = _run_dir_model(path)
@@ -108,24 +108,24 @@ def load_predictor(path):
         try:
             model = keras.saving.load_model(str(path))
         except Exception as e:
-            raise EvaluateError(f"PATH {path}: cannot load ({str(e).splitlines()[0][:160]})") \
+            raise _error(path, f"cannot load ({str(e).splitlines()[0][:160]})") \
                 from None
         return _Predictor(lambda x: model(x, training=False), model.input_shape[1], None)
     if path.is_dir() and (path / "saved_model.pb").is_file():
         loaded = tf.saved_model.load(str(path))
         if "serving_default" not in loaded.signatures:
-            raise EvaluateError(f"PATH {path}: SavedModel without a serving_default signature")
+            raise _error(path, "SavedModel without a serving_default signature")
         serve = loaded.signatures["serving_default"]
         inputs = serve.structured_input_signature[1]
         if len(inputs) != 1:
-            raise EvaluateError(f"PATH {path}: serving_default takes {sorted(inputs)}; expected "
+            raise _error(path, f"serving_default takes {sorted(inputs)}; expected "
                                 "one image input")
         (name, spec), = inputs.items()
         outputs = serve.structured_outputs
         key = "probabilities" if "probabilities" in outputs else (
             next(iter(outputs)) if len(outputs) == 1 else None)
         if key is None:
-            raise EvaluateError(f"PATH {path}: serving_default returns {sorted(outputs)}; "
+            raise _error(path, f"serving_default returns {sorted(outputs)}; "
                                 "expected `probabilities` or a single output")
 
         def predict(x):
@@ -135,11 +135,11 @@ def load_predictor(path):
 
         size = spec.shape[1] if spec.shape.rank == 4 else None
         # A version written by training.export says which run it came from (data, recipe).
-        info_path = path / export_lib.EXPORT_INFO_FILE
+        info_path = path / EXPORT_INFO_FILE
         run_config = json.loads(info_path.read_text()).get("run_config") if info_path.is_file() \
             else None
         return _Predictor(predict, size, run_config or None)
-    raise EvaluateError(f"PATH {path}: not a run directory (config.json), a .keras file or a "
+    raise _error(path, "not a run directory (config.json), a .keras file or a "
                         "SavedModel directory (saved_model.pb)")
 
 
@@ -170,8 +170,14 @@ def evaluate(path, data_dir=None, dataset=None, tfds_data_dir=None, batch_size=1
 
     Raises:
         EvaluateError: bad PATH, or class counts of model and data differ.
-        training.data.DataError: the data cannot be loaded.
+        training.errors.DataError: the data cannot be loaded.
     """
+    import keras
+    import numpy as np
+
+    from training import data as data_lib
+    from training import plots
+
     predictor = load_predictor(path)
     run = predictor.run_config or {}
     recipe = run.get("recipe", {})
@@ -197,7 +203,7 @@ def evaluate(path, data_dir=None, dataset=None, tfds_data_dir=None, batch_size=1
     for i, (images, y) in enumerate(test):
         probabilities = np.asarray(predictor.predict(images))
         if probabilities.shape[-1] != k:
-            raise EvaluateError(f"PATH {path}: the model has {probabilities.shape[-1]} classes, "
+            raise _error(path, f"the model has {probabilities.shape[-1]} classes, "
                                 f"the data {k} ({datasets.source})")
         order = np.argsort(-probabilities, axis=-1)
         labels.append(y.numpy())
@@ -262,19 +268,19 @@ def build_parser():
 
 def main(argv=None):
     """Command-line entry point. Returns 0, or 2 after a one-line error."""
-    args = build_parser().parse_args(argv)
+    from training import command_line, startup
+
+    args = build_parser().parse_args(argv)  # --help and bad options before TensorFlow
+    startup.import_tensorflow_quietly()
     try:
         result = evaluate(args.path, data_dir=args.data_dir, dataset=args.dataset,
                           tfds_data_dir=args.tfds_data_dir, batch_size=args.batch_size,
                           preprocessing=args.preprocessing, image_size=args.image_size,
                           test_examples=args.test_examples, output_dir=args.output_dir,
                           verbose=args.verbose)
-    except EvaluateError as e:
-        print(f"python -m training.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except data_lib.DataError as e:
-        print(f"python -m training.evaluate: error: --{e.parameter.replace('_', '-')} {e.value}: "
-              f"{e.reason}", file=sys.stderr)
+    except StageError as e:
+        print(f"python -m training.evaluate: error: {command_line.error_line(e)}",
+              file=sys.stderr)
         return 2
     print(f"Top-1 accuracy: {result.top1:.4f} ({result.num_examples} images)")
     if result.top5 is not None:

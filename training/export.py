@@ -30,7 +30,7 @@ TF Serving serves the highest version: a smoke run exported last becomes the ser
 version with `model_version_policy` (see `pin_hint`).
 
 `main(argv)` returns the exit code: 0, or 2 after a one-line error (missing or corrupt checkpoint,
-bad option).
+bad option). `--help` answers without importing TensorFlow (it is imported when needed).
 """
 
 from __future__ import annotations
@@ -42,32 +42,21 @@ import json
 import pathlib
 import sys
 
-if __name__ == "__main__":  # the command line: no TensorFlow start-up noise (training.startup)
-    from training.startup import import_tensorflow_quietly
+from training import serving_layout
+from training.errors import StageError
 
-    import_tensorflow_quietly()
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from training import image_safety, serving_layout, serving_signatures  # noqa: E402
-
-__all__ = ["ExportError", "ExportResult", "export_saved_model", "convert_to_tflite",
-           "load_run", "load_keras_file", "pin_hint", "build_parser", "run", "main",
-           "CLASS_NAMES_FILE", "EXPORT_INFO_FILE", "TFLITE_FILE"]
+__all__ = ["ExportResult", "export_saved_model", "convert_to_tflite", "pin_hint", "build_parser",
+           "run", "main", "CLASS_NAMES_FILE", "EXPORT_INFO_FILE", "TFLITE_FILE"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXTRA_DIR = "assets.extra"
 CLASS_NAMES_FILE = f"{EXTRA_DIR}/class_names.txt"
 EXPORT_INFO_FILE = f"{EXTRA_DIR}/export.json"
 TFLITE_FILE = "model.tflite"
-WEIGHTS_FILE = "model.weights.h5"
-CONFIG_FILE = "config.json"
 FORMATS = ("saved_model", "tflite")
-
-
-class ExportError(ValueError):
-    """The export cannot be made as asked; the message is one line naming the option and the fix."""
+# training.serving_signatures.TOP_K, TOP_K_MIN_CLASSES and training.image_safety's
+# DEFAULT_MAX_IMAGE_PIXELS, for --help without TensorFlow (a test checks that they are equal).
+TOP_K, TOP_K_MIN_CLASSES, DEFAULT_MAX_IMAGE_PIXELS = 5, 10, 100_000_000
 
 
 @dataclasses.dataclass
@@ -105,13 +94,13 @@ def _write_extras(directory, class_names, info):
 
 
 def export_saved_model(model, base_path, class_names, run_info=None, model_name=None,
-                       tflite=False, tflite_select_tf_ops=False, top_k=serving_signatures.TOP_K,
-                       max_image_pixels=image_safety.DEFAULT_MAX_IMAGE_PIXELS, verbose=False):
+                       tflite=False, tflite_select_tf_ops=False, top_k=TOP_K,
+                       max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, verbose=False):
     """Writes `model` as a new version of the TF Serving model base path `base_path`.
 
     Args:
         model: built `keras.Model`, float32 `(N, H, W, 3)` raw pixels in [0, 255] -> float32
-            `(N, classes)` probabilities (as `training.train.build_classifier` makes it).
+            `(N, classes)` probabilities (as `training.classifier.build_classifier` makes it).
         base_path: str or path-like. Model base path (created if missing), e.g.
             `saved_models/revnet38`.
         class_names: sequence of str, one per class (index = class id).
@@ -133,6 +122,11 @@ def export_saved_model(model, base_path, class_names, run_info=None, model_name=
     Raises:
         ValueError: bad `base_path`, image input, `class_names` or `max_image_pixels`.
     """
+    import keras
+    import tensorflow as tf
+
+    from training import serving_signatures
+
     run_info = dict(run_info or {})
     archive = serving_signatures.build_archive(model, class_names, top_k=top_k,
                                                max_image_pixels=max_image_pixels)
@@ -181,6 +175,10 @@ def convert_to_tflite(saved_model_dir, output_path, select_tf_ops=False):
         `pathlib.Path` of the written file. Run it with `tf.lite.Interpreter` (or
         `ai_edge_litert.interpreter.Interpreter`) and `get_signature_runner("serving_default")`.
     """
+    import tensorflow as tf
+
+    from training import serving_signatures
+
     keys = [serving_signatures.DEFAULT_SIGNATURE, serving_signatures.FLOAT_SIGNATURE]
     converter = tf.lite.TFLiteConverter.from_saved_model(
         str(saved_model_dir), signature_keys=keys + ([serving_signatures.BYTES_SIGNATURE]
@@ -193,100 +191,6 @@ def convert_to_tflite(saved_model_dir, output_path, select_tf_ops=False):
     return output_path
 
 
-def _read_config(model_dir):
-    path = model_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ExportError(f"--model-dir {model_dir}: no {CONFIG_FILE}; give the --model-dir of a "
-                          "python -m training.train run")
-    try:
-        config = json.loads(path.read_text())
-        missing = [k for k in ("model", "image_shape", "class_names") if k not in config]
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-        raise ExportError(f"--model-dir {model_dir}: {CONFIG_FILE} is not valid JSON ({e})") from None
-    if missing:
-        raise ExportError(f"--model-dir {model_dir}: {CONFIG_FILE} lacks {', '.join(missing)}; the "
-                          "run stopped before loading its data, so it has no weights to export")
-    return config
-
-
-def _one_line(error):
-    return " ".join(str(error).split())[:300]
-
-
-def load_run(model_dir):
-    """Rebuilds the classifier of a `python -m training.train` run from its weights.
-
-    Works for finished and interrupted runs: `model.weights.h5` holds the weights after the last
-    finished epoch. The model is rebuilt in float32 (whatever `--mixed-precision` the run used).
-
-    Args:
-        model_dir: str or path-like. The run's `--model-dir`.
-
-    Returns:
-        `(model, config)`: the `keras.Model` (raw float32 pixels in, probabilities out) and the
-        run's `config.json` as a dict.
-
-    Raises:
-        ExportError: missing or corrupt `config.json` or weights (one line).
-    """
-    from training import train  # imports tf_revnet (lazily) to build the architecture
-
-    model_dir = pathlib.Path(model_dir)
-    if not model_dir.is_dir():
-        raise ExportError(f"--model-dir {model_dir}: not a directory; give the --model-dir of a "
-                          "python -m training.train run")
-    config = _read_config(model_dir)
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ExportError(f"--model-dir {model_dir}: no {WEIGHTS_FILE}: the run has not finished "
-                          "an epoch yet; train for at least one epoch first")
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        normalizer = keras.layers.Normalization(axis=-1, dtype="float32", name="normalization")
-        model = train.build_classifier(config["model"], tuple(config["image_shape"]),
-                                       len(config["class_names"]), normalizer,
-                                       use_custom_gradient=config.get("use_custom_gradient", True))
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
-    try:
-        model.load_weights(str(weights))
-    except Exception as e:  # h5py/Keras raise OSError, ValueError, KeyError... for bad files
-        raise ExportError(f"--model-dir {model_dir}: cannot read {WEIGHTS_FILE} (corrupt or from "
-                          f"another model): {_one_line(e)}") from None
-    return model, config
-
-
-def load_keras_file(path):
-    """Loads a `.keras` file saved by `python -m training.train` (or any classifier of raw pixels).
-
-    Args:
-        path: str or path-like ending in `.keras`.
-
-    Returns:
-        `(model, config)`: the `keras.Model` and the `config.json` beside the file (the run's), or
-        `{}` if there is none.
-
-    Raises:
-        ExportError: missing or corrupt file (one line).
-    """
-    import tf_revnet  # noqa: F401  (registers the RevNet layers for deserialization)
-
-    path = pathlib.Path(path)
-    if path.suffix != ".keras":
-        raise ExportError(f"--keras-file {path}: must end in .keras (a file saved by model.save)")
-    if not path.is_file():
-        raise ExportError(f"--keras-file {path}: no such file")
-    try:
-        model = keras.saving.load_model(str(path), compile=False)
-    except Exception as e:  # zipfile.BadZipFile, ValueError, ...: all mean "not a valid .keras"
-        raise ExportError(f"--keras-file {path}: cannot load it (corrupt or not a Keras model "
-                          f"file): {_one_line(e)}") from None
-    config_path = path.parent / CONFIG_FILE
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return model, config
-
-
 def _class_names_option(value, num_classes):
     path = pathlib.Path(value)
     if path.is_file():
@@ -294,8 +198,9 @@ def _class_names_option(value, num_classes):
     else:
         names = [name.strip() for name in value.split(",")]
     if len(names) != num_classes:
-        raise ExportError(f"--class-names: the model has {num_classes} classes, got {len(names)} "
-                          "names; give a file with one name per line or a comma-separated list")
+        raise StageError("class_names", value, f"the model has {num_classes} classes, got "
+                         f"{len(names)} names; give a file with one name per line or a "
+                         "comma-separated list")
     return names
 
 
@@ -329,37 +234,35 @@ def build_parser():
     parser.add_argument("--class-names", default=None,
                         help="label names, one per class: a file with one name per line or a "
                              "comma-separated list. Default: class_names of the run's config.json")
-    parser.add_argument("--top-k", type=int, default=serving_signatures.TOP_K,
+    parser.add_argument("--top-k", type=int, default=TOP_K,
                         help="size of the top_k_* outputs, added for models with more than "
-                             f"{serving_signatures.TOP_K_MIN_CLASSES} classes. "
-                             f"Default: {serving_signatures.TOP_K}")
+                             f"{TOP_K_MIN_CLASSES} classes. Default: {TOP_K}")
     parser.add_argument("--max-image-pixels", type=int, default=None, metavar="PIXELS",
                         help="serving_bytes refuses encoded images whose header announces more "
                              "pixels (all frames of a GIF together), before decoding them; "
                              "recorded in export.json. Default: the run's --max-image-pixels, or "
-                             f"{image_safety.DEFAULT_MAX_IMAGE_PIXELS}")
+                             f"{DEFAULT_MAX_IMAGE_PIXELS}")
     return parser
 
 
-def run(argv=None):
-    """Parses `argv` and exports. Returns the `ExportResult`.
-
-    Raises:
-        ExportError: missing or corrupt checkpoint, bad option.
-        SystemExit: from argparse for malformed options or `--help`.
-    """
-    args = build_parser().parse_args(argv)
+def _check_options(args):
     if args.tflite_select_tf_ops and args.format != "tflite":
-        raise ExportError("--tflite-select-tf-ops: only with --format tflite")
+        raise StageError("tflite_select_tf_ops", True, "only with --format tflite")
     if args.top_k < 1:
-        raise ExportError(f"--top-k must be >= 1. Received: {args.top_k}")
+        raise StageError("top_k", args.top_k, "must be >= 1")
     if args.max_image_pixels is not None and args.max_image_pixels < 1:
-        raise ExportError(f"--max-image-pixels must be >= 1. Received: {args.max_image_pixels}")
+        raise StageError("max_image_pixels", args.max_image_pixels, "must be >= 1")
+
+
+def _load(args):
+    """(model, config, source, class names) of the model the options name."""
+    from training import classifier  # imports TensorFlow
+
     if args.model_dir is not None:
-        model, config = load_run(args.model_dir)
+        model, config = classifier.load_run(args.model_dir)
         source = f"model_dir:{pathlib.Path(args.model_dir).resolve()}"
     else:
-        model, config = load_keras_file(args.keras_file)
+        model, config = classifier.load_keras_file(args.keras_file)
         source = f"keras_file:{pathlib.Path(args.keras_file).resolve()}"
     num_classes = model.outputs[0].shape[-1]
     if args.class_names is not None:
@@ -367,21 +270,36 @@ def run(argv=None):
     elif config.get("class_names"):
         class_names = list(config["class_names"])
     else:
-        raise ExportError(f"--keras-file {args.keras_file}: no config.json beside it to read the "
-                          "class names from; pass --class-names")
+        raise StageError("keras_file", args.keras_file, "no config.json beside it to read the "
+                         "class names from; pass --class-names")
+    return model, config, source, class_names
+
+
+def run(argv=None):
+    """Parses `argv` and exports. Returns the `ExportResult`.
+
+    Raises:
+        training.errors.StageError: missing or corrupt checkpoint, bad option (one line).
+        SystemExit: from argparse for malformed options or `--help`.
+    """
+    args = build_parser().parse_args(argv)
+    _check_options(args)
+    model, config, source, class_names = _load(args)
     model_name = config.get("model") or model.name
     max_image_pixels = (args.max_image_pixels or config.get("max_image_pixels")
-                        or image_safety.DEFAULT_MAX_IMAGE_PIXELS)
+                        or DEFAULT_MAX_IMAGE_PIXELS)
     base_path = pathlib.Path(args.export_dir or REPO_ROOT / "saved_models" / model_name)
+    serving_layout.check_base_path(base_path)
     try:
-        serving_layout.check_base_path(base_path)
         result = export_saved_model(
             model, base_path, class_names, run_info={**config, "export_source": source},
             model_name=model_name, tflite=args.format == "tflite",
             tflite_select_tf_ops=args.tflite_select_tf_ops, top_k=args.top_k,
             max_image_pixels=max_image_pixels)
-    except ValueError as e:
-        raise ExportError(_one_line(e)) from None
+    except StageError:
+        raise
+    except (ValueError, OSError) as e:
+        raise StageError("export_dir", base_path, " ".join(str(e).split())[:300]) from None
     accuracy = config.get("test_accuracy")
     print(f"Exported {model_name} version {result.version} to {result.path} (test accuracy: "
           f"{'unknown, the run did not finish' if accuracy is None else f'{accuracy:.4f}'})")
@@ -393,10 +311,14 @@ def run(argv=None):
 
 def main(argv=None):
     """Command-line entry point. Returns 0 on success, 2 after a one-line error."""
+    from training import command_line, startup
+
+    build_parser().parse_args(argv)  # --help and malformed options before TensorFlow
+    startup.import_tensorflow_quietly()
     try:
         run(argv)
-    except ExportError as e:
-        print(f"python -m training.export: error: {e}", file=sys.stderr)
+    except StageError as e:
+        print(f"python -m training.export: error: {command_line.error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

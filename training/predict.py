@@ -20,6 +20,10 @@ returns the class names.
     python -m training.predict --rest-request serving_bytes cat.jpg > request.json
 
 Output, one line per image: `path: name probability, name probability, ...` (top classes first).
+With a local export, files it cannot classify (refused from their header, or not decoding) are
+skipped, the others classified, and the skipped ones listed in one line on stderr (exit status 1;
+2 when none could be classified). Folders are searched without following folder links (so a link
+loop is read once).
 
 Example:
 
@@ -43,8 +47,9 @@ import urllib.error
 import urllib.request
 
 __all__ = ["IMAGE_EXTENSIONS", "PredictError", "build_parser", "run", "resolve_export_dir",
-           "max_image_pixels_of", "read_class_names", "decode_predictions", "list_images", "classify_files",
-           "rest_request_body", "classify_with_server", "main"]
+           "max_image_pixels_of", "read_class_names", "decode_predictions", "list_images",
+           "classify_files", "classify_readable", "rest_request_body", "classify_with_server",
+           "main"]
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 CLASS_NAMES_FILE = "assets.extra/class_names.txt"
@@ -215,7 +220,7 @@ def list_images(paths):
 
     Returns:
         list of `pathlib.Path`: the files given, then each folder's images (by extension
-        `IMAGE_EXTENSIONS`) in sorted order.
+        `IMAGE_EXTENSIONS`) in sorted order; folder links inside a folder are not followed.
 
     Raises:
         PredictError: a path does not exist, or nothing was found.
@@ -273,6 +278,58 @@ def classify_files(export_dir, files, batch_size=64, max_image_pixels=None):
                     _decode_file(f, max_image_pixels)
                 raise
     return np.concatenate(batches)
+
+
+def classify_readable(export_dir, files, batch_size=64, max_image_pixels=None):
+    """Like `classify_files`, but skips the files it cannot classify instead of stopping.
+
+    A file is skipped when its header is refused (over `max_image_pixels`, not a JPEG, PNG, GIF
+    or BMP, corrupt) or when it does not decode (truncated data after a valid header).
+
+    Returns:
+        `(classified, probabilities, skipped)`: the files classified (in order), numpy float32
+        `(len(classified), classes)`, and a list of `(path, reason)` for the others.
+    """
+    import numpy as np
+
+    tf = _tensorflow()
+    if max_image_pixels is None:
+        max_image_pixels = max_image_pixels_of(export_dir)
+    serve = tf.saved_model.load(str(export_dir)).signatures[BYTES_SIGNATURE]
+    readable, skipped = [], []
+    for f in files:
+        try:
+            readable.append((f, _checked_bytes(f, max_image_pixels)))
+        except PredictError as e:
+            skipped.append((f, str(e).split(": ", 1)[-1]))
+    classified, rows = [], []
+    with _quiet_decoding():
+        for start in range(0, len(readable), batch_size):
+            batch = readable[start:start + batch_size]
+            try:
+                rows.append(serve(image_bytes=tf.constant([b for _, b in batch]))["probabilities"])
+                classified += [f for f, _ in batch]
+                continue
+            except tf.errors.InvalidArgumentError:
+                pass
+            for f, contents in batch:  # one at a time, to skip only the files that fail
+                try:
+                    rows.append(serve(image_bytes=tf.constant([contents]))["probabilities"])
+                    classified.append(f)
+                except tf.errors.InvalidArgumentError:
+                    skipped.append((f, "cannot decode it (not a JPEG, PNG, GIF or BMP file, or "
+                                       "truncated)"))
+    position = {f: i for i, f in enumerate(files)}
+    skipped.sort(key=lambda item: position[item[0]])  # in the order given
+    probabilities = (np.concatenate([r.numpy() for r in rows]) if rows
+                     else np.zeros((0, len(read_class_names(export_dir))), np.float32))
+    return classified, probabilities, skipped
+
+
+def _skipped_line(skipped, shown=5):
+    listed = "; ".join(f"{path} ({reason})" for path, reason in skipped[:shown])
+    more = f"; ... ({len(skipped) - shown} more)" if len(skipped) > shown else ""
+    return f"skipped {len(skipped)} file(s) it cannot classify: {listed}{more}"
 
 
 def rest_request_body(files, signature=BYTES_SIGNATURE):
@@ -376,7 +433,7 @@ def run(argv=None):
         raise PredictError(f"--top must be >= 1. Received: {args.top}")
     if args.batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1. Received: {args.batch_size}")
-    files = list_images(args.images)
+    files, skipped = list_images(args.images), []
     if args.rest_request is not None:
         print(json.dumps(rest_request_body(files, args.rest_request)))
         return None
@@ -394,20 +451,33 @@ def run(argv=None):
                                  row["probabilities"][i]) for i in order])
     else:
         export_dir = resolve_export_dir(args.export)
-        probabilities = classify_files(export_dir, files, args.batch_size)
+        files, probabilities, skipped = classify_readable(export_dir, files, args.batch_size)
+        if not files:
+            raise PredictError(_skipped_line(skipped).replace("skipped", "no image to classify; "
+                                                              "skipped", 1))
         results = decode_predictions(probabilities, read_class_names(export_dir), top=args.top)
     for path, top_classes in zip(files, results):
         print(_format(path, top_classes))
+    if skipped:
+        print(f"python -m training.predict: {_skipped_line(skipped)}", file=sys.stderr)
+        raise _Partial()
     return results
 
 
+class _Partial(Exception):
+    """Some files were classified and printed, others skipped (listed on stderr): exit 1."""
+
+
 def main(argv=None):
-    """Command-line entry point. Returns 0, or 2 after a one-line error."""
+    """Command-line entry point. Returns 0; 1 when it classified some files and skipped others
+    (listed in one line on stderr); 2 after a one-line error (nothing classified)."""
     try:
         run(argv)
     except PredictError as e:
         print(f"python -m training.predict: error: {e}", file=sys.stderr)
         return 2
+    except _Partial:
+        return 1
     return 0
 
 

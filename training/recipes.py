@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
+from training.errors import StageError
 
 __all__ = [
     "Recipe",
+    "RecipeError",
     "RECIPES",
     "get",
     "list_recipes",
@@ -40,6 +41,10 @@ __all__ = [
     "kernel_l2_regularizer",
     "decayed_kernels",
 ]
+
+
+class RecipeError(StageError):
+    """A recipe field out of range: `parameter` is the field's name."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +101,13 @@ class Recipe:
         """Returns a copy with the fields in `overrides` that are not `None` replaced.
 
         Raises:
-            ValueError: if a field name is unknown or a value is out of range.
+            RecipeError: if a field name is unknown or a value is out of range.
         """
         fields = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"Unknown recipe fields: {unknown}. Known fields: {sorted(fields)}")
+            raise RecipeError(unknown[0], overrides[unknown[0]],
+                              f"unknown recipe field; known fields: {', '.join(sorted(fields))}")
         recipe = dataclasses.replace(
             self, **{k: v for k, v in overrides.items() if v is not None}
         )
@@ -112,36 +118,29 @@ class Recipe:
         """Checks value ranges.
 
         Raises:
-            ValueError: naming the field and the value received.
+            RecipeError: naming the field and the value received.
         """
         for field in ("epochs", "batch_size", "image_size"):
             value = getattr(self, field)
             if value < 1:
-                raise ValueError(f"`{field}` must be >= 1. Received: {field}={value}")
+                raise RecipeError(field, value, "must be >= 1")
         for field in ("steps_per_epoch", "train_examples", "test_examples"):
             value = getattr(self, field)
             if value is not None and value < 1:
-                raise ValueError(f"`{field}` must be >= 1 or None. Received: {field}={value}")
+                raise RecipeError(field, value, "must be >= 1 or None")
         if self.learning_rate <= 0:
-            raise ValueError(
-                f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}"
-            )
+            raise RecipeError("learning_rate", self.learning_rate, "must be > 0")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={self.momentum}")
+            raise RecipeError("momentum", self.momentum, "must be in [0, 1)")
         if self.weight_decay < 0:
-            raise ValueError(
-                f"`weight_decay` must be >= 0. Received: weight_decay={self.weight_decay}"
-            )
+            raise RecipeError("weight_decay", self.weight_decay, "must be >= 0")
         if self.preprocessing not in ("cifar", "imagenet"):
-            raise ValueError("`preprocessing` must be 'cifar' or 'imagenet'. "
-                             f"Received: preprocessing={self.preprocessing}")
+            raise RecipeError("preprocessing", self.preprocessing, "must be 'cifar' or 'imagenet'")
         if any(not 0 < b < 1 for b in self.decay_boundaries) or list(
             self.decay_boundaries
         ) != sorted(self.decay_boundaries):
-            raise ValueError(
-                "`decay_boundaries` must be increasing fractions in (0, 1). "
-                f"Received: decay_boundaries={self.decay_boundaries}"
-            )
+            raise RecipeError("decay_boundaries", self.decay_boundaries,
+                              "must be increasing fractions in (0, 1)")
 
     def scaled_to_batch(self, batch_size):
         """The linear scaling rule: a copy with `batch_size` and `learning_rate * batch_size /
@@ -224,6 +223,8 @@ def learning_rate_schedule(recipe, total_steps):
     Returns:
         A `keras.optimizers.schedules.PiecewiseConstantDecay`.
     """
+    import keras
+
     boundaries = sorted({max(1, int(round(b * total_steps))) for b in recipe.decay_boundaries})
     values = [recipe.learning_rate * recipe.decay_factor**i for i in range(len(boundaries) + 1)]
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
@@ -241,6 +242,8 @@ def make_optimizer(recipe, total_steps):
     Returns:
         A `keras.optimizers.SGD`.
     """
+    import keras
+
     return keras.optimizers.SGD(
         learning_rate=learning_rate_schedule(recipe, total_steps),
         momentum=recipe.momentum,
@@ -250,6 +253,8 @@ def make_optimizer(recipe, total_steps):
 
 def kernel_l2_regularizer(weight_decay):
     """The paper's `weight_decay * sum(w**2) / 2` as a Keras regularizer (gradient `wd * w`)."""
+    import keras
+
     return keras.regularizers.L2(weight_decay / 2.0)
 
 

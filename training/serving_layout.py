@@ -30,6 +30,8 @@ import os
 import pathlib
 import shutil
 
+from training.errors import RunDirError
+
 __all__ = ["PENDING_PREFIX", "list_versions", "reserve_version", "write_new_version",
            "check_base_path"]
 
@@ -53,7 +55,7 @@ def list_versions(base_path):
 
 
 def check_base_path(base_path):
-    """Raises `ValueError` if `base_path` cannot be a model base path.
+    """Raises `RunDirError` (a `ValueError`) if `base_path` cannot be a model base path.
 
     It may be missing (it is created) or a directory of versions; it must not be a file or a
     SavedModel itself (a common mistake: passing `saved_models/revnet38/1` instead of its parent).
@@ -62,15 +64,16 @@ def check_base_path(base_path):
         base_path: str or path-like.
 
     Raises:
-        ValueError: one line naming `--export-dir` and the fix.
+        training.errors.RunDirError: one line (parameter `export_dir`) with the fix.
     """
     root = pathlib.Path(base_path)
     if root.exists() and not root.is_dir():
-        raise ValueError(f"--export-dir {root}: is a file; give the model base path, a directory "
-                         "that holds (or will hold) the numbered versions")
+        raise RunDirError("export_dir", root, "is a file; give the model base path, a directory "
+                          "that holds (or will hold) the numbered versions")
     if (root / "saved_model.pb").exists():
-        raise ValueError(f"--export-dir {root}: is itself a SavedModel; give the model base path "
-                         f"(e.g. its parent {root.parent}): each export adds a new numbered version")
+        raise RunDirError("export_dir", root, "is itself a SavedModel; give the model base path "
+                          f"(e.g. its parent {root.parent}): each export adds a new numbered "
+                          "version")
 
 
 def reserve_version(base_path):

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tf_revnet.models
-from training import train
+from training import classifier, train
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def tiny_revnet(**kwargs):
 @pytest.fixture(autouse=True)
 def _tiny_model(monkeypatch):
     """`--model tiny_revnet` (and run directories of it) work in every training test."""
-    monkeypatch.setitem(train.MODEL_BUILDERS, "tiny_revnet", tiny_revnet)
+    monkeypatch.setitem(classifier.MODEL_BUILDERS, "tiny_revnet", tiny_revnet)
 
 
 def run_captured(argv, callbacks=()):
@@ -86,7 +86,7 @@ def trained(cifar10_small_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("train_run")
     model_dir, base_path = root / "model_dir", root / "export" / "tiny"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(train.MODEL_BUILDERS, "tiny_revnet", tiny_revnet)
+        mp.setitem(classifier.MODEL_BUILDERS, "tiny_revnet", tiny_revnet)
         result, stdout = run_captured(small_run_args(cifar10_small_dir, model_dir, base_path))
     if isinstance(result, Exception):
         raise result

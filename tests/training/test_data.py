@@ -1,5 +1,7 @@
 """Tests of training/data.py: image folders as real folders hold them, TFDS, exact-resume pipelines."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -349,3 +351,27 @@ def test_center_crop_is_resize_256_crop_224_scaled():
     resized = tf.image.resize(image, (32, 48))
     expected = tf.cast(tf.clip_by_value(tf.round(resized[2:30, 10:38]), 0, 255), tf.uint8)
     np.testing.assert_array_equal(out, expected.numpy())
+
+
+def test_folder_links_are_not_followed_unless_asked(cifar10_small_dir, tmp_path):
+    """A link loop inside a class folder (`cat/loop -> cat`) and a link to another folder of
+    images: not followed by default (as Keras' follow_links=False); with `follow_links=True`
+    the linked folder is read, and each folder only once (the loop adds nothing)."""
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for f in sorted((cifar10_small_dir / split / label).glob("*.jpg"))[:2]:
+                (root / split / label / f.name).write_bytes(f.read_bytes())
+    extra = tmp_path / "more_cats"
+    extra.mkdir()
+    for f in sorted((cifar10_small_dir / "train" / "cat").glob("*.jpg"))[2:5]:
+        (extra / f.name).write_bytes(f.read_bytes())
+    (root / "train" / "cat" / "loop").symlink_to(root / "train" / "cat")
+    (root / "train" / "cat" / "more").symlink_to(extra)
+    (extra / "back").symlink_to(root / "train" / "cat")  # a loop through two links
+    assert data_lib.load_image_folder(root).num_train == 4
+    followed = data_lib.load_image_folder(root, follow_links=True)
+    assert followed.num_train == 4 + 3
+    names, files = data_lib.list_image_folder(root / "train", follow_links=True)
+    assert len(files["cat"]) == len(set(map(os.path.realpath, files["cat"]))) == 5

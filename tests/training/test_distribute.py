@@ -3,7 +3,7 @@
 `mirrored` runs on two logical CPU devices in a subprocess (logical devices must be configured
 before TensorFlow initializes); `multi_worker` runs two worker processes on 127.0.0.1 with their
 `TF_CONFIG`, one CPU replica each. The model has no BatchNorm (a small CNN registered through
-`train.MODEL_BUILDERS`): under a `tf.distribute` strategy BatchNorm normalizes each replica's part
+`classifier.MODEL_BUILDERS`): under a `tf.distribute` strategy BatchNorm normalizes each replica's part
 of the batch (Keras' default, `synchronized=False`), which by design differs from one device;
 everything else (data sharding, global-batch loss averaging, gradient all-reduce, the schedule)
 must give the same losses.
@@ -33,20 +33,20 @@ SCRIPT = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from tests.training.test_distribute import small_cnn
-    from training import train
+    from training import classifier, command_line, train
 
-    train.MODEL_BUILDERS["small_cnn"] = small_cnn
+    classifier.MODEL_BUILDERS["small_cnn"] = small_cnn
     data_dir, out_dir = sys.argv[1:3]
     # BatchNorm statistics that differ per replica become their mean on every replica (first:
     # collectives of a second MirroredStrategy in one process collide with the first's).
-    from training import distribute
+    from training import replica_sync
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         bn = keras.layers.BatchNormalization()
         bn.build((None, 2))
     for k, component in enumerate(bn.moving_mean.value.values):
         component.assign([1.0 + k, -4.0 * k])
-    distribute.average_over_replicas(strategy, bn.non_trainable_variables)
+    replica_sync.average_over_replicas(strategy, bn.non_trainable_variables)
     averaged = [c.numpy().tolist() for c in bn.moving_mean.value.values]
     losses = {"averaged": averaged}
     for strategy in ("none", "mirrored"):
@@ -60,8 +60,8 @@ SCRIPT = textwrap.dedent(
     try:  # a global batch that the two replicas do not divide
         train.run(["--model", "small_cnn", "--data-dir", data_dir, "--batch-size", "33",
                    "--distribution", "mirrored", "--model-dir", f"{out_dir}/odd", "--no-export"])
-    except train.ConfigError as e:
-        losses["odd_batch_error"] = str(e)
+    except command_line.ConfigError as e:
+        losses["odd_batch_error"] = command_line.error_line(e)
     print("RESULT " + json.dumps(losses))
     """
 )
@@ -112,7 +112,7 @@ WORKER_SCRIPT = textwrap.dedent(
     import functools, json, os, sys, time
     import keras
     from tests.training.test_distribute import small_cnn
-    from training import train
+    from training import classifier, data, train
 
     class StallAt(keras.callbacks.Callback):
         def __init__(self, step):
@@ -124,11 +124,11 @@ WORKER_SCRIPT = textwrap.dedent(
                 print("STALLED", flush=True)
                 time.sleep(600)
 
-    train.MODEL_BUILDERS["small_cnn"] = small_cnn
-    train.MODEL_BUILDERS["small_bn_cnn"] = functools.partial(small_cnn, batch_norm=True)
+    classifier.MODEL_BUILDERS["small_cnn"] = small_cnn
+    classifier.MODEL_BUILDERS["small_bn_cnn"] = functools.partial(small_cnn, batch_norm=True)
     if os.environ.get("WORKER_DATA"):  # this host's --data-dir holds other images
-        load = train.data_lib.load
-        train.data_lib.load = lambda **kw: load(**{**kw, "data_dir": os.environ["WORKER_DATA"]})
+        load = data.load
+        data.load = lambda **kw: load(**{**kw, "data_dir": os.environ["WORKER_DATA"]})
     if sys.argv[1] == "main":  # the command line's exit status and one-line errors
         sys.exit(train.main(sys.argv[2:]))
     stall = int(sys.argv[1])
@@ -229,13 +229,13 @@ def test_multi_worker_on_two_local_processes_matches_one_device(cifar10_small_di
     """Two worker processes on 127.0.0.1 (one CPU replica each, global batch 32) give the losses
     of one device with the same global batch; the chief (worker 0) writes the run directory and
     worker 1 keeps its state under `worker-1/`."""
-    from training import train
+    from training import classifier, train
 
     workers = _local_addresses(2)
     procs = _start_workers(script, _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker"),
                            workers)
     try:  # the one-device reference, in this process while the workers run
-        monkeypatch.setitem(train.MODEL_BUILDERS, "small_cnn", small_cnn)
+        monkeypatch.setitem(classifier.MODEL_BUILDERS, "small_cnn", small_cnn)
         reference = train.run(_run_args(cifar10_small_dir, tmp_path / "one", "none"))
     finally:
         outputs = _finish(procs)
@@ -316,7 +316,7 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, script, tm
     test loss of an uninterrupted one-device run; workers that restore different steps stop with
     a one-line error. (Killed early: steps 2 and 3 use the full
     learning rate, 100 times that of the last two steps, so a wrong resume shows.)"""
-    from training import train
+    from training import classifier, train
 
     workers = _local_addresses(2)
     argv = _run_args(cifar10_small_dir, tmp_path / "mw", "multi_worker",
@@ -349,13 +349,13 @@ def test_multi_worker_killed_and_restarted_resumes(cifar10_small_dir, script, tm
                            unshared)
     for proc, (_, err) in zip(procs, _finish(procs)):
         assert proc.returncode != 0
-        assert ("ConfigError: --distribution multi_worker: the workers restored different steps "
-                "(0, 2); every worker resumes from the chief's backup in --model-dir") in err, \
+        assert ("WorkerMismatchError: distribution=multi_worker: the workers restored different "
+                "steps (0, 2); every worker resumes from the chief's backup in --model-dir") in err, \
             err[-3000:]
 
     procs = _start_workers(script, argv, workers)  # the same commands
     try:
-        monkeypatch.setitem(train.MODEL_BUILDERS, "small_cnn", small_cnn)
+        monkeypatch.setitem(classifier.MODEL_BUILDERS, "small_cnn", small_cnn)
         reference = train.run(_run_args(cifar10_small_dir, tmp_path / "one", "none"))
     finally:
         outputs = _finish(procs)
@@ -419,8 +419,8 @@ def _h5_arrays(path):
     ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}},
      'TF_CONFIG task has no "index", e.g. {"type": "worker", "index": 0}'),
     ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker",
-                                                                      "index": "1"}},
-     "TF_CONFIG task index must be an integer. Received: '1'"),
+                                                                      "index": "x"}},
+     "TF_CONFIG task index must be an integer (invalid literal for int() with base 10: 'x')"),
 ])
 def test_multi_worker_bad_tf_config_one_line(tf_config, message, tmp_path, capsys, monkeypatch):
     from training import train
@@ -443,7 +443,7 @@ def test_multi_worker_needs_model_dir_one_line(tmp_path, capsys):
 
     assert train.main(["--distribution", "multi_worker", "--data-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "python -m training.train: error: --distribution multi_worker needs --model-dir: one run "
+        "python -m training.train: error: --distribution multi_worker: needs --model-dir: one run "
         "directory that every worker sees (e.g. on a network file system), the same in each "
         "worker's command"]
 

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tests.training import hostile_images as hostile
 from tests.training.serving_fixtures import CLASSES, exported  # noqa: F401
-from training import export, image_safety, serving_layout, serving_signatures, train
+from training import classifier, export, image_safety, serving_layout, serving_signatures
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SAVED_MODEL_CLI = pathlib.Path(sys.executable).with_name("saved_model_cli")
@@ -463,7 +463,7 @@ def test_layout_skips_published_and_pending_numbers(tmp_path):
 
 def _dense_build_classifier(model_name, image_shape, num_classes, normalizer,
                             use_custom_gradient=True):
-    """Stands in for `train.build_classifier` of a zoo model (fast): same call, raw pixels in."""
+    """Stands in for `classifier.build_classifier` of a zoo model (fast): same call, raw pixels in."""
     assert model_name == "dense" and tuple(image_shape) == (8, 8, 3) and num_classes == 3
     pixels = keras.Input((8, 8, 3), name="pixels")
     x = keras.layers.GlobalAveragePooling2D()(normalizer(pixels))
@@ -473,7 +473,7 @@ def _dense_build_classifier(model_name, image_shape, num_classes, normalizer,
 @pytest.fixture
 def dense_run(tmp_path, monkeypatch):
     """A finished training run's --model-dir (config.json, model.weights.h5) of a dense model."""
-    monkeypatch.setattr(train, "build_classifier", _dense_build_classifier)
+    monkeypatch.setattr(classifier, "build_classifier", _dense_build_classifier)
     normalizer = keras.layers.Normalization(axis=-1)  # adapted, as training does
     normalizer.adapt(np.random.default_rng(3).uniform(0, 255, (16, 8, 8, 3)).astype("float32"))
     model = _dense_build_classifier("dense", (8, 8, 3), 3, normalizer)
@@ -495,7 +495,7 @@ def _served(path, images):
 def test_cli_exports_a_run_dir(exported, tmp_path, capsys):  # noqa: F811
     """The shared training run's directory, as `python -m training.train` wrote it: load_run
     rebuilds the model from its config.json (model, image_shape, class_names) with
-    train.build_classifier and the weights."""
+    classifier.build_classifier and the weights."""
     run = exported.run_dir
     config = json.loads((run / "config.json").read_text())
     base = tmp_path / "served"
@@ -530,7 +530,7 @@ def test_cli_exports_an_interrupted_run_with_tflite(dense_run, tmp_path, capsys)
 
 
 def test_load_keras_file_restores_the_revnet(exported):  # noqa: F811
-    model, config = export.load_keras_file(exported.run_dir / "model.keras")
+    model, config = classifier.load_keras_file(exported.run_dir / "model.keras")
     assert config["class_names"] == list(CLASSES)  # from the config.json beside it
     np.testing.assert_allclose(model.predict(exported.images.astype("float32"), verbose=0),
                                exported.expected, atol=1e-6)
@@ -563,7 +563,7 @@ def test_cli_one_line_errors(exported, dense_run, tmp_path, capsys):  # noqa: F8
     err = _error(["--model-dir", str(run), *base], capsys)
     assert f"--model-dir {run}: not a directory" in err
     err = _error(["--model-dir", str(dense_run[0]), "--max-image-pixels", "0", *base], capsys)
-    assert err.endswith("--max-image-pixels must be >= 1. Received: 0")
+    assert err.endswith("--max-image-pixels 0: must be >= 1")
     run.mkdir()
     assert f"--model-dir {run}: no config.json" in _error(["--model-dir", str(run), *base], capsys)
     (run / "config.json").write_text((dense_run[0] / "config.json").read_text())
@@ -604,6 +604,16 @@ def test_cli_help_documents_every_option(capsys):
     for option in options:
         assert option in out
     assert "--model-dir" in out and "--keras-file" in out and "tflite" in out
+
+
+def test_help_defaults_match_the_modules_they_stand_for():
+    """export.py and command_line.py state these defaults without importing TensorFlow."""
+    from training import command_line
+
+    assert export.TOP_K == serving_signatures.TOP_K
+    assert export.TOP_K_MIN_CLASSES == serving_signatures.TOP_K_MIN_CLASSES
+    assert export.DEFAULT_MAX_IMAGE_PIXELS == image_safety.DEFAULT_MAX_IMAGE_PIXELS
+    assert command_line.DEFAULT_MAX_IMAGE_PIXELS == image_safety.DEFAULT_MAX_IMAGE_PIXELS
 
 
 def test_readme_shows_the_summary_lines_the_code_prints():

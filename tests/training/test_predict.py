@@ -64,7 +64,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     assert command_line(*client_argv) == 0
     sys.stdout.flush()
     os.write(2, b"--- next ---\\n")
-    # 2. The same command on a truncated JPEG: one line naming the file (no libjpeg lines).
+    # 2. The same command on a truncated JPEG alone: one line naming the file (no libjpeg lines).
     assert command_line(version, bad_image) == 2
     sys.stderr.flush()
     os.write(2, b"--- next ---\\n")
@@ -121,8 +121,9 @@ def test_export_and_client_in_fresh_process_without_tf_revnet(exported, tmp_path
     client_err, bad_err, rest_err = proc.stderr.split("--- next ---\n")
     assert client_err == "", client_err
     assert bad_err.splitlines() == [
-        f"python -m training.predict: error: image {bad}: cannot decode it (not a JPEG, PNG, GIF "
-        "or BMP file, or truncated)"], bad_err
+        "python -m training.predict: error: no image to classify; skipped 1 file(s) it cannot "
+        f"classify: {bad} (cannot decode it (not a JPEG, PNG, GIF or BMP file, or truncated))"], \
+        bad_err
     assert not TF_NOISE.search(rest_err), rest_err
     np.testing.assert_allclose(np.load(tmp_path / "outputs.npy"), exported.expected[:7], atol=1e-5)
     parsed = _parse_output(proc.stdout)
@@ -175,15 +176,45 @@ def test_resolve_export_dir_and_one_line_errors(exported, tmp_path, capsys):  # 
         assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_corrupt_image_and_unreachable_server_give_one_line_errors(exported, tmp_path, capsys):  # noqa: F811
-    bad = tmp_path / "photos" / "b.jpg"
-    bad.parent.mkdir()
-    bad.write_bytes(exported.files[0].read_bytes()[:40])  # truncated JPEG
-    shutil.copy(exported.files[1], tmp_path / "photos" / "a.jpg")
-    assert predict.main([str(exported.result.path), str(bad.parent)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"python -m training.predict: error: image {bad}: cannot decode it (not a JPEG, " \
-        "PNG, GIF or BMP file, or truncated)"
+def test_corrupt_images_are_skipped_and_listed(exported, tmp_path, capsys):  # noqa: F811
+    """A folder with files that do not decode (cut in the header, cut in the data, not an image)
+    and others: the others are classified (as alone), the bad ones listed in one line, exit 1."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    bad = photos / "b.jpg"
+    bad.write_bytes(exported.files[0].read_bytes()[:40])  # truncated in the header
+    cut = photos / "c.jpg"
+    cut.write_bytes(exported.files[0].read_bytes()[:600])  # valid header, truncated data
+    text = photos / "d.png"
+    text.write_text("not an image")
+    shutil.copy(exported.files[1], photos / "a.jpg")
+    shutil.copy(exported.files[2], photos / "e.jpg")
+    assert predict.main([str(exported.result.path), str(photos), "--batch-size", "8"]) == 1
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == [
+        str(photos / "a.jpg"), str(photos / "e.jpg")]
+    reason = "cannot decode it (not a JPEG, PNG, GIF or BMP file, or truncated)"
+    assert captured.err.strip() == (
+        f"python -m training.predict: skipped 3 file(s) it cannot classify: {bad} ({reason}); "
+        f"{cut} ({reason}); {text} ({reason})"), captured.err
+    files, probabilities, skipped = predict.classify_readable(
+        exported.result.path, [photos / "a.jpg", cut, photos / "e.jpg"])
+    assert files == [photos / "a.jpg", photos / "e.jpg"] and [p for p, _ in skipped] == [cut]
+    np.testing.assert_allclose(probabilities, exported.expected[1:3], atol=1e-5)
+
+
+def test_folder_links_are_not_followed(exported, tmp_path, capsys):  # noqa: F811
+    """A link loop inside a folder of images lists each image once."""
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    shutil.copy(exported.files[1], photos / "sub" / "a.jpg")
+    (photos / "sub" / "loop").symlink_to(photos)
+    assert predict.list_images([photos]) == [photos / "sub" / "a.jpg"]
+
+
+def test_unreachable_server_gives_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "b.jpg"
+    bad.write_bytes(b"\xff\xd8 not much")
     assert predict.main(["--server", "http://127.0.0.1:9/v1/models/m", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot reach it" in err, err
@@ -197,14 +228,17 @@ def test_client_refuses_bombs_before_decoding_in_one_line(exported, tmp_path, ca
     bomb.write_bytes(hostile.png_of_zeros(20000, 20000))
     shutil.copy(exported.files[1], tmp_path / "photos" / "a.jpg")
     assert predict.max_image_pixels_of(exported.result.path) == 100_000_000
-    refusal = (f"python -m training.predict: error: image {bomb}: 20000 x 20000 pixels x 1 frame "
-               "= 400000000 pixels, over the limit of 100000000 pixels (max_image_pixels); "
-               "refused before decoding")
-    for argv in ([str(exported.result.path), str(bomb.parent)],
-                 ["--rest-request", "serving_default", str(bomb)]):
-        assert predict.main(argv) == 2
-        captured = capsys.readouterr()
-        assert captured.err.strip() == refusal and captured.out == ""
+    size = ("20000 x 20000 pixels x 1 frame = 400000000 pixels, over the limit of 100000000 "
+            "pixels (max_image_pixels); refused before decoding")
+    assert predict.main([str(exported.result.path), str(bomb.parent)]) == 1  # a.jpg classified
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"python -m training.predict: skipped 1 file(s) it cannot "
+                                    f"classify: {bomb} ({size})")
+    assert captured.out.startswith(f"{bomb.parent / 'a.jpg'}: ")
+    assert predict.main(["--rest-request", "serving_default", str(bomb)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"python -m training.predict: error: image {bomb}: {size}"
+    assert captured.out == ""
     # The export's own limit applies: an export made with a lower one refuses sooner.
     low = tmp_path / "low"
     shutil.copytree(exported.result.path, low)
@@ -213,7 +247,7 @@ def test_client_refuses_bombs_before_decoding_in_one_line(exported, tmp_path, ca
     assert predict.main([str(low), str(exported.files[1])]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "32 x 32 pixels x 1 frame = 1024 pixels, over the limit of 1000 pixels "
-        "(max_image_pixels); refused before decoding")
+        "(max_image_pixels); refused before decoding)")
     probabilities = predict.classify_files(low, exported.files[:2], max_image_pixels=1024)
     np.testing.assert_allclose(probabilities, exported.expected[:2], atol=1e-5)
 

@@ -36,11 +36,12 @@ def test_optimizer_is_sgd_with_momentum():
 def test_overrides_and_validation():
     recipe = recipes.get("cifar").replace(epochs=3, learning_rate=None, batch_size=8)
     assert (recipe.epochs, recipe.learning_rate, recipe.batch_size) == (3, 0.1, 8)
-    with pytest.raises(ValueError, match="`batch_size` must be >= 1"):
+    with pytest.raises(recipes.RecipeError, match="batch_size=0: must be >= 1") as error:
         recipes.get("cifar").replace(batch_size=0)
-    with pytest.raises(ValueError, match="`momentum` must be in"):
+    assert (error.value.parameter, error.value.value) == ("batch_size", 0)  # the CLI names flags
+    with pytest.raises(recipes.RecipeError, match=r"momentum=1.5: must be in \[0, 1\)"):
         recipes.get("cifar").replace(momentum=1.5)
-    with pytest.raises(ValueError, match="Unknown recipe fields"):
+    with pytest.raises(recipes.RecipeError, match="lr=0.1: unknown recipe field"):
         recipes.get("cifar").replace(lr=0.1)
     with pytest.raises(ValueError, match="Unknown recipe 'nope'"):
         recipes.get("nope")

@@ -24,8 +24,8 @@ import pytest
 
 from tests.training import hostile_images as hostile
 from tests.training.conftest import BATCH, EPOCHS, STEPS, run_captured, small_run_args
+from training import classifier, command_line, plots, report, run_dir, train
 from training import data as data_lib
-from training import plots, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The shared run (tests/training/conftest.py): `trained`, `_small_run_args`, `_run_captured`.
@@ -184,9 +184,9 @@ RESUME_SCRIPT = textwrap.dedent(
     import sys, time
     import keras
     import tf_revnet.models
-    from training import train
+    from training import classifier, train
 
-    train.MODEL_BUILDERS["tiny_revnet"] = lambda **kw: tf_revnet.models.RevNet(
+    classifier.MODEL_BUILDERS["tiny_revnet"] = lambda **kw: tf_revnet.models.RevNet(
         units=[1, 1], widths=[8, 8, 16], name="tiny", **kw)
 
     class StallAt(keras.callbacks.Callback):
@@ -355,11 +355,11 @@ def test_refused_image_and_bad_max_image_pixels_give_one_line_errors(tmp_path, c
                    "(max_image_pixels); refused before decoding; remove it, raise the limit "
                    "`--max-image-pixels 50000000`, or skip bad files without --strict-data")
     err, _ = _main_error([*common, "--max-image-pixels", "0"], capsys)
-    assert err == "python -m training.train: error: --max-image-pixels must be >= 1. Received: 0"
+    assert err == "python -m training.train: error: --max-image-pixels 0: must be > 0"
     # Without --strict-data the run reports the file it left out, with the reason.
     datasets = data_lib.load_image_folder(root, max_image_pixels=50_000_000)
     assert datasets.num_train == 2
-    assert train._left_out_lines(datasets) == [
+    assert report.left_out_lines(datasets) == [
         f"Refused 1 files before decoding: {bomb}: 20000 x 20000 pixels x 1 frame = 400000000 "
         "pixels, over the limit of 50000000 pixels (max_image_pixels); refused before decoding "
         "(--max-image-pixels raises the limit; --strict-data stops instead)"]
@@ -385,7 +385,7 @@ def test_network_check_is_quick_for_unreachable_host():
 
 def test_help_has_examples(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.run(["--help"])
+        train.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for option in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size",
@@ -395,16 +395,18 @@ def test_help_has_examples(capsys):
     assert "python -m training.train --data-dir" in out
 
 
+def _config(argv):
+    return command_line.resolve_config(command_line.build_parser().parse_args(argv), argv)
+
+
 def _unfinished_run(tmp_path, argv):
     """A run directory as a killed run of `argv` leaves it: config.json and a backup."""
-    args = train.build_parser().parse_args(argv)
-    args.argv = argv
-    config = train.resolve_config(args)
+    config = _config(argv)
     model_dir = pathlib.Path(config.model_dir)
     (model_dir / "backup").mkdir(parents=True)
     (model_dir / "backup" / "latest.weights.h5").write_bytes(b"")
     (model_dir / "config.json").write_text(json.dumps(
-        {**config.to_dict(), "fingerprint": config.training_fingerprint()}))
+        {**config.to_dict(), "fingerprint": train._fingerprint(config)}))
     return model_dir
 
 
@@ -490,57 +492,38 @@ def test_truncated_checkpoint_gives_one_line_error(cifar10_small_dir, tmp_path, 
 
 @pytest.mark.parametrize("name", ["RevNet-38", "revnet_38", "REVNET38", "resnet-32", "ResNet_101"])
 def test_model_names_as_the_registry_takes_them(name, tmp_path):
-    args = train.build_parser().parse_args(["--model", name, "--export-dir", str(tmp_path / "e")])
-    args.argv = []
-    assert train.resolve_config(args).model == name
-
-
-@pytest.mark.parametrize("distribution, advice", [
-    ("none", "pick a new --model-dir or leave it out (a new runs/<model>/<time>)"),
-    ("multi_worker", "pick a new --model-dir"),  # leaving it out is refused there
-])
-def test_finished_run_is_refused_with_advice_that_applies(distribution, advice, tmp_path):
-    args = train.build_parser().parse_args(
-        ["--model-dir", str(tmp_path / "m"), "--export-dir", str(tmp_path / "e"),
-         "--distribution", distribution])
-    args.argv = []
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"finished": True, "command": "c"}))
-    with pytest.raises(train.ConfigError) as error:
-        train._prepare_run_dir(train.resolve_config(args))
-    assert str(error.value) == f"--model-dir {tmp_path / 'm'}: holds a finished run (c); {advice}"
+    assert _config(["--model", name, "--export-dir", str(tmp_path / "e")]).model == name
 
 
 def test_resume_accepts_another_spelling_of_the_model(tmp_path):
     """`RevNet-38` resumes a run started as `revnet38` (the same model), also from a config.json
     of an earlier version that kept the name as typed; `resnet32` does not."""
-    def config(name):
-        args = train.build_parser().parse_args(
-            ["--model", name, "--model-dir", str(tmp_path / "m"), "--export-dir",
-             str(tmp_path / "e")])
-        args.argv = []
-        return train.resolve_config(args)
+    def fingerprint(name):
+        return train._fingerprint(_config(["--model", name, "--model-dir", str(tmp_path / "m"),
+                                           "--export-dir", str(tmp_path / "e")]))
+
+    def open_run(name):
+        with run_dir.RunDirectory(tmp_path / "m", fingerprint(name),
+                                  canonical_model=classifier.canonical_model_name) as run:
+            return run.resuming
 
     (tmp_path / "m").mkdir()
-    fingerprint = config("revnet38").training_fingerprint()
-    assert fingerprint["model"] == "RevNet38"
+    assert fingerprint("revnet38")["model"] == "RevNet38"
     for stored in ("RevNet38", "revnet38"):
         (tmp_path / "m" / "config.json").write_text(json.dumps(
-            {"command": "python -m training.train", "fingerprint": {**fingerprint,
-                                                                    "model": stored}}))
-        assert train._prepare_run_dir(config("RevNet-38")) is True
-        with pytest.raises(train.ConfigError, match="holds an unfinished run with different model"):
-            train._prepare_run_dir(config("resnet32"))
+            {"command": "python -m training.train",
+             "fingerprint": {**fingerprint("revnet38"), "model": stored}}))
+        assert open_run("RevNet-38") is True
+        with pytest.raises(run_dir.RunDirError, match="holds an unfinished run with different model"):
+            open_run("resnet32")
 
 
 def test_default_run_dir_is_new_for_each_run(tmp_path):
-    args = train.build_parser().parse_args(["--export-dir", str(tmp_path / "e")])
-    args.argv = []
     dirs = []
     try:
         for _ in range(3):
-            path = pathlib.Path(train.resolve_config(args).model_dir)
-            assert path.parent == train.REPO_ROOT / "runs" / "revnet38"
+            path = pathlib.Path(_config(["--export-dir", str(tmp_path / "e")]).model_dir)
+            assert path.parent == command_line.REPO_ROOT / "runs" / "revnet38"
             path.mkdir(parents=True)
             dirs.append(path)
         assert len(set(dirs)) == 3
@@ -595,3 +578,101 @@ def test_strict_data_error_names_the_file_and_the_flag(tmp_path, cifar10_small_d
     assert err == (f"python -m training.train: error: --data-dir {root}: cannot decode "
                    f"{root / 'train' / 'cat' / 'bad.jpg'} (truncated or not an image); remove it, "
                    "or skip bad files without --strict-data")
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_the_rerun_is_exact(trained, cifar10_small_dir,
+                                                                tmp_path):
+    """SIGINT after step 7 (epoch 2, batch 3; backups only every epoch): one line, exit status
+    130; the backup holds step 7, and the same command ends with the uninterrupted weights."""
+    _, _, reference_dir, _ = trained
+    script = tmp_path / "cli.py"
+    script.write_text(RESUME_SCRIPT.replace(
+        "import sys, time\n",
+        "import sys, time\nfrom training import startup\nstartup.import_tensorflow_quietly()\n"
+    ).replace("train.run(sys.argv[2:], callbacks=[StallAt(int(sys.argv[1]))])",
+              "run = train.run\n"
+              "train.run = lambda argv: run(argv, callbacks=[StallAt(int(sys.argv[1]))])\n"
+              "sys.exit(train.main(sys.argv[2:]))"))
+    args = _small_run_args(cifar10_small_dir, tmp_path / "run", tmp_path / "x", extra=["--no-export"])
+    victim = _cli(script, 7, args)
+    try:
+        line, deadline = "", time.time() + 240
+        while "STALLED" not in line and time.time() < deadline and victim.poll() is None:
+            line = victim.stdout.readline()
+        assert "STALLED" in line, victim.stderr.read()[-3000:]
+        victim.send_signal(signal.SIGINT)
+        _, err = victim.communicate(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "python -m training.train: interrupted at step 7; run the same command to resume")
+    assert json.loads((tmp_path / "run" / "backup" / "training_metadata.json").read_text())[
+        "step"] == 7
+    resumed, out = _run_captured(args)
+    assert not isinstance(resumed, Exception), resumed
+    assert "Resuming at step 7 of 12 (epoch 2, batch 3)" in out, out
+    _assert_same_weights(reference_dir / "model.weights.h5", tmp_path / "run" / "model.weights.h5",
+                         atol=1e-6)
+
+
+def test_interrupted_line_names_the_run_dir_when_the_command_did_not():
+    from training import fitting
+
+    error = fitting.Interrupted(57, 50, "/x/runs/revnet38/1")
+    assert train._interrupted_line(error, ["--epochs", "2"]) == (
+        "interrupted at step 57; run the same command with --model-dir /x/runs/revnet38/1 to "
+        "resume (from the backup of step 50)")
+    assert train._interrupted_line(None, []).startswith("interrupted before training started")
+
+
+@pytest.mark.parametrize("flag", ["--model-dir", "--export-dir"])
+def test_unwritable_directories_are_one_line_before_anything_runs(flag, tmp_path, capsys):
+    """sysfs refuses new files (even to root): the probe at start-up says so in one line, within
+    seconds, and no run directory is left."""
+    argv = ["--data-dir", str(tmp_path / "data"), "--model-dir", str(tmp_path / "m"),
+            "--export-dir", str(tmp_path / "e"), flag, "/sys/kernel/revnet_test"]
+    err, elapsed = _main_error(argv, capsys)
+    assert err == (f"python -m training.train: error: {flag} /sys/kernel/revnet_test: cannot "
+                   f"write in /sys/kernel (Permission denied); pick a writable folder for {flag}")
+    assert elapsed < 30 and not (tmp_path / "m").exists()
+
+
+def test_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    err, _ = _main_error(["--data-dir", str(tmp_path / "nothing"), "--model-dir",
+                          str(tmp_path / "runs" / "new"), "--export-dir", str(tmp_path / "e")],
+                         capsys)
+    assert f"--data-dir {tmp_path / 'nothing'}: no such directory" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "e").exists()
+
+
+def test_help_of_every_command_line_answers_without_tensorflow():
+    for module in ("training.train", "training.evaluate", "training.export", "training.predict"):
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "usage: python -m" in proc.stdout, proc.stderr[-2000:]
+        assert " tensorflow" not in proc.stderr and " keras" not in proc.stderr, module
+        assert time.time() - start < 3, module
+
+
+def test_first_step_epoch_header_and_validation_progress(cifar10_small_dir, tmp_path):
+    """One epoch: an `Epoch 1/1` header, the training bar, then a validation bar; the summary
+    gives the measured peak and the estimated reversible and plain-backprop step memory."""
+    argv = _small_run_args(cifar10_small_dir, tmp_path / "run", tmp_path / "e", epochs=1,
+                           extra=["--no-export", "--verbose", "1"])
+    result, out = _run_captured(argv)
+    assert not isinstance(result, Exception), result
+    assert "\nEpoch 1/1\n" in out and "Validating on the 32 test images" in out, out
+    assert re.search(r"^Decoding the 128 train images", out, flags=re.M), out
+    summary = result.summary
+    assert summary["estimate_plain_mb"] > summary["estimate_reversible_mb"] > 0
+    assert summary["memory_ratio"] == pytest.approx(
+        summary["estimate_reversible_mb"] / summary["estimate_plain_mb"])
+    assert (f"needs {summary['estimate_reversible_mb']:.0f} MB with reversible backprop against "
+            f"{summary['estimate_plain_mb']:.0f} MB with plain backprop: "
+            f"{summary['memory_ratio']:.2f}x") in out
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["memory_ratio"] == pytest.approx(summary["memory_ratio"])
