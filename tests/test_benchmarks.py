@@ -147,3 +147,10 @@ def test_exact_stream_quick(part, cifar10_small_dir, tmp_path):
         assert "| tiny-a | 18 | fixed_point |" in table
     else:
         assert all(0 <= r["test_accuracy"] <= 1 and r["out_of_range_steps"] == 0 for r in rows)
+
+
+def test_graph_blocks_counts_nodes_per_block():
+    """`graph_blocks.py` on 2 and 3 blocks: the nodes added per block are a few per variable."""
+    rows, summary = _benchmark("graph_blocks").main(["--depths", "2", "3", "--channels", "8"])
+    assert [r["blocks"] for r in rows] == [2, 3]
+    assert 0 < summary["nodes_per_variable"] <= 3
