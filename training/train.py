@@ -316,8 +316,10 @@ def build_parser():
                              "Default: %(default)d")
     parser.add_argument("--tfds-data-dir", default=None,
                         help="where TFDS stores datasets. Default: TFDS' default")
-    parser.add_argument("--recipe", default="cifar", choices=recipes.list_recipes(),
-                        help=f"named preset ({recipe_help}). Default: cifar")
+    parser.add_argument("--recipe", default=None, choices=recipes.list_recipes(),
+                        help=f"named preset ({recipe_help}). Default: the model's (vit_cifar for "
+                        "revvit_cifar, vit_imagenet for revvitsmall/revvitbase, cifar for the "
+                        "others)")
     group = parser.add_argument_group("recipe overrides (default: the recipe's value)")
     group.add_argument("--epochs", type=int)
     group.add_argument("--batch-size", type=int, help="global batch size (all devices)")
@@ -400,7 +402,7 @@ def resolve_config(args):
         raise ConfigError(f"--model {args.model}: unknown model; choose from {', '.join(names)} "
                           "(case, '-' and '_' do not matter)") from None
     try:
-        recipe = recipes.get(args.recipe)
+        recipe = recipes.get(args.recipe or recipes.default_recipe(canonical_model_name(args.model)))
         if args.scale_learning_rate and args.batch_size is not None:
             recipe = recipe.scaled_to_batch(args.batch_size)
         recipe = recipe.replace(**{field: getattr(args, field) for field in RECIPE_FLAGS})
@@ -550,7 +552,10 @@ def _prepare_run_dir(config):
     if "recipe" in changed:
         changed.remove("recipe")
         old_recipe = old_fingerprint.get("recipe", {})
-        changed += [k for k, v in new_fingerprint["recipe"].items() if old_recipe.get(k) != v]
+        # A field added since the old run was written has its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(recipes.Recipe)}
+        changed += [k for k, v in new_fingerprint["recipe"].items()
+                    if old_recipe.get(k, defaults.get(k)) != v]
     if changed:
         raise ConfigError(
             f"--model-dir {model_dir}: holds an unfinished run with different "
@@ -763,7 +768,7 @@ def _train(config, callbacks):
         normalizer = _adapted_normalizer(datasets, recipe)
         model = build_classifier(config.model, image_shape, datasets.num_classes, normalizer,
                                  use_custom_gradient=config.use_custom_gradient,
-                                 weight_decay=recipe.weight_decay)
+                                 weight_decay=recipes.model_weight_decay(recipe))
         model.compile(
             optimizer=recipes.make_optimizer(recipe, total_steps),
             loss=keras.losses.SparseCategoricalCrossentropy(),
@@ -775,17 +780,18 @@ def _train(config, callbacks):
         # per fit call without this, 1 with it).
         model.optimizer.build(model.trainable_variables)
     decayed = recipes.decayed_kernels(model)
+    decay_text = (f"{len(decayed)} kernels with weight decay {recipe.weight_decay}"
+                  if recipe.optimizer == "sgd" else "decoupled weight decay in AdamW")
     print(
-        f"Model {config.model}: {model.count_params():,} parameters "
-        f"({len(decayed)} kernels with weight decay {recipe.weight_decay}); "
+        f"Model {config.model}: {model.count_params():,} parameters ({decay_text}); "
         f"dtype policy {keras.config.dtype_policy().name}; "
         f"{strategy.num_replicas_in_sync} replica(s) ({config.distribution})\n"
         f"Data {datasets.source}: {datasets.num_train} train / {datasets.num_test} "
         f"{datasets.test_name} images, {datasets.num_classes} classes, model input "
         f"{image_shape}\n"
         f"Recipe {recipe.name}: {recipe.epochs} epochs x {steps_per_epoch} steps of batch "
-        f"{recipe.batch_size} = {total_steps} steps; SGD lr {recipe.learning_rate:g} momentum "
-        f"{recipe.momentum}\nRun dir {model_dir}",
+        f"{recipe.batch_size} = {total_steps} steps; {_optimizer_text(recipe)}\n"
+        f"Run dir {model_dir}",
         flush=True,
     )
 
@@ -889,6 +895,17 @@ def _train(config, callbacks):
     return TrainResult(model=model, history=history, test_accuracy=test_accuracy,
                        test_loss=test_loss, export_dir=export_dir, config=final_config,
                        summary=summary)
+
+
+def _optimizer_text(recipe):
+    """`SGD lr 0.1 momentum 0.9` or `AdamW lr 0.001, weight decay 0.05, 5% warm-up, cosine`."""
+    if recipe.optimizer == "adamw":
+        text = f"AdamW lr {recipe.learning_rate:g}, weight decay {recipe.weight_decay:g}"
+    else:
+        text = f"SGD lr {recipe.learning_rate:g} momentum {recipe.momentum}"
+    if recipe.schedule == "cosine":
+        text += f", {100 * recipe.warmup:g}% warm-up, cosine decay"
+    return text
 
 
 def _fit_and_evaluate(model, config, datasets, test_ds, segments, steps_per_epoch, callbacks,

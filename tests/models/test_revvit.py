@@ -252,3 +252,21 @@ def test_docstring_examples(module):
     module = importlib.import_module(module)
     results = doctest.testmod(module, extraglobs={"keras": keras, **vars(module)})
     assert results.attempted > 0 and results.failed == 0
+
+
+def test_revvit_docstring_example():
+    from tf_revnet.models import revvit
+
+    runner = doctest.DocTestRunner()
+    finder = doctest.DocTestFinder()
+    (test,) = finder.find(revvit.RevViT, "RevViT", globs={"keras": keras, "RevViT": RevViT})
+    runner.run(test)
+    assert test.examples and runner.failures == 0
+
+
+def test_builder_docstrings_state_counts():
+    for name, arch in VIT_ARCHITECTURES.items():
+        doc = getattr(tf_revnet.models, name).__doc__
+        assert f"{arch.params:,}" in doc and "Args:" in doc and "References:" in doc
+        if arch.paper_params is not None:
+            assert f"is {arch.paper_params}M" in doc

@@ -495,6 +495,32 @@ def test_model_names_as_the_registry_takes_them(name, tmp_path):
     assert train.resolve_config(args).model == name
 
 
+@pytest.mark.parametrize("name, recipe", [("revvit_cifar", "vit_cifar"), ("RevViT-Base", "vit_imagenet"),
+                                          ("revnet38", "cifar")])
+def test_default_recipe_is_the_models(name, recipe, tmp_path):
+    args = train.build_parser().parse_args(["--model", name, "--export-dir", str(tmp_path / "e")])
+    args.argv = []
+    assert train.resolve_config(args).recipe.name == recipe
+    args = train.build_parser().parse_args(["--model", name, "--recipe", "quick", "--export-dir",
+                                            str(tmp_path / "e")])
+    args.argv = []
+    assert train.resolve_config(args).recipe.name == "quick"
+
+
+def test_resume_of_a_run_written_before_the_optimizer_fields(cifar10_small_dir, tmp_path):
+    """A config.json without `optimizer`, `schedule`, `warmup` (older runs) still resumes."""
+    argv = ["--data-dir", str(cifar10_small_dir), "--model-dir", str(tmp_path / "run"),
+            "--export-dir", str(tmp_path / "e")]
+    model_dir = _unfinished_run(tmp_path, argv)
+    config = json.loads((model_dir / "config.json").read_text())
+    for field in ("optimizer", "schedule", "warmup"):
+        del config["fingerprint"]["recipe"][field]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    args = train.build_parser().parse_args(argv)
+    args.argv = argv
+    assert train._prepare_run_dir(train.resolve_config(args)) is True
+
+
 @pytest.mark.parametrize("distribution, advice", [
     ("none", "pick a new --model-dir or leave it out (a new runs/<model>/<time>)"),
     ("multi_worker", "pick a new --model-dir"),  # leaving it out is refused there
