@@ -235,7 +235,7 @@ def build_parser():
     ).replace("%", "%%")
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
-        description="Train a RevNet with model.fit, evaluate it, export a SavedModel for "
+        description="Train a RevNet (or RevViT) with model.fit, evaluate it, export a SavedModel for "
         "TF Serving. Ctrl-C saves the run and stops (exit status 130); the same command resumes "
         "it.",
         epilog="Example: python -m training.train --data-dir /tmp/cifar10 --recipe quick",

@@ -111,6 +111,23 @@ def test_adamw_decays_kernels_but_not_biases_norms_or_positions():
     assert not any("position_embedding" in p or "bias" in p or "gamma" in p for p in decayed)
 
 
+def test_optimizer_fields_are_validated_as_structured_errors():
+    for field, value, reason in (("optimizer", "adam", "must be 'sgd' or 'adamw'"),
+                                 ("schedule", "linear", "must be 'step' or 'cosine'"),
+                                 ("warmup", 1.0, r"must be in \[0, 1\)")):
+        with pytest.raises(recipes.RecipeError, match=f"{field}={value}: {reason}") as error:
+            recipes.get("vit_cifar").replace(**{field: value})
+        assert (error.value.parameter, error.value.value) == (field, value)
+
+
+def test_start_up_line_names_the_optimizer():
+    from training import report
+
+    assert report.optimizer_text(recipes.get("cifar")) == "SGD lr 0.1 momentum 0.9"
+    assert report.optimizer_text(recipes.get("vit_cifar")) == (
+        "AdamW lr 0.001, weight decay 0.05, 5% warm-up, cosine decay")
+
+
 def test_default_recipe_follows_the_model():
     assert recipes.default_recipe("RevViTCifar") == "vit_cifar"
     assert recipes.default_recipe("RevViTBase") == "vit_imagenet"
