@@ -45,6 +45,18 @@ def test_models_quick(tmp_path, capsys):
     assert (tmp_path / "models.png").stat().st_size > 1000
 
 
+def test_revvit_quick(tmp_path, capsys):
+    """`revvit.py --quick`: a tiny reversible RevViT at depth 2 and 4, each in its own process."""
+    output = tmp_path / "revvit.json"
+    revvit = _benchmark("revvit")
+    code = revvit.main(["--quick", "--methods", "reversible", "--output", str(output)])
+    assert code == 0, capsys.readouterr().out[-2000:]
+    results = json.loads(output.read_text())["results"]
+    assert [(r["method"], r["depth"]) for r in results] == [("reversible", 2), ("reversible", 4)]
+    assert all(r["step_peak_mb"] >= 0 and r["step_s"] > 0 and r["params"] > 0 for r in results)
+    assert (tmp_path / "revvit.md").read_text().startswith("| Method")
+
+
 @pytest.mark.parametrize("budget", [0.001, 1.0])
 def test_max_batch_fit(budget):
     sys.path.insert(0, str(BENCHMARKS))

@@ -3,10 +3,10 @@
 `build_classifier` wraps a model of `tf_revnet.models` (or of `MODEL_BUILDERS`) so that it takes
 raw float32 pixels in [0, 255]: `Input -> Normalization (adapted on the training images) ->
 backbone -> float32 probabilities`. `build_and_compile` makes the run's model under its strategy
-(metrics, SGD with the recipe's schedule, optimizer variables built before the first step);
-`load_run` rebuilds a finished or interrupted run's model from its `config.json` and
-`model.weights.h5`, and `load_keras_file` loads a `.keras` file (both used by `training.export`
-and `training.evaluate`).
+(metrics, the recipe's optimizer: SGD, or AdamW for the vit recipes, with its schedule; optimizer
+variables built before the first step); `load_run` rebuilds a finished or interrupted run's model
+from its `config.json` and `model.weights.h5`, and `load_keras_file` loads a `.keras` file (both
+used by `training.export` and `training.evaluate`).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def build_and_compile(config, datasets, strategy, total_steps):
         model = build_classifier(config.model, (recipe.image_size, recipe.image_size, 3),
                                  datasets.num_classes, adapted_normalizer(datasets, recipe),
                                  use_custom_gradient=config.use_custom_gradient,
-                                 weight_decay=recipe.weight_decay)
+                                 weight_decay=recipes.model_weight_decay(recipe))
         model.compile(optimizer=recipes.make_optimizer(recipe, total_steps),
                       loss=keras.losses.SparseCategoricalCrossentropy(), metrics=metrics,
                       jit_compile="auto")

@@ -32,8 +32,9 @@ _RECIPE_HELP = {
     "epochs": "number of epochs",
     "batch_size": "global batch size (all devices)",
     "learning_rate": "initial learning rate",
-    "momentum": "SGD momentum",
-    "weight_decay": "L2 coefficient on convolution and dense kernels",
+    "momentum": "SGD momentum (AdamW's beta_1 with the vit recipes)",
+    "weight_decay": "L2 coefficient on convolution and dense kernels (AdamW: its decoupled "
+                    "weight decay)",
     "image_size": "side of the square images the model sees",
     "steps_per_epoch": "cap on the training steps of each epoch",
     "train_examples": "use only this many training examples (a seeded subset)",
@@ -234,14 +235,16 @@ def build_parser():
     ).replace("%", "%%")
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
-        description="Train a RevNet with model.fit, evaluate it, export a SavedModel for "
+        description="Train a RevNet (or RevViT) with model.fit, evaluate it, export a SavedModel for "
         "TF Serving. Ctrl-C saves the run and stops (exit status 130); the same command resumes "
         "it.",
         epilog="Example: python -m training.train --data-dir /tmp/cifar10 --recipe quick",
     )
     _data_flags(parser)
-    parser.add_argument("--recipe", default="cifar", choices=recipes.list_recipes(),
-                        help=f"named preset ({recipe_help}). Default: cifar")
+    parser.add_argument("--recipe", default=None, choices=recipes.list_recipes(),
+                        help=f"named preset ({recipe_help}). Default: the model's (vit_cifar for "
+                        "revvit_cifar, vit_imagenet for revvitsmall/revvitbase, cifar for the "
+                        "others)")
     _recipe_flags(parser)
     _run_flags(parser)
     _numerics_flags(parser)
@@ -270,7 +273,8 @@ def _resolve_recipe(args):
         raise ConfigError("model", args.model, "unknown model; choose from "
                           f"{', '.join(classifier.model_names())} (case, '-' and '_' do not "
                           "matter)")
-    recipe = recipes.get(args.recipe)
+    recipe = recipes.get(args.recipe
+                         or recipes.default_recipe(classifier.canonical_model_name(args.model)))
     if args.scale_learning_rate and args.batch_size is not None:
         recipe = recipe.scaled_to_batch(args.batch_size)
     return recipe.replace(**{field: getattr(args, field) for field in RECIPE_FLAGS})

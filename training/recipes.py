@@ -15,6 +15,13 @@ passes to the model builders' `kernel_regularizer` argument (every convolution a
 kernel); BatchNorm scales and offsets, biases and the (non-trainable) normalization statistics are
 not decayed.
 
+Vision transformers train with AdamW instead (`optimizer="adamw"`, the DeiT recipe that RevViT
+follows): decoupled weight decay in the optimizer (Loshchilov and Hutter, 2019) on every weight but
+biases, LayerNorm scales and offsets and position embeddings, a linear warm-up over the first
+`warmup` fraction of the steps, then cosine decay to zero (`schedule="cosine"`). `default_recipe`
+picks the recipe of a model when `--recipe` is not given: `vit_cifar`/`vit_imagenet` for the
+RevViTs, `cifar` for the others.
+
 Learning rate and batch size: `batch_size` is the global batch (summed over all devices and
 workers). The learning rate is the recipe's for its own batch size; `Recipe.scaled_to_batch` applies
 the linear scaling rule (Goyal et al. 2017, arXiv:1706.02677): `lr * new_batch / recipe_batch`.
@@ -22,6 +29,8 @@ the linear scaling rule (Goyal et al. 2017, arXiv:1706.02677): `lr * new_batch /
 References:
     Gomez, Ren, Urtasun, Grosse, "The Reversible Residual Network: Backpropagation Without Storing
     Activations", NeurIPS 2017 (arXiv:1707.04585), Section 6 and Appendix (CIFAR training details).
+    Touvron et al., "Training data-efficient image transformers", ICML 2021 (DeiT), Table 9;
+    Mangalam et al., "Reversible Vision Transformers", CVPR 2022, Section 4 (DeiT's recipe).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RECIPES",
+    "default_recipe",
     "get",
     "list_recipes",
     "learning_rate_schedule",
@@ -57,10 +67,16 @@ class Recipe:
             `steps_per_epoch`).
         batch_size: int. Global batch size.
         learning_rate: float. Initial learning rate of SGD.
-        momentum: float. SGD momentum.
+        momentum: float. SGD momentum (AdamW's beta_1 with `optimizer="adamw"`).
         nesterov: bool. Whether to use Nesterov momentum.
-        weight_decay: float. L2 coefficient on convolution and dense kernels (see the module
-            docstring). The gradient of the penalty is `weight_decay * kernel`.
+        weight_decay: float. SGD: L2 coefficient on convolution and dense kernels (see the module
+            docstring), the gradient of the penalty is `weight_decay * kernel`. AdamW: the
+            decoupled weight decay of the optimizer.
+        optimizer: str. `"sgd"` (momentum) or `"adamw"`.
+        schedule: str. `"step"` (multiplied by `decay_factor` at `decay_boundaries`) or
+            `"cosine"` (cosine decay to zero after the warm-up).
+        warmup: float in [0, 1). Fraction of all steps over which the learning rate rises linearly
+            from 0 (only with `schedule="cosine"`).
         decay_boundaries: tuple of floats in (0, 1). Fractions of all training steps at which the
             learning rate is multiplied by `decay_factor`.
         decay_factor: float. Multiplier applied at each boundary.
@@ -88,6 +104,9 @@ class Recipe:
     weight_decay: float = 2e-4
     decay_boundaries: tuple = (0.5, 0.75)
     decay_factor: float = 0.1
+    optimizer: str = "sgd"
+    schedule: str = "step"
+    warmup: float = 0.0
     steps_per_epoch: int | None = None
     train_examples: int | None = None
     test_examples: int | None = None
@@ -134,6 +153,12 @@ class Recipe:
             raise RecipeError("momentum", self.momentum, "must be in [0, 1)")
         if self.weight_decay < 0:
             raise RecipeError("weight_decay", self.weight_decay, "must be >= 0")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise RecipeError("optimizer", self.optimizer, "must be 'sgd' or 'adamw'")
+        if self.schedule not in ("step", "cosine"):
+            raise RecipeError("schedule", self.schedule, "must be 'step' or 'cosine'")
+        if not 0 <= self.warmup < 1:
+            raise RecipeError("warmup", self.warmup, "must be in [0, 1)")
         if self.preprocessing not in ("cifar", "imagenet"):
             raise RecipeError("preprocessing", self.preprocessing, "must be 'cifar' or 'imagenet'")
         if any(not 0 < b < 1 for b in self.decay_boundaries) or list(
@@ -193,8 +218,57 @@ RECIPES = {
             description="ImageNet: 90 epochs of batch 256, lr 0.1 /10 at epochs 30, 60, 80, "
             "momentum 0.9, weight decay 1e-4, random-resized crop 224, top-5",
         ),
+        Recipe(
+            name="vit_cifar",
+            # A ViT from scratch on CIFAR-10 (the usual small-data recipe, without RandAugment,
+            # mixup or label smoothing, which this pipeline does not have): AdamW, batch 128,
+            # lr 1e-3 warmed up over 5% of the steps then cosine decay, weight decay 0.05.
+            epochs=100,
+            batch_size=128,
+            learning_rate=1e-3,
+            weight_decay=0.05,
+            optimizer="adamw",
+            schedule="cosine",
+            warmup=0.05,
+            description="RevViT on CIFAR: 100 epochs of batch 128, AdamW lr 1e-3, 5% linear "
+            "warm-up then cosine decay, weight decay 0.05, pad-4 crop + flip",
+        ),
+        Recipe(
+            name="vit_imagenet",
+            # DeiT (Table 9), which RevViT follows: AdamW lr 5e-4 x batch / 512, weight decay
+            # 0.05, 300 epochs, 5 warm-up epochs, cosine decay (no RandAugment, mixup, CutMix,
+            # repeated augmentation or label smoothing here).
+            epochs=300,
+            batch_size=256,
+            learning_rate=2.5e-4,
+            weight_decay=0.05,
+            optimizer="adamw",
+            schedule="cosine",
+            warmup=5 / 300,
+            preprocessing="imagenet",
+            image_size=224,
+            top5=True,
+            description="RevViT on ImageNet (DeiT): 300 epochs of batch 256, AdamW lr 2.5e-4, 5 "
+            "warm-up epochs then cosine decay, weight decay 0.05, random-resized crop 224, top-5",
+        ),
     )
 }
+
+#: The recipe `default_recipe` gives each model that does not train with `cifar` by default.
+MODEL_RECIPES = {"RevViTCifar": "vit_cifar", "RevViTSmall": "vit_imagenet",
+                 "RevViTBase": "vit_imagenet"}
+
+
+def default_recipe(model_name):
+    """The name of the recipe a model trains with when `--recipe` is not given.
+
+    Args:
+        model_name: str. The zoo's name of the model (`"RevViTCifar"`, `"RevNet38"`, ...).
+
+    Returns:
+        str: `"vit_cifar"`/`"vit_imagenet"` for the RevViTs, `"cifar"` for the others.
+    """
+    return MODEL_RECIPES.get(model_name, "cifar")
 
 
 def list_recipes():
@@ -230,25 +304,64 @@ def learning_rate_schedule(recipe, total_steps):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def make_optimizer(recipe, total_steps):
-    """SGD with momentum and the recipe's step-decay schedule.
+def cosine_schedule(recipe, total_steps):
+    """Linear warm-up from 0 over `recipe.warmup * total_steps` steps, then cosine decay to 0.
 
-    Weight decay is not part of the optimizer; see `apply_weight_decay`.
+    Returns:
+        A `keras.optimizers.schedules.CosineDecay`.
+    """
+    import keras
+
+    warmup_steps = int(round(recipe.warmup * total_steps))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else recipe.learning_rate,
+        decay_steps=max(1, total_steps - warmup_steps),
+        alpha=0.0,
+        warmup_target=recipe.learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+#: Substrings of the variable names AdamW does not decay: biases, LayerNorm scales and offsets,
+#: position embeddings (as DeiT and timm; stacked variables keep these names as suffixes).
+NO_DECAY_NAMES = ("bias", "gamma", "beta", "position_embedding")
+
+
+def make_optimizer(recipe, total_steps):
+    """The recipe's optimizer and learning-rate schedule.
+
+    `optimizer="sgd"`: SGD with momentum, the step-decay schedule (or cosine); weight decay is
+    not part of it but an L2 penalty of the model (`kernel_l2_regularizer`). `optimizer="adamw"`:
+    AdamW with the decoupled weight decay `recipe.weight_decay` on every variable except
+    `NO_DECAY_NAMES`.
 
     Args:
         recipe: `Recipe`.
         total_steps: int. Number of optimizer steps of the whole run.
 
     Returns:
-        A `keras.optimizers.SGD`.
+        A `keras.optimizers.SGD` or `keras.optimizers.AdamW`.
     """
     import keras
 
+    schedule = (cosine_schedule(recipe, total_steps) if recipe.schedule == "cosine"
+                else learning_rate_schedule(recipe, total_steps))
+    if recipe.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=recipe.weight_decay,
+                                           beta_1=recipe.momentum)
+        optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
+        return optimizer
     return keras.optimizers.SGD(
-        learning_rate=learning_rate_schedule(recipe, total_steps),
+        learning_rate=schedule,
         momentum=recipe.momentum,
         nesterov=recipe.nesterov,
     )
+
+
+def model_weight_decay(recipe):
+    """The L2 coefficient the model's kernels carry: the recipe's for SGD, 0 for AdamW (whose
+    decay is in the optimizer)."""
+    return recipe.weight_decay if recipe.optimizer == "sgd" else 0.0
 
 
 def kernel_l2_regularizer(weight_decay):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import resource
 import sys
 
-__all__ = ["Reporter", "summarize", "memory_estimate_mb", "peak_memory_mb", "left_out_lines"]
+__all__ = ["Reporter", "summarize", "memory_estimate_mb", "peak_memory_mb", "left_out_lines",
+           "optimizer_text"]
 
 MAX_REPORTED_FILES = 5
 
@@ -80,6 +81,17 @@ def summarize(config, datasets, test, history_best, seconds, images_per_second, 
     }
 
 
+def optimizer_text(recipe):
+    """`SGD lr 0.1 momentum 0.9` or `AdamW lr 0.001, weight decay 0.05, 5% warm-up, cosine decay`."""
+    if recipe.optimizer == "adamw":
+        text = f"AdamW lr {recipe.learning_rate:g}, weight decay {recipe.weight_decay:g}"
+    else:
+        text = f"SGD lr {recipe.learning_rate:g} momentum {recipe.momentum}"
+    if recipe.schedule == "cosine":
+        text += f", {100 * recipe.warmup:g}% warm-up, cosine decay"
+    return text
+
+
 def _memory_lines(summary):
     gpu = f", {summary['peak_gpu_mb']:.0f} MB GPU" if summary["peak_gpu_mb"] else ""
     lines = [f"Peak memory: {summary['peak_rss_mb']:.0f} MB resident (whole process){gpu}"]
@@ -133,18 +145,20 @@ class Reporter:
 
         recipe = config.recipe
         image_shape = (recipe.image_size, recipe.image_size, 3)
+        decay = (f"{len(recipes.decayed_kernels(model))} kernels with weight decay "
+                 f"{recipe.weight_decay}" if recipe.optimizer == "sgd"
+                 else "decoupled weight decay in AdamW")
         self.line(
-            f"Model {config.model}: {model.count_params():,} parameters "
-            f"({len(recipes.decayed_kernels(model))} kernels with weight decay "
-            f"{recipe.weight_decay}); dtype policy {keras.config.dtype_policy().name}; "
+            f"Model {config.model}: {model.count_params():,} parameters ({decay}); "
+            f"dtype policy {keras.config.dtype_policy().name}; "
             f"{replicas} replica(s) ({config.distribution})\n"
             f"Precision: {precision_line}\n"
             f"Data {datasets.source}: {datasets.num_train} train / {datasets.num_test} "
             f"{datasets.test_name} images, {datasets.num_classes} classes, model input "
             f"{image_shape}\n"
             f"Recipe {recipe.name}: {recipe.epochs} epochs x {plan.steps_per_epoch} steps of "
-            f"batch {recipe.batch_size} = {plan.total_steps} steps; SGD lr "
-            f"{recipe.learning_rate:g} momentum {recipe.momentum}\nRun dir {config.model_dir}")
+            f"batch {recipe.batch_size} = {plan.total_steps} steps; {optimizer_text(recipe)}\n"
+            f"Run dir {config.model_dir}")
 
     def resume(self, step, plan, directory):
         """Where a resumed run goes on (nothing for a new run)."""

@@ -18,6 +18,7 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -25,6 +26,7 @@ import pathlib
 import shutil
 import tempfile
 
+from training import recipes
 from training.errors import Mention, RunDirError
 
 __all__ = ["RunDirectory", "atomic_write", "write_json", "probe_writable", "new_run_dir",
@@ -38,6 +40,10 @@ TRAINING_FIELDS = ("model", "dataset", "data_dir", "validation_split", "follow_l
 # What a run saves that a rerun resumes from (their absence after a failed start: nothing to keep).
 RESUMABLE_FILES = ("backup", "model.weights.h5")
 LOCK_FILE = ".lock"
+# Recipe fields added since runs were first written, with the value those runs trained with (the
+# field's default): an older config.json without them still resumes.
+ADDED_RECIPE_FIELDS = {f.name: f.default for f in dataclasses.fields(recipes.Recipe)
+                       if f.name in ("optimizer", "schedule", "warmup")}
 
 
 @contextlib.contextmanager
@@ -164,6 +170,8 @@ class RunDirectory:
             raise self._error(f"holds a finished run ({old.get('command')}); {self.advice}")
         old_fingerprint = dict(old.get("fingerprint", {}))
         old_fingerprint.setdefault("follow_links", False)  # runs of versions before the flag
+        if isinstance(old_fingerprint.get("recipe"), dict):  # runs before the AdamW fields
+            old_fingerprint["recipe"] = {**ADDED_RECIPE_FIELDS, **old_fingerprint["recipe"]}
         if "model" in old_fingerprint:  # runs of earlier versions kept the name as typed
             old_fingerprint["model"] = self.canonical_model(old_fingerprint["model"])
         changed = changed_fields(old_fingerprint, self.fingerprint)

@@ -25,6 +25,15 @@ def _block(dtype=None):
 
 # name: (make_layer(dtype), input_shape, expected_output_shape, number of seed generators)
 CASES = {
+    "AttentionResidualFunction": (
+        lambda dtype=None: layers.AttentionResidualFunction(
+            2, attention_dropout=0.1, dropout=0.1, drop_path=0.1, dtype=dtype),
+        (None, 5, 8), None, 3),
+    "MLPResidualFunction": (
+        lambda dtype=None: layers.MLPResidualFunction(2.0, dropout=0.1, drop_path=0.1, dtype=dtype),
+        (None, 5, 8), None, 3),
+    "PatchEmbedding": (lambda dtype=None: layers.PatchEmbedding(4, 8, dropout=0.1, dtype=dtype),
+                       (None, 8, 8, 3), (None, 4, 8), 1),
     "BasicResidualFunction": (_basic, (None, 6, 6, 8), None, 0),
     "BottleneckResidualFunction": (
         lambda dtype=None: layers.BottleneckResidualFunction(16, dtype=dtype), (None, 4, 4, 16),

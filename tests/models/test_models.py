@@ -19,7 +19,7 @@ from tf_revnet.layers import (
     StageTransition,
     Stem,
 )
-from tf_revnet.models import ARCHITECTURES, RevNet, get, list_models
+from tf_revnet.models import ARCHITECTURES, VIT_ARCHITECTURES, RevNet, get, list_models
 from tf_revnet.models.architectures import markdown_table
 
 CIFAR_MODELS = [name for name, arch in ARCHITECTURES.items() if arch.stem == "cifar"]
@@ -298,13 +298,15 @@ def test_list_models_and_get():
     assert names == [
         "revnet38", "revnet110", "revnet164", "revnet56", "revnet104",
         "resnet32", "resnet110", "resnet164", "resnet101",
+        "revvitsmall", "revvitbase", "revvitcifar",
     ]  # fmt: skip
     for name in names:
         assert get(name) is getattr(tf_revnet.models, ARCHITECTURES_BY_LOWER[name])
+    assert get("revvit_cifar") is get("RevViT-Cifar") is tf_revnet.models.RevViTCifar
     assert get("RevNet38") is get("revnet-38") is get("REVNET_38") is tf_revnet.models.RevNet38
 
 
-ARCHITECTURES_BY_LOWER = {name.lower(): name for name in ARCHITECTURES}
+ARCHITECTURES_BY_LOWER = {name.lower(): name for name in (*ARCHITECTURES, *VIT_ARCHITECTURES)}
 
 
 @pytest.mark.parametrize("bad", ["revnet39", "", None, 38])

@@ -84,3 +84,51 @@ def test_weight_decay_through_kernel_regularizer_skips_batch_norm():
     grads = tape.gradient(penalty, [k.value for k in kernels])
     for grad, kernel in zip(grads, kernels):
         np.testing.assert_allclose(grad.numpy(), 2e-4 * kernel.numpy(), rtol=1e-5, atol=1e-12)
+
+
+def test_vit_recipes_use_adamw_with_warm_up_and_cosine_decay():
+    recipe = recipes.get("vit_cifar")
+    assert (recipe.optimizer, recipe.schedule, recipe.batch_size) == ("adamw", "cosine", 128)
+    optimizer = recipes.make_optimizer(recipe, total_steps=200)
+    assert isinstance(optimizer, keras.optimizers.AdamW) and optimizer.weight_decay == 0.05
+    schedule = recipes.cosine_schedule(recipe, total_steps=200)  # what the optimizer holds
+    rates = [float(schedule(step)) for step in (0, 5, 10, 105, 200)]
+    np.testing.assert_allclose(rates, [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+    assert recipes.model_weight_decay(recipe) == 0.0  # no L2 penalty on top of AdamW's decay
+    assert recipes.get("vit_imagenet").image_size == 224
+
+
+def test_adamw_decays_kernels_but_not_biases_norms_or_positions():
+    import tf_revnet
+
+    model = tf_revnet.models.RevViT(patch_size=4, embed_dim=8, depth=2, num_heads=2,
+                                    input_shape=(8, 8, 3), classes=3)
+    optimizer = recipes.make_optimizer(recipes.get("vit_cifar"), total_steps=10)
+    optimizer.build(model.trainable_variables)
+    decayed = {v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)}
+    assert decayed and all("kernel" in path for path in decayed), decayed
+    assert any("blocks1to2/f_attention_query_kernel" in path for path in decayed)
+    assert not any("position_embedding" in p or "bias" in p or "gamma" in p for p in decayed)
+
+
+def test_optimizer_fields_are_validated_as_structured_errors():
+    for field, value, reason in (("optimizer", "adam", "must be 'sgd' or 'adamw'"),
+                                 ("schedule", "linear", "must be 'step' or 'cosine'"),
+                                 ("warmup", 1.0, r"must be in \[0, 1\)")):
+        with pytest.raises(recipes.RecipeError, match=f"{field}={value}: {reason}") as error:
+            recipes.get("vit_cifar").replace(**{field: value})
+        assert (error.value.parameter, error.value.value) == (field, value)
+
+
+def test_start_up_line_names_the_optimizer():
+    from training import report
+
+    assert report.optimizer_text(recipes.get("cifar")) == "SGD lr 0.1 momentum 0.9"
+    assert report.optimizer_text(recipes.get("vit_cifar")) == (
+        "AdamW lr 0.001, weight decay 0.05, 5% warm-up, cosine decay")
+
+
+def test_default_recipe_follows_the_model():
+    assert recipes.default_recipe("RevViTCifar") == "vit_cifar"
+    assert recipes.default_recipe("RevViTBase") == "vit_imagenet"
+    assert recipes.default_recipe("RevNet38") == "cifar"

@@ -495,6 +495,36 @@ def test_model_names_as_the_registry_takes_them(name, tmp_path):
     assert _config(["--model", name, "--export-dir", str(tmp_path / "e")]).model == name
 
 
+@pytest.mark.parametrize("name, recipe", [("revvit_cifar", "vit_cifar"),
+                                          ("RevViT-Base", "vit_imagenet"), ("revnet38", "cifar")])
+def test_default_recipe_is_the_models(name, recipe, tmp_path):
+    assert _config(["--model", name, "--export-dir", str(tmp_path / "e")]).recipe.name == recipe
+    assert _config(["--model", name, "--recipe", "quick", "--export-dir",
+                    str(tmp_path / "e")]).recipe.name == "quick"
+
+
+def test_resume_of_a_run_written_before_the_optimizer_fields(cifar10_small_dir, tmp_path):
+    """A config.json without `optimizer`, `schedule`, `warmup` (older runs) still resumes; one
+    that names another optimizer does not."""
+    argv = ["--data-dir", str(cifar10_small_dir), "--model-dir", str(tmp_path / "run"),
+            "--export-dir", str(tmp_path / "e")]
+    model_dir = _unfinished_run(tmp_path, argv)
+    config = json.loads((model_dir / "config.json").read_text())
+    for field in ("optimizer", "schedule", "warmup"):
+        del config["fingerprint"]["recipe"][field]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    fingerprint = train._fingerprint(_config(argv))
+    with run_dir.RunDirectory(model_dir, fingerprint,
+                              canonical_model=classifier.canonical_model_name) as run:
+        assert run.resuming is True
+    config["fingerprint"]["recipe"]["optimizer"] = "adamw"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(run_dir.RunDirError, match="holds an unfinished run with different optimizer"):
+        with run_dir.RunDirectory(model_dir, fingerprint,
+                                  canonical_model=classifier.canonical_model_name):
+            pass
+
+
 def test_resume_accepts_another_spelling_of_the_model(tmp_path):
     """`RevNet-38` resumes a run started as `revnet38` (the same model), also from a config.json
     of an earlier version that kept the name as typed; `resnet32` does not."""

@@ -129,6 +129,66 @@ ARCHITECTURES = {
 }  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class ViTArchitecture:
+    """One reversible vision transformer of the zoo (`tf_revnet.models.RevViT`).
+
+    Attributes:
+        name: str. The builder's name, e.g. `"RevViTSmall"`.
+        patch_size: int. Side of the square patches.
+        embed_dim: int. Token width C of each of the two streams.
+        depth: int. Reversible blocks (each one attention F and one MLP G).
+        num_heads: int. Attention heads.
+        mlp_ratio: float. MLP hidden width over C.
+        image_size: int. Side of the square input images.
+        classes: int. Classes of the standard classifier.
+        paper_params: float or None. Published parameter count, in millions.
+        params: int. `count_params()` of our model with `classes` classes; the tests check it.
+        note: str. A remark for the builder's docstring.
+    """
+
+    name: str
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    image_size: int
+    classes: int
+    paper_params: float = None
+    params: int = 0
+    note: str = ""
+
+    @property
+    def input_shape(self):
+        """The input shape (NHWC without the batch)."""
+        return (self.image_size, self.image_size, 3)
+
+    @property
+    def num_tokens(self):
+        """Tokens per image: `(image_size / patch_size)^2`."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+#: RevViT-S and RevViT-B: Mangalam et al., "Reversible Vision Transformers", CVPR 2022, Table 1
+#: (DeiT-S/B sizes at 224x224, patch 16); the published counts are mmpretrain's model zoo
+#: (`configs/revvit/`: 22.4M and 87.3M with 1000 classes). `RevViTCifar` is our CIFAR-size model.
+VIT_ARCHITECTURES = {
+    spec.name: spec
+    for spec in [
+        ViTArchitecture("RevViTSmall", 16, 384, 12, 6, 4.0, 224, 1000, paper_params=22.4,
+                        params=22_434_664),
+        ViTArchitecture("RevViTBase", 16, 768, 12, 12, 4.0, 224, 1000, paper_params=87.3,
+                        params=87_335_656),
+        ViTArchitecture(
+            "RevViTCifar", 4, 192, 6, 3, 4.0, 32, 10, params=2_695_498,
+            note="A CIFAR-size model of ours (not in the paper): 4x4 patches of a 32x32 image, 64 "
+                 "tokens, ViT-Tiny's width and heads at half its depth, small enough to train on "
+                 "a CPU.",
+        ),
+    ]
+}  # fmt: skip
+
 def markdown_table():
     """The README's model table (Markdown), generated from `ARCHITECTURES`.
 
