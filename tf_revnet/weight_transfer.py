@@ -301,7 +301,11 @@ def _counterpart(model, rewrite):
         if isinstance(layer, ReversibleSequence):
             config = layer.get_config()
             config.pop("units", None)
-            return type(layer)(units=rewrite(layer.units), **config)
+            taps = config.pop("taps", None)
+            units, ends = rewrite(layer.units, taps or ())
+            # A tapped unit's output is the output of the unit it became (or the last of its copies).
+            return type(layer)(units=units, taps=None if taps is None else [ends[t] for t in taps],
+                               **config)
         return layer.__class__.from_config(layer.get_config())
 
     try:
@@ -330,9 +334,12 @@ def _copy(layer, name=None):
     return keras.saving.deserialize_keras_object(config)
 
 
-def _expand(units):
-    """Units with each `ReversibleBlockStack` replaced by `depth` blocks of its template's config."""
-    copies, out = {}, []
+def _expand(units, taps=()):
+    """Units with each `ReversibleBlockStack` replaced by `depth` blocks of its template's config.
+
+    Returns `(units, ends)`: `ends[i]` is the new index of the last unit made from `units[i]`.
+    """
+    copies, out, ends = {}, [], []
     for unit in units:
         if id(unit) not in copies:
             if isinstance(unit, ReversibleBlockStack):
@@ -345,7 +352,8 @@ def _expand(units):
             else:
                 copies[id(unit)] = [_copy(unit)]
         out += copies[id(unit)]
-    return out
+        ends.append(len(out) - 1)
+    return out, ends
 
 
 def _signature(block):
@@ -362,15 +370,19 @@ def _signature(block):
     return type(block), config, tuple(tuple(v.shape) for v in block.variables)
 
 
-def _collapse(units):
-    """Units with each run of two or more identical consecutive blocks replaced by one stack."""
-    copies, out, i = {}, [], 0
+def _collapse(units, taps=()):
+    """Units with each run of two or more identical consecutive blocks replaced by one stack.
+
+    A run ends at a tapped unit (its output must stay a unit's output). Returns `(units, ends)`:
+    `ends[i]` is the new index of the unit that `units[i]` became part of.
+    """
+    copies, out, ends, i = {}, [], [], 0
     while i < len(units):
         unit = units[i]
         j = i + 1
         if type(unit) is ReversibleBlock:
             signature, ids = _signature(unit), {id(v) for v in unit.variables}
-            while (j < len(units) and type(units[j]) is ReversibleBlock
+            while (j - 1 not in taps and j < len(units) and type(units[j]) is ReversibleBlock
                    and not ids & {id(v) for v in units[j].variables}
                    and _signature(units[j]) == signature):
                 ids |= {id(v) for v in units[j].variables}
@@ -388,8 +400,9 @@ def _collapse(units):
             if id(unit) not in copies:
                 copies[id(unit)] = _copy(unit)
             out.append(copies[id(unit)])
+        ends += [len(out) - 1] * (j - i)
         i = j
-    return out
+    return out, ends
 
 
 def _saved(model):
