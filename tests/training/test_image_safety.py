@@ -251,3 +251,38 @@ def test_max_image_pixels_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
         image_safety.check_max_image_pixels(value)
     assert image_safety.check_max_image_pixels(40_000_000) == 40_000_000
+
+
+@pytest.mark.parametrize("marker", [0xC2, 0xC6, 0xCA, 0xCE])
+@pytest.mark.parametrize("components", [3, 4])
+def test_progressive_jpeg_is_charged_its_coefficient_buffer(components, marker):
+    """libjpeg keeps a progressive JPEG's whole coefficient buffer (2 bytes per component and
+    pixel) besides the 3-byte output: 10000 x 10000 decodes in +875 MB (3 components) or +1066 MB
+    (CMYK), so it is charged (3 + 2 * components) / 3 times its pixels."""
+    claim = hostile.jpeg_progressive(10000, 10000, components, marker)
+    assert len(claim) < 200
+    assert image_safety.image_size(claim).numpy().tolist() == [10000, 10000, 1, 10**8]
+    charged = -(-10**8 * (3 + 2 * components) // 3)  # rounded up
+    assert _refusal(claim) == (
+        f"image: 10000 x 10000 pixels x 1 frame = 100000000 pixels, a progressive JPEG with "
+        f"{components} components: charged as {charged} pixels (its decoder buffers 2 bytes per "
+        "component and pixel), over the limit of 100000000 pixels (max_image_pixels); refused "
+        "before decoding")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"charged as {charged} pixels"):
+        image_safety.decode_image(claim)
+    # Within the limit once charged: the check passes (the few bytes then fail to decode).
+    image_safety.check_image(claim, charged)
+    assert "over the limit" in _refusal(claim, charged - 1)
+
+
+def test_progressive_jpeg_that_decodes_is_charged_and_decoded(photo):
+    _, pixels = photo
+    image = pytest.importorskip("PIL.Image")
+    buffer = io.BytesIO()
+    image.fromarray(pixels).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    assert b"\xff\xc2" in data
+    assert image_safety.decode_image(data, 32 * 32 * 3).shape == (32, 32, 3)
+    assert "charged as 3072 pixels" in _refusal(data, 32 * 32 * 3 - 1)
+    # A baseline JPEG is charged its pixels.
+    assert image_safety.check_image(hostile.jpeg_progressive(100, 100, 3, 0xC0), 10000) is not None
