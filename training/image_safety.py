@@ -66,11 +66,12 @@ import re
 
 import tensorflow as tf
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "MAX_GIF_BLOCKS", "MAX_JPEG_SEGMENTS", "FORMATS",
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "MAX_LIMIT", "MAX_GIF_BLOCKS", "MAX_JPEG_SEGMENTS", "FORMATS",
            "image_size", "check_image", "decode_image", "decode_images", "refusal_reason",
            "check_max_image_pixels"]
 
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+MAX_LIMIT = 2**63 - 1  # the largest max_image_pixels (an int64 tensor in the graph)
 # A GIF is walked block by block (extensions, frames); more blocks than this are refused (about
 # 10,000 frames). This bounds the time of the walk on hostile files of many empty blocks (1.3 s
 # at the limit, measured on a 2-core CPU).
@@ -87,17 +88,20 @@ _RUNNING, _DONE, _TRUNCATED, _CORRUPT, _TOO_MANY_BLOCKS = range(5)
 
 
 def check_max_image_pixels(value, name="max_image_pixels"):
-    """Returns `value` if it is a positive integer (a NumPy integer too), else raises `ValueError`.
+    """Returns `value` if it is a positive integer (a NumPy integer too) of the int64 range (the
+    limit is an int64 tensor), else raises `ValueError`.
 
     Args:
         value: int.
         name: str. The argument or flag named in the error.
 
     Raises:
-        ValueError: `value` is not an integer >= 1.
+        ValueError: `value` is not an integer >= 1, or is over `MAX_LIMIT` (2^63 - 1).
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer. Received: {value!r}")
+    if value > MAX_LIMIT:
+        raise ValueError(f"{name} must be at most {MAX_LIMIT}. Received: {value!r}")
     return int(value)
 
 

@@ -572,6 +572,10 @@ def test_cli_one_line_errors(exported, dense_run, tmp_path, capsys):  # noqa: F8
     assert f"--model-dir {run}: not a directory" in err
     err = _error(["--model-dir", str(dense_run[0]), "--max-image-pixels", "0", *base], capsys)
     assert err.endswith("--max-image-pixels 0: must be >= 1")
+    err = _error(["--model-dir", str(dense_run[0]), "--max-image-pixels",
+                  "99999999999999999999999", *base], capsys)
+    assert err.endswith("--max-image-pixels 99999999999999999999999: must be at most "
+                        "9223372036854775807")
     run.mkdir()
     assert f"--model-dir {run}: no config.json" in _error(["--model-dir", str(run), *base], capsys)
     (run / "config.json").write_text((dense_run[0] / "config.json").read_text())
@@ -622,6 +626,7 @@ def test_help_defaults_match_the_modules_they_stand_for():
     assert export.TOP_K_MIN_CLASSES == serving_signatures.TOP_K_MIN_CLASSES
     assert export.DEFAULT_MAX_IMAGE_PIXELS == image_safety.DEFAULT_MAX_IMAGE_PIXELS
     assert command_line.DEFAULT_MAX_IMAGE_PIXELS == image_safety.DEFAULT_MAX_IMAGE_PIXELS
+    assert command_line.MAX_IMAGE_PIXELS == image_safety.MAX_LIMIT == 2**63 - 1
 
 
 def test_readme_shows_the_summary_lines_the_code_prints():

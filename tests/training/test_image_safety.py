@@ -251,6 +251,10 @@ def test_max_image_pixels_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
         image_safety.check_max_image_pixels(value)
     assert image_safety.check_max_image_pixels(40_000_000) == 40_000_000
+    assert image_safety.check_max_image_pixels(2**63 - 1) == 2**63 - 1
+    with pytest.raises(ValueError, match="max_image_pixels must be at most 9223372036854775807. "
+                                         "Received: 9223372036854775808"):
+        image_safety.check_max_image_pixels(2**63)
 
 
 @pytest.mark.parametrize("marker", [0xC2, 0xC6, 0xCA, 0xCE])
