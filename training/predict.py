@@ -110,8 +110,8 @@ def _checked_bytes(path, max_pixels):
     try:
         image_safety.check_image(contents, max_pixels, name=str(path))
     except tf.errors.InvalidArgumentError as e:
-        reason = image_safety.refusal_reason(e) or ""
-        if "over the limit" in reason:
+        reason = image_safety.refusal_reason(e)
+        if reason:  # "PATH: <size> over the limit ...", "PATH: corrupt PNG header ...", ...
             raise PredictError(f"image {reason}") from None
         raise PredictError(f"image {path}: cannot decode it (not a JPEG, PNG, GIF or BMP file, "
                            "or truncated)") from None
