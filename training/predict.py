@@ -94,7 +94,9 @@ def _quiet_decoding():
 
 
 def _image_safety():
-    """`training.image_safety`, or `image_safety` beside a copy of this file."""
+    """`training.image_safety`, or `image_safety` beside a copy of this file (it imports
+    TensorFlow: imported quietly first, on the command line)."""
+    _tensorflow()
     try:
         from training import image_safety
     except ImportError:

@@ -221,6 +221,20 @@ def test_unreachable_server_gives_one_line_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "cannot reach it" in err, err
 
 
+def test_pixel_rest_request_prints_no_tensorflow_noise(exported, tmp_path):  # noqa: F811
+    """`--rest-request serving_default` decodes the file with TensorFlow, imported quietly: stderr
+    is empty for a good file (no absl / CUDA start-up lines)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.predict", "--rest-request", "serving_default",
+         str(exported.files[0])], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+        env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == "", proc.stderr
+    body = json.loads(proc.stdout)
+    assert body["signature_name"] == "serving_default" and len(body["instances"]) == 1
+
+
 def test_header_refusals_keep_their_reason(exported, tmp_path, capsys):  # noqa: F811
     """Refusals that are not about the size name their fault too, not a generic "cannot decode"."""
     folder = tmp_path / "photos"
