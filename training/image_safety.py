@@ -147,13 +147,16 @@ def _little_endian(head, start, size):
     return _big_endian(tf.reverse(head[start:start + size], [0]), 0, size)
 
 
-def _sized(height, width, frames, pixels, cut, components=None):
-    """int64 `(7,)`: height, width, frames, pixels, bytes to decode, pixels charged against the
-    limit, and the components of a progressive JPEG (0 for any other image)."""
-    if components is None:
-        return tf.stack([height, width, frames, pixels, cut, pixels, tf.zeros_like(pixels)])
-    return tf.stack([height, width, frames, pixels, cut, _charged(pixels, components),
-                     components])
+def _sized(height, width, frames, pixels, cut, components=None, frame=None):
+    """int64 `(9,)`: height, width, frames, pixels, bytes to decode, pixels charged against the
+    limit, the components of a progressive JPEG (0 for any other image), and the width and
+    height of a GIF's largest frame when it is larger than the screen (else 0, 0)."""
+    zero = tf.zeros_like(pixels)
+    charged = pixels if components is None else _charged(pixels, components)
+    components = zero if components is None else components
+    frame_width, frame_height = (zero, zero) if frame is None else frame
+    return tf.stack([height, width, frames, pixels, cut, charged, components, frame_width,
+                     frame_height])
 
 
 def _charged(pixels, components):
@@ -306,7 +309,7 @@ def _gif_size(contents, head, n, name):
     def end_of_chain(i):  # position after the 0 byte of the chain at i, or n + 1 (truncated)
         return tf.cast(tf.gather(ends, tf.clip_by_value(i, 0, n)), tf.int64) + 1
 
-    def body(pos, blocks, frames, pixels, first_end, status):
+    def body(pos, blocks, frames, pixels, first_end, largest_width, largest_height, status):
         kind = byte(pos)
         # An extension (0x21, label): its sub-blocks follow the label.
         extension_end = end_of_chain(pos + 2)
@@ -332,16 +335,23 @@ def _gif_size(contents, head, n, name):
         # A frame counts once its descriptor is complete (its data may be cut short).
         counted = tf.logical_and(is_image, frame_packed >= 0)
         frames = frames + tf.cast(counted, tf.int64)
+        larger = tf.logical_and(counted, tf.logical_and(
+            frame_width * frame_height > canvas,
+            frame_width * frame_height > largest_width * largest_height))
+        largest_width = tf.where(larger, frame_width, largest_width)
+        largest_height = tf.where(larger, frame_height, largest_height)
         pixels = pixels + tf.where(counted, tf.maximum(canvas, frame_width * frame_height),
                                    tf.zeros_like(pixels))
         first_end = tf.where(tf.logical_and(tf.logical_and(counted, complete), first_end < 0),
                              image_end, first_end)
-        return block_end, blocks + 1, frames, pixels, first_end, tf.cast(new_status, tf.int64)
+        return (block_end, blocks + 1, frames, pixels, first_end, largest_width, largest_height,
+                tf.cast(new_status, tf.int64))
 
     zero = tf.constant(0, tf.int64)
-    _, blocks, frames, pixels, first_end, status = tf.while_loop(
+    _, blocks, frames, pixels, first_end, largest_width, largest_height, status = tf.while_loop(
         lambda *state: tf.equal(state[-1], _RUNNING), body,
-        [start, zero, zero, zero, tf.constant(-1, tf.int64), tf.constant(_RUNNING, tf.int64)])
+        [start, zero, zero, zero, tf.constant(-1, tf.int64), zero, zero,
+         tf.constant(_RUNNING, tf.int64)])
     checks = [
         _fail_unless(tf.not_equal(status, _TRUNCATED), name, "truncated GIF (", n, " bytes; its "
                      "first frame is incomplete)"),
@@ -351,7 +361,8 @@ def _gif_size(contents, head, n, name):
                      MAX_GIF_BLOCKS, " blocks (extensions and frames); refused before decoding"),
     ]
     with tf.control_dependencies(checks):
-        return _sized(tf.identity(height), width, frames, pixels, first_end)
+        return _sized(tf.identity(height), width, frames, pixels, first_end,
+                      frame=(largest_width, largest_height))
 
 
 def _size_and_cut(contents, name):
@@ -413,7 +424,12 @@ def _check(size, max_pixels, name):
         tf.where(tf.equal(components, 1), " component", " components"), ": charged as ",
         tf.strings.as_string(charged), " pixels (its decoder buffers 2 bytes per component and "
         "pixel)"]), "")
-    frame_text = tf.strings.join([" x ", tf.strings.as_string(frames),
+    frame_width, frame_height = size[7], size[8]
+    larger_frame = tf.where(frame_width > 0, tf.strings.join([
+        " (", tf.where(tf.equal(frames, 1), "a frame of ", "frames up to "),
+        tf.strings.as_string(frame_width), " x ", tf.strings.as_string(frame_height),
+        " pixels, larger than the screen)"]), "")
+    frame_text = tf.strings.join([larger_frame, " x ", tf.strings.as_string(frames),
                                   tf.where(tf.equal(frames, 1), " frame", " frames")])
     return [
         _fail_unless(pixels > 0, name, width, " x ", height, " pixels: an image without pixels; "

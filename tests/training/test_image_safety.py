@@ -290,3 +290,18 @@ def test_progressive_jpeg_that_decodes_is_charged_and_decoded(photo):
     assert "charged as 3072 pixels" in _refusal(data, 32 * 32 * 3 - 1)
     # A baseline JPEG is charged its pixels.
     assert image_safety.check_image(hostile.jpeg_progressive(100, 100, 3, 0xC0), 10000) is not None
+
+
+def test_gif_refusal_names_a_frame_larger_than_the_screen():
+    huge = hostile.gif(1, 1, [hostile.gif_frame(65535, 65535, lzw=b"\x01\x00\x00")])
+    assert _refusal(huge) == (
+        "image: 1 x 1 pixels (a frame of 65535 x 65535 pixels, larger than the screen) x 1 frame "
+        "= 4294836225 pixels, over the limit of 100000000 pixels (max_image_pixels); refused "
+        "before decoding")
+    two = hostile.gif(1, 1, [hostile.gif_frame(3000, 2000), hostile.gif_frame(2000, 2000)])
+    assert _refusal(two, 9_000_000).startswith(
+        "image: 1 x 1 pixels (frames up to 3000 x 2000 pixels, larger than the screen) x 2 frames "
+        "= 10000000 pixels, over the limit of 9000000")
+    # Frames within the screen are not mentioned.
+    assert _refusal(hostile.gif_of_zeros(2000, 2000, frames=3), 10_000_000).startswith(
+        "image: 2000 x 2000 pixels x 3 frames = 12000000 pixels, over")
