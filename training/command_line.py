@@ -27,6 +27,7 @@ DEFAULT_WORKER_TIMEOUT = 600.0
 # training.image_safety.DEFAULT_MAX_IMAGE_PIXELS (that module imports TensorFlow; a test checks
 # that the two are equal).
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+MAX_IMAGE_PIXELS = 2**63 - 1  # training.image_safety.MAX_LIMIT (int64)
 # The recipe fields that flags override, with their help.
 _RECIPE_HELP = {
     "epochs": "number of epochs",
@@ -258,6 +259,9 @@ def _check_options(args):
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(name, value, "must be > 0")
+    if args.max_image_pixels > MAX_IMAGE_PIXELS:  # the limit is an int64 tensor
+        raise ConfigError("max_image_pixels", args.max_image_pixels,
+                          f"must be at most {MAX_IMAGE_PIXELS}")
     if args.monitor_numerics < 0:
         raise ConfigError("monitor_numerics", args.monitor_numerics, "must be >= 0 (0: off)")
     if args.distribution == "multi_worker" and not args.model_dir:

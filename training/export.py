@@ -252,6 +252,9 @@ def _check_options(args):
         raise StageError("top_k", args.top_k, "must be >= 1")
     if args.max_image_pixels is not None and args.max_image_pixels < 1:
         raise StageError("max_image_pixels", args.max_image_pixels, "must be >= 1")
+    if args.max_image_pixels is not None and args.max_image_pixels > 2**63 - 1:  # int64 tensor
+        raise StageError("max_image_pixels", args.max_image_pixels,
+                         f"must be at most {2**63 - 1}")
 
 
 def _load(args):

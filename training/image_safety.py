@@ -25,6 +25,15 @@ exceed `max_image_pixels` (`DEFAULT_MAX_IMAGE_PIXELS` = 100 million: above the 4
 sensors of full-frame cameras and the 48 megapixel photos of phones; a 102 megapixel
 medium-format photo or a phone's 200 megapixel mode needs a higher limit), or have none.
 
+A progressive JPEG (frame markers SOF2, SOF6, SOF10, SOF14) costs more than its pixels: libjpeg
+keeps the whole image's DCT coefficients while it decodes the scans (2 bytes per component and
+pixel, for 1x1 sampling) besides the 3-byte RGB output. It is charged
+`ceil(pixels * (3 + 2 * components) / 3)` pixels against `max_image_pixels` (3 times its pixels
+with 3 components, 11/3 with 4, CMYK): a 160-byte 10,000 x 10,000 CMYK claim would cost +1066 MB
+to decode. The refusal says so: "... = 100000000 pixels, a progressive JPEG with 4 components:
+charged as 366666667 pixels (...), over the limit of ...". Baseline JPEGs are charged their pixels
+(libjpeg decodes them in strips of rows).
+
 A refusal is a `tf.errors.InvalidArgumentError` whose message names the image, its size and the limit, e.g.
 
     image_bytes[0]: 20000 x 20000 pixels x 1 frame = 400000000 pixels, over the limit of
@@ -57,11 +66,12 @@ import re
 
 import tensorflow as tf
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "MAX_GIF_BLOCKS", "MAX_JPEG_SEGMENTS", "FORMATS",
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "MAX_LIMIT", "MAX_GIF_BLOCKS", "MAX_JPEG_SEGMENTS", "FORMATS",
            "image_size", "check_image", "decode_image", "decode_images", "refusal_reason",
            "check_max_image_pixels"]
 
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+MAX_LIMIT = 2**63 - 1  # the largest max_image_pixels (an int64 tensor in the graph)
 # A GIF is walked block by block (extensions, frames); more blocks than this are refused (about
 # 10,000 frames). This bounds the time of the walk on hostile files of many empty blocks (1.3 s
 # at the limit, measured on a 2-core CPU).
@@ -78,17 +88,20 @@ _RUNNING, _DONE, _TRUNCATED, _CORRUPT, _TOO_MANY_BLOCKS = range(5)
 
 
 def check_max_image_pixels(value, name="max_image_pixels"):
-    """Returns `value` if it is a positive integer (a NumPy integer too), else raises `ValueError`.
+    """Returns `value` if it is a positive integer (a NumPy integer too) of the int64 range (the
+    limit is an int64 tensor), else raises `ValueError`.
 
     Args:
         value: int.
         name: str. The argument or flag named in the error.
 
     Raises:
-        ValueError: `value` is not an integer >= 1.
+        ValueError: `value` is not an integer >= 1, or is over `MAX_LIMIT` (2^63 - 1).
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer. Received: {value!r}")
+    if value > MAX_LIMIT:
+        raise ValueError(f"{name} must be at most {MAX_LIMIT}. Received: {value!r}")
     return int(value)
 
 
@@ -134,8 +147,22 @@ def _little_endian(head, start, size):
     return _big_endian(tf.reverse(head[start:start + size], [0]), 0, size)
 
 
-def _sized(height, width, frames, pixels, cut):
-    return tf.stack([height, width, frames, pixels, cut])
+def _sized(height, width, frames, pixels, cut, components=None, frame=None):
+    """int64 `(9,)`: height, width, frames, pixels, bytes to decode, pixels charged against the
+    limit, the components of a progressive JPEG (0 for any other image), and the width and
+    height of a GIF's largest frame when it is larger than the screen (else 0, 0)."""
+    zero = tf.zeros_like(pixels)
+    charged = pixels if components is None else _charged(pixels, components)
+    components = zero if components is None else components
+    frame_width, frame_height = (zero, zero) if frame is None else frame
+    return tf.stack([height, width, frames, pixels, cut, charged, components, frame_width,
+                     frame_height])
+
+
+def _charged(pixels, components):
+    """The pixels a JPEG of `pixels` pixels is charged: `ceil(pixels * (3 + 2 * components) / 3)`
+    for a progressive one (`components > 0`), else `pixels`."""
+    return tf.where(components > 0, (pixels * (3 + 2 * components) + 2) // 3, pixels)
 
 
 def _byte_reader(data, n):
@@ -149,6 +176,8 @@ def _byte_reader(data, n):
 
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic).
 _JPEG_SOF = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+# Progressive frames: libjpeg keeps the whole image's DCT coefficients while it decodes them.
+_JPEG_PROGRESSIVE = (0xC2, 0xC6, 0xCA, 0xCE)
 _JPEG_STANDALONE = (0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8)
 
 
@@ -163,9 +192,10 @@ def _jpeg_size(contents, n, name):
     data = tf.io.decode_raw(contents, tf.uint8)
     byte = _byte_reader(data, n)
     sof = tf.constant(_JPEG_SOF, tf.int64)
+    progressive = tf.constant(_JPEG_PROGRESSIVE, tf.int64)
     standalone = tf.constant(_JPEG_STANDALONE, tf.int64)
 
-    def body(pos, segments, height, width, status):
+    def body(pos, segments, height, width, components, status):
         prefix, marker = byte(pos), byte(pos + 1)
         length = byte(pos + 2) * 256 + byte(pos + 3)
         is_sof = tf.reduce_any(tf.equal(marker, sof))
@@ -173,7 +203,7 @@ def _jpeg_size(contents, n, name):
         step = tf.where(tf.equal(marker, 0xFF), tf.constant(1, tf.int64),  # a fill byte
                         tf.where(is_standalone, tf.constant(2, tf.int64), 2 + length))
         new_status = tf.where(
-            tf.logical_or(marker < 0, tf.logical_and(is_sof, byte(pos + 8) < 0)), _TRUNCATED,
+            tf.logical_or(marker < 0, tf.logical_and(is_sof, byte(pos + 9) < 0)), _TRUNCATED,
             tf.where(tf.logical_or(tf.not_equal(prefix, 0xFF), tf.logical_or(
                 tf.logical_and(tf.logical_not(is_standalone), tf.logical_and(
                     tf.not_equal(marker, 0xFF), length < 2)),
@@ -184,12 +214,15 @@ def _jpeg_size(contents, n, name):
                               _TOO_MANY_BLOCKS, new_status)
         height = tf.where(is_sof, byte(pos + 5) * 256 + byte(pos + 6), height)
         width = tf.where(is_sof, byte(pos + 7) * 256 + byte(pos + 8), width)
-        return pos + step, segments + 1, height, width, tf.cast(new_status, tf.int64)
+        components = tf.where(tf.logical_and(is_sof, tf.reduce_any(tf.equal(marker, progressive))),
+                              tf.maximum(byte(pos + 9), 1), components)
+        return (pos + step, segments + 1, height, width, components,
+                tf.cast(new_status, tf.int64))
 
     zero = tf.constant(0, tf.int64)
-    _, _, height, width, status = tf.while_loop(
+    _, _, height, width, components, status = tf.while_loop(
         lambda *state: tf.equal(state[-1], _RUNNING), body,
-        [tf.constant(2, tf.int64), zero, zero, zero, tf.constant(_RUNNING, tf.int64)])
+        [tf.constant(2, tf.int64), zero, zero, zero, zero, tf.constant(_RUNNING, tf.int64)])
     checks = [
         _fail_unless(tf.not_equal(status, _TRUNCATED), name, "truncated JPEG header (", n,
                      " bytes, no frame header)"),
@@ -201,7 +234,7 @@ def _jpeg_size(contents, n, name):
     ]
     with tf.control_dependencies(checks):
         one = tf.constant(1, tf.int64)
-        return _sized(tf.identity(height), width, one, height * width, n)
+        return _sized(tf.identity(height), width, one, height * width, n, components)
 
 
 def _png_size(head, n, name):
@@ -276,7 +309,7 @@ def _gif_size(contents, head, n, name):
     def end_of_chain(i):  # position after the 0 byte of the chain at i, or n + 1 (truncated)
         return tf.cast(tf.gather(ends, tf.clip_by_value(i, 0, n)), tf.int64) + 1
 
-    def body(pos, blocks, frames, pixels, first_end, status):
+    def body(pos, blocks, frames, pixels, first_end, largest_width, largest_height, status):
         kind = byte(pos)
         # An extension (0x21, label): its sub-blocks follow the label.
         extension_end = end_of_chain(pos + 2)
@@ -302,16 +335,23 @@ def _gif_size(contents, head, n, name):
         # A frame counts once its descriptor is complete (its data may be cut short).
         counted = tf.logical_and(is_image, frame_packed >= 0)
         frames = frames + tf.cast(counted, tf.int64)
+        larger = tf.logical_and(counted, tf.logical_and(
+            frame_width * frame_height > canvas,
+            frame_width * frame_height > largest_width * largest_height))
+        largest_width = tf.where(larger, frame_width, largest_width)
+        largest_height = tf.where(larger, frame_height, largest_height)
         pixels = pixels + tf.where(counted, tf.maximum(canvas, frame_width * frame_height),
                                    tf.zeros_like(pixels))
         first_end = tf.where(tf.logical_and(tf.logical_and(counted, complete), first_end < 0),
                              image_end, first_end)
-        return block_end, blocks + 1, frames, pixels, first_end, tf.cast(new_status, tf.int64)
+        return (block_end, blocks + 1, frames, pixels, first_end, largest_width, largest_height,
+                tf.cast(new_status, tf.int64))
 
     zero = tf.constant(0, tf.int64)
-    _, blocks, frames, pixels, first_end, status = tf.while_loop(
+    _, blocks, frames, pixels, first_end, largest_width, largest_height, status = tf.while_loop(
         lambda *state: tf.equal(state[-1], _RUNNING), body,
-        [start, zero, zero, zero, tf.constant(-1, tf.int64), tf.constant(_RUNNING, tf.int64)])
+        [start, zero, zero, zero, tf.constant(-1, tf.int64), zero, zero,
+         tf.constant(_RUNNING, tf.int64)])
     checks = [
         _fail_unless(tf.not_equal(status, _TRUNCATED), name, "truncated GIF (", n, " bytes; its "
                      "first frame is incomplete)"),
@@ -321,7 +361,8 @@ def _gif_size(contents, head, n, name):
                      MAX_GIF_BLOCKS, " blocks (extensions and frames); refused before decoding"),
     ]
     with tf.control_dependencies(checks):
-        return _sized(tf.identity(height), width, frames, pixels, first_end)
+        return _sized(tf.identity(height), width, frames, pixels, first_end,
+                      frame=(largest_width, largest_height))
 
 
 def _size_and_cut(contents, name):
@@ -367,22 +408,35 @@ def image_size(contents, name="image"):
     return _size_and_cut(contents, name)[0][:4]
 
 
-def _libjpeg_size(contents):
+def _libjpeg_size(contents, size):
+    """`_sized` with libjpeg's reading of the height and width (the walk's components)."""
     shape = tf.cast(tf.image.extract_jpeg_shape(contents), tf.int64)
-    return tf.stack([shape[0], shape[1], tf.constant(1, tf.int64), shape[0] * shape[1]])
+    return _sized(shape[0], shape[1], tf.constant(1, tf.int64), shape[0] * shape[1], size[4],
+                  size[6])
 
 
 def _check(size, max_pixels, name):
     height, width, frames, pixels = size[0], size[1], size[2], size[3]
+    charged, components = size[5], size[6]
     limit = tf.cast(max_pixels, tf.int64)
-    frame_text = tf.strings.join([" x ", tf.strings.as_string(frames),
+    charge_text = tf.where(components > 0, tf.strings.join([
+        ", a progressive JPEG with ", tf.strings.as_string(components),
+        tf.where(tf.equal(components, 1), " component", " components"), ": charged as ",
+        tf.strings.as_string(charged), " pixels (its decoder buffers 2 bytes per component and "
+        "pixel)"]), "")
+    frame_width, frame_height = size[7], size[8]
+    larger_frame = tf.where(frame_width > 0, tf.strings.join([
+        " (", tf.where(tf.equal(frames, 1), "a frame of ", "frames up to "),
+        tf.strings.as_string(frame_width), " x ", tf.strings.as_string(frame_height),
+        " pixels, larger than the screen)"]), "")
+    frame_text = tf.strings.join([larger_frame, " x ", tf.strings.as_string(frames),
                                   tf.where(tf.equal(frames, 1), " frame", " frames")])
     return [
         _fail_unless(pixels > 0, name, width, " x ", height, " pixels: an image without pixels; "
                      "refused"),
-        _fail_unless(pixels <= limit, name, width, " x ", height, " pixels", frame_text, " = ",
-                     pixels, " pixels, over the limit of ", limit, " pixels (max_image_pixels); "
-                     "refused before decoding"),
+        _fail_unless(charged <= limit, name, width, " x ", height, " pixels", frame_text, " = ",
+                     pixels, " pixels", charge_text, ", over the limit of ", limit,
+                     " pixels (max_image_pixels); refused before decoding"),
     ]
 
 
@@ -437,8 +491,8 @@ def decode_image(contents, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, channels=3, name
     with tf.control_dependencies(checks):
         # libjpeg's own reading of a JPEG header, compared with the limit too (after the walk's
         # check passed, so that extract_jpeg_shape never sees an oversized header).
-        libjpeg_size = tf.cond(tf.equal(code, _JPEG), lambda: _libjpeg_size(contents),
-                               lambda: size[:4])
+        libjpeg_size = tf.cond(tf.equal(code, _JPEG), lambda: _libjpeg_size(contents, size),
+                               lambda: size)
     with tf.control_dependencies(_check(libjpeg_size, max_pixels, name)):
         first_frame = tf.strings.substr(contents, tf.constant(0, tf.int64), size[4])
         data = tf.cond(tf.equal(code, _GIF),

@@ -94,7 +94,9 @@ def _quiet_decoding():
 
 
 def _image_safety():
-    """`training.image_safety`, or `image_safety` beside a copy of this file."""
+    """`training.image_safety`, or `image_safety` beside a copy of this file (it imports
+    TensorFlow: imported quietly first, on the command line)."""
+    _tensorflow()
     try:
         from training import image_safety
     except ImportError:
@@ -110,8 +112,8 @@ def _checked_bytes(path, max_pixels):
     try:
         image_safety.check_image(contents, max_pixels, name=str(path))
     except tf.errors.InvalidArgumentError as e:
-        reason = image_safety.refusal_reason(e) or ""
-        if "over the limit" in reason:
+        reason = image_safety.refusal_reason(e)
+        if reason:  # "PATH: <size> over the limit ...", "PATH: corrupt PNG header ...", ...
             raise PredictError(f"image {reason}") from None
         raise PredictError(f"image {path}: cannot decode it (not a JPEG, PNG, GIF or BMP file, "
                            "or truncated)") from None

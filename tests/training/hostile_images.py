@@ -112,3 +112,20 @@ def jpeg_claiming(jpeg, height, width, keep_after_scan=4):
     sos = data.index(b"\xff\xda")
     header_end = sos + 2 + struct.unpack(">H", data[sos + 2:sos + 4])[0]
     return bytes(data[:header_end + keep_after_scan])
+
+
+def jpeg_progressive(height, width, components=3, marker=0xC2):
+    """A hand-made JPEG of a few hundred bytes whose progressive frame header (SOF2, or `marker`)
+    claims `height x width` with `components` components, each sampled 1x1 (0x11): SOI, an Adobe
+    APP14 segment for 4 components (CMYK), DQT, SOF, DHT, SOS of a DC scan, 16 zero bytes, EOI."""
+    def segment(code, payload):
+        return bytes([0xFF, code]) + struct.pack(">H", len(payload) + 2) + payload
+
+    adobe = segment(0xEE, b"Adobe" + struct.pack(">HHHB", 100, 0, 0, 0)) if components == 4 else b""
+    dqt = segment(0xDB, b"\0" + b"\x01" * 64)
+    sof = segment(marker, struct.pack(">BHHB", 8, height, width, components)
+                  + b"".join(bytes([i + 1, 0x11, 0]) for i in range(components)))
+    dht = segment(0xC4, b"\x00" + b"\x01" + b"\0" * 15 + b"\x00")
+    sos = segment(0xDA, bytes([components]) + b"".join(bytes([i + 1, 0x00])
+                                                         for i in range(components)) + b"\0\0\0")
+    return b"\xff\xd8" + adobe + dqt + sof + dht + sos + b"\0" * 16 + b"\xff\xd9"

@@ -280,6 +280,9 @@ def test_hostile_requests_are_refused_in_a_few_mb_in_a_fresh_server(dense_export
         "png_bomb": [png_bomb],
         "gif_bomb": [gif_bomb],
         "jpeg_claiming_65535": [hostile.jpeg_claiming(photo, 65535, 65535)],
+        # 10000 x 10000 progressive: +875 MB (3 components) / +1066 MB (CMYK) if decoded.
+        "jpeg_progressive_10000": [hostile.jpeg_progressive(10000, 10000, 3)],
+        "jpeg_progressive_cmyk_10000": [hostile.jpeg_progressive(10000, 10000, 4)],
         "png_corrupt_ihdr": [hostile.png_with_ihdr(64, 64, kind=b"IHDX")],
         "png_truncated_data": [small_png[:len(small_png) // 2]],
         "zero_length": [b""],
@@ -311,6 +314,11 @@ def test_hostile_requests_are_refused_in_a_few_mb_in_a_fresh_server(dense_export
         f"pixels, {limit}"
     assert reasons["jpeg_claiming_65535"] == ("image_bytes[0]: 65535 x 65535 pixels x 1 frame = "
                                               f"4294836225 pixels, {limit}")
+    assert reasons["jpeg_progressive_10000"].startswith(
+        "image_bytes[0]: 10000 x 10000 pixels x 1 frame = 100000000 pixels, a progressive JPEG "
+        "with 3 components: charged as 300000000 pixels")
+    assert "progressive JPEG with 4 components: charged as 366666667 pixels" in \
+        reasons["jpeg_progressive_cmyk_10000"]
     assert reasons["png_corrupt_ihdr"].startswith("image_bytes[0]: corrupt or truncated PNG header")
     assert reasons["zero_length"] == ("image_bytes[0]: not a JPEG, PNG, GIF or BMP file (0 bytes); "
                                       "refused before decoding")
@@ -564,6 +572,10 @@ def test_cli_one_line_errors(exported, dense_run, tmp_path, capsys):  # noqa: F8
     assert f"--model-dir {run}: not a directory" in err
     err = _error(["--model-dir", str(dense_run[0]), "--max-image-pixels", "0", *base], capsys)
     assert err.endswith("--max-image-pixels 0: must be >= 1")
+    err = _error(["--model-dir", str(dense_run[0]), "--max-image-pixels",
+                  "99999999999999999999999", *base], capsys)
+    assert err.endswith("--max-image-pixels 99999999999999999999999: must be at most "
+                        "9223372036854775807")
     run.mkdir()
     assert f"--model-dir {run}: no config.json" in _error(["--model-dir", str(run), *base], capsys)
     (run / "config.json").write_text((dense_run[0] / "config.json").read_text())
@@ -614,6 +626,7 @@ def test_help_defaults_match_the_modules_they_stand_for():
     assert export.TOP_K_MIN_CLASSES == serving_signatures.TOP_K_MIN_CLASSES
     assert export.DEFAULT_MAX_IMAGE_PIXELS == image_safety.DEFAULT_MAX_IMAGE_PIXELS
     assert command_line.DEFAULT_MAX_IMAGE_PIXELS == image_safety.DEFAULT_MAX_IMAGE_PIXELS
+    assert command_line.MAX_IMAGE_PIXELS == image_safety.MAX_LIMIT == 2**63 - 1
 
 
 def test_readme_shows_the_summary_lines_the_code_prints():

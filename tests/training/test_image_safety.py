@@ -251,3 +251,57 @@ def test_max_image_pixels_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
         image_safety.check_max_image_pixels(value)
     assert image_safety.check_max_image_pixels(40_000_000) == 40_000_000
+    assert image_safety.check_max_image_pixels(2**63 - 1) == 2**63 - 1
+    with pytest.raises(ValueError, match="max_image_pixels must be at most 9223372036854775807. "
+                                         "Received: 9223372036854775808"):
+        image_safety.check_max_image_pixels(2**63)
+
+
+@pytest.mark.parametrize("marker", [0xC2, 0xC6, 0xCA, 0xCE])
+@pytest.mark.parametrize("components", [3, 4])
+def test_progressive_jpeg_is_charged_its_coefficient_buffer(components, marker):
+    """libjpeg keeps a progressive JPEG's whole coefficient buffer (2 bytes per component and
+    pixel) besides the 3-byte output: 10000 x 10000 decodes in +875 MB (3 components) or +1066 MB
+    (CMYK), so it is charged (3 + 2 * components) / 3 times its pixels."""
+    claim = hostile.jpeg_progressive(10000, 10000, components, marker)
+    assert len(claim) < 200
+    assert image_safety.image_size(claim).numpy().tolist() == [10000, 10000, 1, 10**8]
+    charged = -(-10**8 * (3 + 2 * components) // 3)  # rounded up
+    assert _refusal(claim) == (
+        f"image: 10000 x 10000 pixels x 1 frame = 100000000 pixels, a progressive JPEG with "
+        f"{components} components: charged as {charged} pixels (its decoder buffers 2 bytes per "
+        "component and pixel), over the limit of 100000000 pixels (max_image_pixels); refused "
+        "before decoding")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"charged as {charged} pixels"):
+        image_safety.decode_image(claim)
+    # Within the limit once charged: the check passes (the few bytes then fail to decode).
+    image_safety.check_image(claim, charged)
+    assert "over the limit" in _refusal(claim, charged - 1)
+
+
+def test_progressive_jpeg_that_decodes_is_charged_and_decoded(photo):
+    _, pixels = photo
+    image = pytest.importorskip("PIL.Image")
+    buffer = io.BytesIO()
+    image.fromarray(pixels).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    assert b"\xff\xc2" in data
+    assert image_safety.decode_image(data, 32 * 32 * 3).shape == (32, 32, 3)
+    assert "charged as 3072 pixels" in _refusal(data, 32 * 32 * 3 - 1)
+    # A baseline JPEG is charged its pixels.
+    assert image_safety.check_image(hostile.jpeg_progressive(100, 100, 3, 0xC0), 10000) is not None
+
+
+def test_gif_refusal_names_a_frame_larger_than_the_screen():
+    huge = hostile.gif(1, 1, [hostile.gif_frame(65535, 65535, lzw=b"\x01\x00\x00")])
+    assert _refusal(huge) == (
+        "image: 1 x 1 pixels (a frame of 65535 x 65535 pixels, larger than the screen) x 1 frame "
+        "= 4294836225 pixels, over the limit of 100000000 pixels (max_image_pixels); refused "
+        "before decoding")
+    two = hostile.gif(1, 1, [hostile.gif_frame(3000, 2000), hostile.gif_frame(2000, 2000)])
+    assert _refusal(two, 9_000_000).startswith(
+        "image: 1 x 1 pixels (frames up to 3000 x 2000 pixels, larger than the screen) x 2 frames "
+        "= 10000000 pixels, over the limit of 9000000")
+    # Frames within the screen are not mentioned.
+    assert _refusal(hostile.gif_of_zeros(2000, 2000, frames=3), 10_000_000).startswith(
+        "image: 2000 x 2000 pixels x 3 frames = 12000000 pixels, over")

@@ -195,8 +195,9 @@ def test_corrupt_images_are_skipped_and_listed(exported, tmp_path, capsys):  # n
         str(photos / "a.jpg"), str(photos / "e.jpg")]
     reason = "cannot decode it (not a JPEG, PNG, GIF or BMP file, or truncated)"
     assert captured.err.strip() == (
-        f"python -m training.predict: skipped 3 file(s) it cannot classify: {bad} ({reason}); "
-        f"{cut} ({reason}); {text} ({reason})"), captured.err
+        f"python -m training.predict: skipped 3 file(s) it cannot classify: {bad} (truncated "
+        f"JPEG header (40 bytes, no frame header)); {cut} ({reason}); {text} (not a JPEG, PNG, "
+        "GIF or BMP file (12 bytes); refused before decoding)"), captured.err
     files, probabilities, skipped = predict.classify_readable(
         exported.result.path, [photos / "a.jpg", cut, photos / "e.jpg"])
     assert files == [photos / "a.jpg", photos / "e.jpg"] and [p for p, _ in skipped] == [cut]
@@ -218,6 +219,56 @@ def test_unreachable_server_gives_one_line_error(tmp_path, capsys):
     assert predict.main(["--server", "http://127.0.0.1:9/v1/models/m", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot reach it" in err, err
+
+
+def test_pixel_rest_request_prints_no_tensorflow_noise(exported, tmp_path):  # noqa: F811
+    """`--rest-request serving_default` decodes the file with TensorFlow, imported quietly: stderr
+    is empty for a good file (no absl / CUDA start-up lines)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.predict", "--rest-request", "serving_default",
+         str(exported.files[0])], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+        env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == "", proc.stderr
+    body = json.loads(proc.stdout)
+    assert body["signature_name"] == "serving_default" and len(body["instances"]) == 1
+
+
+def test_header_refusals_keep_their_reason(exported, tmp_path, capsys):  # noqa: F811
+    """Refusals that are not about the size name their fault too, not a generic "cannot decode"."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    files = {
+        "b_ihdr_length.png": hostile.png_with_ihdr(7, 5, length=0x10),
+        "c_ihdr_type.png": hostile.png_with_ihdr(7, 5, kind=b"IHDX"),
+        "d_blocks.gif": hostile.gif(7, 5, [b"\x21\xfe\x00"] * 20_001 + [hostile.gif_frame(7, 5)]),
+        "e_webp.png": b"RIFF\x24\0\0\0WEBPVP8 \x18\0\0\0" + b"\0" * 24,
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    shutil.copy(exported.files[1], folder / "a.jpg")
+    reasons = {
+        "b_ihdr_length.png": "corrupt or truncated PNG header (no 13-byte IHDR chunk after the "
+                             "signature; ",
+        "c_ihdr_type.png": "corrupt or truncated PNG header (no 13-byte IHDR chunk after the "
+                           "signature; ",
+        "d_blocks.gif": "GIF of more than 20000 blocks (extensions and frames); refused before "
+                        "decoding",
+        "e_webp.png": "not a JPEG, PNG, GIF or BMP file (44 bytes); refused before decoding",
+    }
+    assert predict.main([str(exported.result.path), str(folder)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m training.predict: skipped 4 file(s) it cannot classify: ")
+    assert "cannot decode" not in err, err
+    for name, reason in reasons.items():
+        assert f"{folder / name} ({reason}" in err, (name, err)
+    for name, reason in reasons.items():  # one file: the error line names the fault
+        assert predict.main(["--rest-request", "serving_default", str(folder / name)]) == 2
+        assert capsys.readouterr().err.strip().startswith(
+            f"python -m training.predict: error: image {folder / name}: {reason}")
+        with pytest.raises(predict.PredictError, match=re.escape(f"{folder / name}: {reason}")):
+            predict.classify_files(exported.result.path, [folder / name])
 
 
 def test_client_refuses_bombs_before_decoding_in_one_line(exported, tmp_path, capsys):  # noqa: F811

@@ -356,6 +356,13 @@ def test_refused_image_and_bad_max_image_pixels_give_one_line_errors(tmp_path, c
                    "`--max-image-pixels 50000000`, or skip bad files without --strict-data")
     err, _ = _main_error([*common, "--max-image-pixels", "0"], capsys)
     assert err == "python -m training.train: error: --max-image-pixels 0: must be > 0"
+    # Above the int64 range (TF's limit tensor): one line too, before any run directory exists.
+    unused = tmp_path / "never_made"
+    err, _ = _main_error([*common[:2], "--model-dir", str(unused), *common[4:],
+                          "--max-image-pixels", "99999999999999999999999"], capsys)
+    assert err == ("python -m training.train: error: --max-image-pixels 99999999999999999999999: "
+                   "must be at most 9223372036854775807")
+    assert not unused.exists()
     # Without --strict-data the run reports the file it left out, with the reason.
     datasets = data_lib.load_image_folder(root, max_image_pixels=50_000_000)
     assert datasets.num_train == 2
