@@ -16,7 +16,6 @@ consecutive blocks collapsed into a stack.
 """
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ import keras
 import numpy as np
 
 from tf_revnet.layers import ReversibleBlock, ReversibleBlockStack, ReversibleSequence
+from tf_revnet.layers import unit as unit_lib
 
 __all__ = ["transfer_weights"]
 
@@ -357,17 +357,9 @@ def _expand(units, taps=()):
 
 
 def _signature(block):
-    """What makes blocks identical: their config without names, and their variables' shapes."""
-
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k != "name"}
-        if isinstance(value, (list, tuple)):
-            return [strip(v) for v in value]
-        return value
-
-    config = json.dumps(strip(keras.saving.serialize_keras_object(block)), sort_keys=True, default=str)
-    return type(block), config, tuple(tuple(v.shape) for v in block.variables)
+    """What makes blocks identical: the unit protocol's `structure_signature` (config without names,
+    the residual functions' classes, the variables' shapes, dtypes and trainable flags)."""
+    return unit_lib.structure_signature(block, block.variables)
 
 
 def _collapse(units, taps=()):
@@ -384,7 +376,7 @@ def _collapse(units, taps=()):
             signature, ids = _signature(unit), {id(v) for v in unit.variables}
             while (j - 1 not in taps and j < len(units) and type(units[j]) is ReversibleBlock
                    and not ids & {id(v) for v in units[j].variables}
-                   and _signature(units[j]) == signature):
+                   and signature is not None and _signature(units[j]) == signature):
                 ids |= {id(v) for v in units[j].variables}
                 j += 1
         if j - i >= 2:
