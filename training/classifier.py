@@ -11,6 +11,7 @@ used by `training.export` and `training.evaluate`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import pathlib
 import re
@@ -58,6 +59,13 @@ def is_known_model(name):
     return True
 
 
+def has_coupling(name):
+    """Whether the builder of model `name` takes a `coupling` argument (the RevNets do; a builder
+    of `MODEL_BUILDERS` with `**kwargs` is taken at its word)."""
+    parameters = inspect.signature(_builder(name)).parameters.values()
+    return any(p.name == "coupling" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def canonical_model_name(name):
     """The zoo's own name of model `name` (`"RevNet-38"` and `"revnet_38"` give `"RevNet38"`);
     `name` itself when it is no zoo model's name (or one of `MODEL_BUILDERS`)."""
@@ -70,7 +78,7 @@ def canonical_model_name(name):
 
 
 def build_classifier(model_name, image_shape, num_classes, normalizer, use_custom_gradient=True,
-                     weight_decay=0.0):
+                     weight_decay=0.0, coupling="additive"):
     """Wraps a zoo model so that it takes raw pixels: `Input -> normalizer -> backbone`.
 
     Args:
@@ -81,18 +89,22 @@ def build_classifier(model_name, image_shape, num_classes, normalizer, use_custo
         use_custom_gradient: bool. Reversible backprop (True) or plain autodiff.
         weight_decay: float. L2 penalty on every convolution and the classifier kernel, through
             the builder's `kernel_regularizer` (0: none).
+        coupling: str. The reversible blocks' coupling, passed to builders that take one
+            (`has_coupling`); `"additive"`, the builders' default, is passed to none.
 
     Returns:
         A functional `keras.Model`: float32 `(batch, H, W, C)` pixels in [0, 255] ->
         float32 `(batch, num_classes)` softmax probabilities.
     """
     regularizer = recipes.kernel_l2_regularizer(weight_decay) if weight_decay > 0 else None
+    options = {"coupling": coupling} if coupling != "additive" else {}
     backbone = _builder(model_name)(
         input_shape=tuple(image_shape),
         classes=num_classes,
         classifier_activation="softmax",
         use_custom_gradient=use_custom_gradient,
         kernel_regularizer=regularizer,
+        **options,
     )
     pixels = keras.Input(shape=tuple(image_shape), dtype="float32", name="pixels")
     outputs = backbone(normalizer(pixels))
@@ -137,7 +149,8 @@ def build_and_compile(config, datasets, strategy, total_steps):
         model = build_classifier(config.model, (recipe.image_size, recipe.image_size, 3),
                                  datasets.num_classes, adapted_normalizer(datasets, recipe),
                                  use_custom_gradient=config.use_custom_gradient,
-                                 weight_decay=recipes.model_weight_decay(recipe))
+                                 weight_decay=recipes.model_weight_decay(recipe),
+                                 coupling=config.coupling)
         model.compile(optimizer=recipes.make_optimizer(recipe, total_steps),
                       loss=keras.losses.SparseCategoricalCrossentropy(), metrics=metrics,
                       jit_compile="auto")
@@ -200,7 +213,8 @@ def load_run(model_dir):
         normalizer = keras.layers.Normalization(axis=-1, dtype="float32", name="normalization")
         model = build_classifier(config["model"], tuple(config["image_shape"]),
                                  len(config["class_names"]), normalizer,
-                                 use_custom_gradient=config.get("use_custom_gradient", True))
+                                 use_custom_gradient=config.get("use_custom_gradient", True),
+                                 coupling=config.get("coupling", "additive"))
     finally:
         keras.config.set_dtype_policy(previous_policy)
     try:

@@ -23,6 +23,7 @@ __all__ = ["RunConfig", "ConfigError", "build_parser", "resolve_config", "error_
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MIXED_PRECISION_POLICIES = ("none", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
+COUPLINGS = ("additive", "fixed_point")
 DEFAULT_WORKER_TIMEOUT = 600.0
 # training.image_safety.DEFAULT_MAX_IMAGE_PIXELS (that module imports TensorFlow; a test checks
 # that the two are equal).
@@ -80,6 +81,8 @@ class RunConfig:
         save_every_steps: int or None.
         strict_data: bool.
         max_image_pixels: int. Image files announcing more pixels are refused before decoding.
+        coupling: str. The reversible blocks' coupling (`COUPLINGS`): `"additive"` (the paper's)
+            or `"fixed_point"` (exactly reversible float32 stream, `AdditiveCoupling.fixed_point`).
         monitor_numerics: int. Steps between numerics measurements (0: off).
         max_gradient_angle: float. Degrees; the monitor warns above it.
         max_reconstruction_error: float. Relative; the monitor warns above it.
@@ -100,6 +103,7 @@ class RunConfig:
     export: bool = True
     mixed_precision: str = "none"
     use_custom_gradient: bool = True
+    coupling: str = "additive"
     seed: int = 0
     deterministic: bool = False
     distribution: str = "none"
@@ -218,6 +222,10 @@ def _run_flags(parser):
 def _numerics_flags(parser):
     parser.add_argument("--no-custom-gradient", dest="use_custom_gradient", action="store_false",
                         help="plain autodiff instead of reversible backprop (for comparison)")
+    parser.add_argument("--coupling", default="additive", choices=COUPLINGS,
+                        help="the reversible blocks' coupling: additive (the paper's) or "
+                             "fixed_point (an exactly reversible float32 stream; warns when a "
+                             "block leaves its exact range). Default: additive")
     parser.add_argument("--monitor-numerics", type=int, default=0, metavar="N",
                         help="every N steps, log the reversible gradient angle and reconstruction "
                              "error on a held-out test batch (tf_revnet.callbacks."
@@ -277,6 +285,10 @@ def _resolve_recipe(args):
         raise ConfigError("model", args.model, "unknown model; choose from "
                           f"{', '.join(classifier.model_names())} (case, '-' and '_' do not "
                           "matter)")
+    if args.coupling != "additive" and not classifier.has_coupling(args.model):
+        raise ConfigError("coupling", args.coupling, f"model {args.model} has no reversible "
+                          "blocks with a coupling; use a RevNet (e.g. --model revnet38) or "
+                          "leave --coupling out")
     recipe = recipes.get(args.recipe
                          or recipes.default_recipe(classifier.canonical_model_name(args.model)))
     if args.scale_learning_rate and args.batch_size is not None:
@@ -308,7 +320,7 @@ def resolve_config(args, argv=()):
     serving_layout.check_base_path(export_dir)
     values = {k: getattr(args, k) for k in (
         "model", "tfds_data_dir", "validation_split", "follow_links", "export", "mixed_precision",
-        "use_custom_gradient", "seed", "deterministic", "distribution", "worker_timeout",
+        "use_custom_gradient", "coupling", "seed", "deterministic", "distribution", "worker_timeout",
         "save_every_steps", "strict_data", "max_image_pixels", "monitor_numerics",
         "max_gradient_angle", "max_reconstruction_error", "verbose")}
     return RunConfig(

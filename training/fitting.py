@@ -17,6 +17,7 @@ import time
 
 import keras
 
+import tf_revnet.callbacks
 from training import data as data_lib
 from training import replica_sync
 from training.checkpoint import ExactBackup
@@ -210,6 +211,7 @@ class RunCallbacks:
     weights: AtomicWeightsCheckpoint
     metrics: RunMetrics
     numerics: keras.callbacks.Callback | None
+    stream_range: keras.callbacks.Callback | None
     csv_log: keras.callbacks.CSVLogger
     tensorboard: keras.callbacks.TensorBoard
     progress: EpochProgress
@@ -220,12 +222,11 @@ class RunCallbacks:
         and the validation use them; logs completed (metrics, numerics) before CSV and
         TensorBoard write them; the caller's extra callbacks, then the progress bars."""
         return [c for c in (self.replica_statistics, self.backup, self.weights, self.metrics,
-                            self.numerics, self.csv_log, self.tensorboard, *self.extra,
+                            self.numerics, self.stream_range, self.csv_log, self.tensorboard, *self.extra,
                             self.progress) if c is not None]
 
 
 def _numerics_monitor(config, model, test_ds, model_dir):
-    import tf_revnet.callbacks
     import tf_revnet.diagnostics
 
     if not tf_revnet.diagnostics.reversible_layers(model):
@@ -263,6 +264,9 @@ def make_callbacks(config, model, strategy, backup, test, extra=(), report=print
         metrics=RunMetrics(config.recipe.batch_size),
         numerics=(_numerics_monitor(config, model, test_ds, model_dir)
                   if config.monitor_numerics else None),
+        # --coupling fixed_point: warn for each block whose stream left its exact range.
+        stream_range=(tf_revnet.callbacks.StreamRangeMonitor()
+                      if config.coupling == "fixed_point" else None),
         csv_log=keras.callbacks.CSVLogger(str(model_dir / "training_log.csv"), append=True),
         tensorboard=keras.callbacks.TensorBoard(str(model_dir / "logs"), write_graph=False),
         progress=EpochProgress(config.recipe.epochs, test_steps, test_name, report),

@@ -36,7 +36,7 @@ __all__ = ["RunDirectory", "atomic_write", "write_json", "probe_writable", "new_
 # when they are equal. `deterministic` is one: op determinism selects other CPU kernels
 # (measured: BatchNorm scales 3e-4 apart after 12 steps of the tiny test model).
 TRAINING_FIELDS = ("model", "dataset", "data_dir", "validation_split", "follow_links", "recipe",
-                   "mixed_precision", "use_custom_gradient", "seed", "deterministic")
+                   "mixed_precision", "use_custom_gradient", "coupling", "seed", "deterministic")
 # What a run saves that a rerun resumes from (their absence after a failed start: nothing to keep).
 RESUMABLE_FILES = ("backup", "model.weights.h5")
 LOCK_FILE = ".lock"
@@ -170,6 +170,7 @@ class RunDirectory:
             raise self._error(f"holds a finished run ({old.get('command')}); {self.advice}")
         old_fingerprint = dict(old.get("fingerprint", {}))
         old_fingerprint.setdefault("follow_links", False)  # runs of versions before the flag
+        old_fingerprint.setdefault("coupling", "additive")  # runs before --coupling
         if isinstance(old_fingerprint.get("recipe"), dict):  # runs before the AdamW fields
             old_fingerprint["recipe"] = {**ADDED_RECIPE_FIELDS, **old_fingerprint["recipe"]}
         if "model" in old_fingerprint:  # runs of earlier versions kept the name as typed

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
+import tf_revnet.diagnostics
 from tests.training import hostile_images as hostile
 from tests.training.conftest import BATCH, EPOCHS, STEPS, run_captured, small_run_args
 from training import classifier, command_line, plots, report, run_dir, train
@@ -310,6 +311,39 @@ def test_unknown_model_gives_one_line_error(tmp_path, capsys):
     assert "--model revnet39" in err and "revnet38" in err and "resnet32" in err
 
 
+@pytest.mark.parametrize("model", ["resnet32", "revvit_cifar"])
+def test_coupling_of_a_model_without_one_gives_one_line_error(model, tmp_path, capsys):
+    err, _ = _main_error(["--model", model, "--coupling", "fixed_point",
+                          "--model-dir", str(tmp_path)], capsys)
+    assert "--coupling fixed_point" in err and model in err and "revnet38" in err
+
+
+def test_unknown_coupling_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--coupling", "affine", "--model-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--coupling" in capsys.readouterr().err
+
+
+def test_fixed_point_coupling_trains_logs_stream_range_and_reloads(cifar10_small_dir, tmp_path):
+    """`--coupling fixed_point`: every block of the run's model has the exact float32 stream, the
+    StreamRangeMonitor's count is in the epoch logs, and the run reloads with the same coupling
+    (predictions equal the trained model's)."""
+    args = small_run_args(cifar10_small_dir, tmp_path / "run", tmp_path / "export", epochs=1,
+                          steps=2, extra=["--coupling", "fixed_point", "--no-export"])
+    result, out = run_captured(args)
+    assert not isinstance(result, Exception), out
+    log = (tmp_path / "run" / "training_log.csv").read_text().splitlines()
+    assert "revnet_stream_out_of_range" in log[0].split(",")
+    model, config = classifier.load_run(tmp_path / "run")
+    assert config["coupling"] == "fixed_point"
+    # One range-checked block: the tiny RevNet's stage-1 block (stage 2 opens with a transition).
+    assert list(tf_revnet.diagnostics.stream_out_of_range(model)) == ["tiny_stage1_block1"]
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(model.predict(images, verbose=0),
+                               result.model.predict(images, verbose=0), atol=1e-6)
+
+
 def test_unknown_dataset_gives_one_line_error(tmp_path, capsys):
     err, _ = _main_error(["--dataset", "no_such_dataset", "--model-dir", str(tmp_path),
                           "--export-dir", str(tmp_path / "export")], capsys)
@@ -424,6 +458,7 @@ def _unfinished_run(tmp_path, argv):
     (["--seed", "3"], "seed"),
     (["--mixed-precision", "mixed_bfloat16"], "mixed_precision"),
     (["--deterministic"], "deterministic"),
+    (["--coupling", "fixed_point"], "coupling"),
 ])
 def test_refuses_to_resume_a_different_configuration(change, named, cifar10_small_dir, tmp_path,
                                                      capsys):

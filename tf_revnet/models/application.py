@@ -3,6 +3,7 @@
 Not public API: `tf_revnet.models.RevNet` and `tf_revnet.models.ResNet` call these helpers.
 """
 
+import inspect
 import math
 import textwrap
 
@@ -394,6 +395,27 @@ def _document(arch, generic_name, default_name):
 _DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet top-1"}
 
 
+def builder_signature(builder, generic, fixed):
+    """`builder`'s own parameters, then `generic`'s that `**kwargs` passes on (keyword-only).
+
+    Args:
+        builder: the named builder, `def builder(..., **kwargs)`.
+        generic: the generic function it calls (`RevNet`, `ResNet`, `RevViT`).
+        fixed: names of `generic`'s parameters that the architecture sets (not the user).
+
+    Returns:
+        `inspect.Signature`, for `builder.__signature__` (`help()` and `inspect` show every
+        argument the builder takes).
+    """
+    own = [p for p in inspect.signature(builder).parameters.values()
+           if p.kind is not p.VAR_KEYWORD]
+    taken = {p.name for p in own} | set(fixed)
+    passed_on = [p.replace(kind=p.KEYWORD_ONLY)
+                 for p in inspect.signature(generic).parameters.values()
+                 if p.name not in taken and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return inspect.Signature(own + passed_on)
+
+
 def make_builder(generic, arch_name):
     """Returns the `keras.applications`-style builder of `ARCHITECTURES[arch_name]`."""
     arch = ARCHITECTURES[arch_name]
@@ -431,5 +453,7 @@ def make_builder(generic, arch_name):
 
     builder.__name__ = builder.__qualname__ = arch_name
     builder.__module__ = generic.__module__
+    builder.__signature__ = builder_signature(
+        builder, generic, fixed=("units", "widths", "residual_function", "strides", "stem"))
     builder.__doc__ = _document(arch, generic.__name__, default_name)
     return builder

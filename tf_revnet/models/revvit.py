@@ -273,6 +273,8 @@ def make_builder(arch_name):
 
     builder.__name__ = builder.__qualname__ = arch_name
     builder.__module__ = RevViT.__module__
+    builder.__signature__ = application.builder_signature(
+        builder, RevViT, fixed=("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"))
     builder.__doc__ = _document(arch)
     return builder
 
