@@ -48,6 +48,10 @@ Commands (from the repository root, package installed):
     python benchmarks/models.py --models convbnrelu attention nested revnet38 revnet110 revnet164 \
         --methods reversible plain --batch-sizes 32 --output benchmarks/results/estimate_b32.json
 
+    # A 3-level feature model (heads on P0, P1, P2) against the classifier (issue 19, item 1):
+    python benchmarks/models.py --models revnet38 features --methods reversible plain \
+        --batch-sizes 64 --output benchmarks/results/features_b64.json
+
     # Tables and plots again from saved runs:
     python benchmarks/models.py --from-json benchmarks/results/models_cifar.json
 
@@ -67,8 +71,8 @@ from measure import MIB, AllocatorMeter, CpuMeter, malloc_trim, proc_status_byte
 REVNETS = {"revnet38": "resnet32", "revnet110": "resnet110", "revnet164": "resnet164",
            "revnet104": "resnet101", "revnet56": None, "deep": None,
            # Custom models for the estimate (issue 17, item 6): see `build_custom`.
-           "convbnrelu": None, "attention": None, "nested": None}
-CUSTOM = ("convbnrelu", "attention", "nested")
+           "convbnrelu": None, "attention": None, "nested": None, "features": None}
+CUSTOM = ("convbnrelu", "attention", "nested", "features")
 METHODS = ("reversible", "plain", "recompute", "baseline")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -125,7 +129,10 @@ def build_custom(name, method, image_size, quick=False):
     - `attention`: `(N, T, C)` tokens (T = 256, C = 128; `quick`: 16, 16) through 4 reversible blocks,
       F = LayerNorm + `keras.layers.MultiHeadAttention` (4 heads), G = LayerNorm + MLP (4x);
     - `nested`: RevNet-38 (`tf_revnet.models.RevNet38`; `quick`: a tiny RevNet) used as a layer
-      inside another `keras.Model`.
+      inside another `keras.Model`;
+    - `features`: RevNet-38 `include_top=False` as a 3-level backbone (issue 19, item 1): a head on
+      each of `pyramid_outputs` P0, P1, P2 (1x1 convolution to 10 classes, global average pooling),
+      the three heads' softmaxes averaged, so the loss reaches every level.
     """
     import keras
 
@@ -141,6 +148,15 @@ def build_custom(name, method, image_size, quick=False):
                       stack_blocks=reversible)
         images = keras.Input((image_size, image_size, 3))
         return keras.Model(images, inner(images), name="nested_revnet38")
+    if name == "features":
+        build = (functools.partial(tf_revnet.models.RevNet, units=(1, 1), widths=(8, 8, 16))
+                 if quick else tf_revnet.models.RevNet38)
+        backbone = build(include_top=False, input_shape=(image_size, image_size, 3),
+                         use_custom_gradient=reversible, stack_blocks=reversible)
+        heads = [keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(10, 1)(level))
+                 for level in backbone.pyramid_outputs.values()]
+        probabilities = keras.layers.Average()([keras.layers.Softmax()(h) for h in heads])
+        return keras.Model(backbone.input, probabilities, name="revnet38_features")
     if name == "convbnrelu":
         width, blocks = (8, 1) if quick else (32, 4)
         units = [Stem(width)] + [ReversibleBlock(ConvBNReLU(width // 2), ConvBNReLU(width // 2))
