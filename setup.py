@@ -36,7 +36,7 @@ setup(
     ],
     # tensorflow-serving-api: the gRPC client of the README's Serving section, run in its test.
     extras_require={
-        "test": ["pytest", "ruff", "tensorflow-serving-api"],
+        "test": ["pytest", "pytest-xdist", "ruff", "tensorflow-serving-api"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -23,6 +23,20 @@ CIFAR10_CLASSES = (
 )
 
 
+# Fixtures of the one shared training run (tests/training/conftest.py, serving_fixtures.py).
+_SHARED_RUN_FIXTURES = {"trained", "exported"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups tests for pytest-xdist (`-n auto --dist loadgroup`, pyproject's `addopts`): each
+    test file on one worker (its module fixtures built once), and every test of the shared
+    training run on the same worker (that run trained once)."""
+    for item in items:
+        shared = _SHARED_RUN_FIXTURES & set(getattr(item, "fixturenames", ()))
+        group = "shared_training_run" if shared else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same Python, NumPy and TensorFlow seeds: results are repeatable."""

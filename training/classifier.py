@@ -114,6 +114,11 @@ def build_classifier(model_name, image_shape, num_classes, normalizer, use_custo
     return keras.Model(pixels, outputs, name=f"{name}_classifier")
 
 
+def _coupling_option(coupling):
+    """`{"coupling": coupling}`, or nothing for the default additive coupling."""
+    return {} if coupling == "additive" else {"coupling": coupling}
+
+
 def adapted_normalizer(datasets, recipe):
     """Per-channel mean/variance of (up to 10,000) training images, as a Normalization layer."""
     from training import data
@@ -150,7 +155,7 @@ def build_and_compile(config, datasets, strategy, total_steps):
                                  datasets.num_classes, adapted_normalizer(datasets, recipe),
                                  use_custom_gradient=config.use_custom_gradient,
                                  weight_decay=recipes.model_weight_decay(recipe),
-                                 coupling=config.coupling)
+                                 **_coupling_option(config.coupling))
         model.compile(optimizer=recipes.make_optimizer(recipe, total_steps),
                       loss=keras.losses.SparseCategoricalCrossentropy(), metrics=metrics,
                       jit_compile="auto")
@@ -214,7 +219,7 @@ def load_run(model_dir):
         model = build_classifier(config["model"], tuple(config["image_shape"]),
                                  len(config["class_names"]), normalizer,
                                  use_custom_gradient=config.get("use_custom_gradient", True),
-                                 coupling=config.get("coupling", "additive"))
+                                 **_coupling_option(config.get("coupling", "additive")))
     finally:
         keras.config.set_dtype_policy(previous_policy)
     try:
