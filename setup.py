@@ -34,9 +34,11 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    # tensorflow-serving-api: the gRPC client of the README's Serving section, run in its test.
+    # tensorflow-serving-api: the gRPC client of docs/serving.md, run in its test. MkDocs,
+    # mkdocstrings and pymdown-extensions: tests/test_docs.py builds the docs with `mkdocs build --strict`.
     extras_require={
-        "test": ["pytest", "pytest-xdist", "ruff", "tensorflow-serving-api"],
+        "test": ["pytest", "pytest-xdist", "ruff", "tensorflow-serving-api", "mkdocs>=1.6",
+                 "mkdocstrings[python]>=0.26", "pymdown-extensions"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -75,10 +75,9 @@ class ReversibleNumericsMonitor(keras.callbacks.Callback):
     Raises:
         ValueError: if `every_n_steps` is not a positive int or a threshold is negative.
 
-    Example:
-
-    >>> monitor = ReversibleNumericsMonitor(x_val[:16], y_val[:16], every_n_steps=50)
-    >>> model.fit(x, y, epochs=2, callbacks=[monitor, keras.callbacks.CSVLogger("log.csv")])
+    Examples:
+        >>> monitor = ReversibleNumericsMonitor(x_val[:16], y_val[:16], every_n_steps=50)
+        >>> model.fit(x, y, epochs=2, callbacks=[monitor, keras.callbacks.CSVLogger("log.csv")])
     """
 
     def __init__(self, x, y, every_n_steps=100, loss=None, max_gradient_angle=1.0,

@@ -494,12 +494,11 @@ def reconstruction_error(layer_or_model, x):
     Raises:
         ValueError: if `layer_or_model` holds no reversible layer, or `x` is not a tensor or array.
 
-    Example:
-
-    >>> model = tf_revnet.models.RevNet(units=[2, 2], widths=[8, 8, 16], input_shape=(16, 16, 3))
-    >>> report = reconstruction_error(model, np.random.rand(4, 16, 16, 3).astype("float32"))
-    >>> report.max_relative_error < 1e-5
-    True
+    Examples:
+        >>> model = tf_revnet.models.RevNet(units=[2, 2], widths=[8, 8, 16], input_shape=(16, 16, 3))
+        >>> report = reconstruction_error(model, np.random.rand(4, 16, 16, 3).astype("float32"))
+        >>> report.max_relative_error < 1e-5
+        True
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Eq. 2, Algorithm 1, Section 5.3.
@@ -708,13 +707,12 @@ def gradient_angle(model, x, y, loss=None, loss_scale=None):
         ValueError: if the model has no `ReversibleSequence`, no trainable variables, `loss` is None
             and the model is not compiled, or `loss_scale` is not a positive number.
 
-    Example:
-
-    >>> model = tf_revnet.models.RevNet(units=[2, 2], widths=[8, 8, 16], input_shape=(16, 16, 3))
-    >>> x = np.random.rand(4, 16, 16, 3).astype("float32")
-    >>> result = gradient_angle(model, x, np.array([0, 1, 2, 3]), "sparse_categorical_crossentropy")
-    >>> result.degrees < 0.01
-    True
+    Examples:
+        >>> model = tf_revnet.models.RevNet(units=[2, 2], widths=[8, 8, 16], input_shape=(16, 16, 3))
+        >>> x = np.random.rand(4, 16, 16, 3).astype("float32")
+        >>> result = gradient_angle(model, x, np.array([0, 1, 2, 3]), "sparse_categorical_crossentropy")
+        >>> result.degrees < 0.01
+        True
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 5.3.

@@ -191,13 +191,12 @@ def estimate(model, batch_size, input_shape=None):
             of layers to follow) or not a Keras model; if an input or a layer's output has an unknown
             size other than the batch (build with a fixed `input_shape`, or pass `input_shape`).
 
-    Example:
-
-    >>> model = tf_revnet.models.RevNet38()
-    >>> e = tf_revnet.memory.estimate(model, batch_size=128)
-    >>> e.reversible < e.plain
-    True
-    >>> print(e)  # doctest: +SKIP
+    Examples:
+        >>> model = tf_revnet.models.RevNet38()
+        >>> e = tf_revnet.memory.estimate(model, batch_size=128)
+        >>> e.reversible < e.plain
+        True
+        >>> print(e)  # doctest: +SKIP
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.2 and Table 4

@@ -83,13 +83,12 @@ def transfer_weights(source, target):
             another architecture); the message names the first layer that differs (for a file, the
             first entry). Also if `source` or `target` is of an unsupported type or not built.
 
-    Example:
-
-    >>> stacked = tf_revnet.models.RevNet38()                     # stack_blocks=True
-    >>> stacked.save_weights("revnet38.weights.h5")
-    >>> per_block = tf_revnet.models.RevNet38(stack_blocks=False)
-    >>> tf_revnet.transfer_weights("revnet38.weights.h5", per_block)   # or stacked, or its get_weights()
-    >>> tf_revnet.transfer_weights(per_block, tf_revnet.models.RevNet38())   # and back
+    Examples:
+        >>> stacked = tf_revnet.models.RevNet38()                     # stack_blocks=True
+        >>> stacked.save_weights("revnet38.weights.h5")
+        >>> per_block = tf_revnet.models.RevNet38(stack_blocks=False)
+        >>> tf_revnet.transfer_weights("revnet38.weights.h5", per_block)   # or stacked, or its get_weights()
+        >>> tf_revnet.transfer_weights(per_block, tf_revnet.models.RevNet38())   # and back
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017 (arXiv:1707.04585), Table 1

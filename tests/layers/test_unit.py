@@ -26,12 +26,12 @@ def block(half=4, dropout=False):
     return tf_revnet.ReversibleBlock(function(), function(), dtype="float64")
 
 
-def readme_custom_unit():
-    """`ChannelScale` and `ChannelScaleUnit` as README.md defines them (its code, executed)."""
-    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    code = next(block for block in readme.split("```python")[1:] if "class ChannelScale" in block)
+def docs_custom_unit():
+    """`ChannelScale` and `ChannelScaleUnit` as docs/architectures.md defines them (its code, executed)."""
+    guide = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "architectures.md").read_text()
+    code = next(block for block in guide.split("```python")[1:] if "class ChannelScale" in block)
     namespace = {"tf": tf, "tf_revnet": tf_revnet, "keras": keras}
-    exec(code.split("```")[0], namespace)  # noqa: S102 - the project's own README
+    exec(code.split("```")[0], namespace)  # noqa: S102 - the project's own docs
     return namespace["ChannelScale"], namespace["ChannelScaleUnit"]
 
 
@@ -121,8 +121,8 @@ def test_loop_pack_and_unpack_are_inverse():
     np.testing.assert_array_equal(packed.weights[1][2], blocks[2].trainable_variables[1].numpy())
 
 
-def test_readme_custom_unit_in_a_sequence_equals_plain_autodiff():
-    ChannelScale, ChannelScaleUnit = readme_custom_unit()
+def test_docs_custom_unit_in_a_sequence_equals_plain_autodiff():
+    ChannelScale, ChannelScaleUnit = docs_custom_unit()
 
     def sequence(use_custom_gradient):
         keras.utils.set_random_seed(3)

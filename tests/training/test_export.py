@@ -629,7 +629,7 @@ def test_help_defaults_match_the_modules_they_stand_for():
     assert command_line.MAX_IMAGE_PIXELS == image_safety.MAX_LIMIT == 2**63 - 1
 
 
-def test_readme_shows_the_summary_lines_the_code_prints():
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert f"Exported version 3 to /work/main/saved_models/revnet38/3\n{export.pin_hint('revnet38', 3)}" \
-        in readme
+def test_serving_guide_shows_the_pin_line_the_code_prints():
+    sample = (REPO_ROOT / "docs" / "samples" / "export_lines.txt").read_text()
+    assert f"\n{export.pin_hint('revnet38', 3)}\n" in sample
+    assert '--8<-- "samples/export_lines.txt"' in (REPO_ROOT / "docs" / "serving.md").read_text()

@@ -1,4 +1,4 @@
-"""Tests of training/predict.py (the client of an export) and of the README's REST request bodies.
+"""Tests of training/predict.py (the client of an export) and of docs/serving.md's REST request bodies.
 
 No TF Serving server can be installed on these machines, so the REST requests are checked by
 decoding them as TF Serving's REST API documents its row format (`instances`, `{"b64": ...}` for
@@ -30,8 +30,8 @@ from tests.training.serving_fixtures import CLASSES, exported  # noqa: F401
 from training import predict
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-README = REPO_ROOT / "README.md"
-README_IMAGE = "/tmp/cifar10/test/cat/0000.jpg"
+SERVING_GUIDE = REPO_ROOT / "docs" / "serving.md"
+GUIDE_IMAGE = "/tmp/cifar10/test/cat/0000.jpg"
 
 
 def _parse_output(stdout):
@@ -315,22 +315,19 @@ def _decode_rest_body(body, loaded):
     return {k: v.numpy() for k, v in signature(**{input_name: tf.constant(values)}).items()}
 
 
-def _readme_serving_section():
-    text = README.read_text()
-    start = text.index("\n## Serving")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None]
+def _serving_guide():
+    return SERVING_GUIDE.read_text()
 
 
-def test_readme_rest_request_bodies_are_valid_inputs(exported, tmp_path, capsys):  # noqa: F811
-    section = _readme_serving_section()
+def test_serving_guide_rest_request_bodies_are_valid_inputs(exported, tmp_path, capsys):  # noqa: F811
+    section = _serving_guide()
     image = exported.files[3]
     want = exported.expected[3]
     loaded = tf.saved_model.load(str(exported.result.path))
     # 1. The pure-shell body (printf + base64) for serving_bytes.
     shell_lines = [line for line in section.splitlines() if line.startswith("printf '{")]
     assert len(shell_lines) == 1, shell_lines
-    command = shell_lines[0].replace(README_IMAGE, str(image))
+    command = shell_lines[0].replace(GUIDE_IMAGE, str(image))
     command = re.sub(r"> \S+$", f"> {tmp_path / 'request.json'}", command)
     subprocess.run(["bash", "-c", command], check=True, timeout=60)
     bodies = [json.loads((tmp_path / "request.json").read_text())]
@@ -340,7 +337,7 @@ def test_readme_rest_request_bodies_are_valid_inputs(exported, tmp_path, capsys)
     assert {shlex.split(line)[4] for line in client_lines} == {"serving_bytes", "serving_default"}
     for line in client_lines:
         argv = shlex.split(line.split(">")[0])[3:]
-        argv = [str(image) if a == README_IMAGE else a for a in argv]
+        argv = [str(image) if a == GUIDE_IMAGE else a for a in argv]
         assert predict.main(argv) == 0
         bodies.append(json.loads(capsys.readouterr().out))
     for body in bodies:
@@ -396,8 +393,8 @@ def test_rest_client_against_a_server_speaking_tf_serving_rest(exported, capsys)
         np.testing.assert_allclose([p for _, p in top], want[ids], atol=6e-4)
 
 
-def test_readme_grpc_client_against_a_prediction_service(exported, capsys):  # noqa: F811
-    """Runs the README's gRPC snippet against a `PredictionService` (tensorflow-serving-api's own
+def test_serving_guide_grpc_client_against_a_prediction_service(exported, capsys):  # noqa: F811
+    """Runs docs/serving.md's gRPC snippet against a `PredictionService` (tensorflow-serving-api's own
     stub and servicer) that answers from the loaded SavedModel."""
     from concurrent import futures
 
@@ -422,12 +419,12 @@ def test_readme_grpc_client_against_a_prediction_service(exported, capsys):  # n
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        blocks = re.findall(r"```python\n(.*?)```", _readme_serving_section(), re.S)
+        blocks = re.findall(r"```python\n(.*?)```", _serving_guide(), re.S)
         snippet, = [b for b in blocks if "prediction_service_pb2_grpc" in b]
         image = exported.files[5]
         snippet = snippet.replace("localhost:8500", f"127.0.0.1:{port}").replace(
-            README_IMAGE, str(image))
-        exec(compile(snippet, "README.md", "exec"), {})
+            GUIDE_IMAGE, str(image))
+        exec(compile(snippet, "docs/serving.md", "exec"), {})
     finally:
         server.stop(None)
     printed = capsys.readouterr().out.strip()
@@ -435,13 +432,13 @@ def test_readme_grpc_client_against_a_prediction_service(exported, capsys):  # n
 
 
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
-def test_readme_python_examples_run(exported, capsys):  # noqa: F811
-    """The README's SavedModel and TFLite snippets, with its paths pointed at the test export."""
-    blocks = re.findall(r"```python\n(.*?)```", _readme_serving_section(), re.S)
+def test_serving_guide_python_examples_run(exported, capsys):  # noqa: F811
+    """docs/serving.md's SavedModel and TFLite snippets, with its paths pointed at the test export."""
+    blocks = re.findall(r"```python\n(.*?)```", _serving_guide(), re.S)
     replacements = {
         "saved_models/revnet38/1": str(exported.result.path),
         "saved_models/revnet38/4/model.tflite": str(exported.result.tflite_path),
-        README_IMAGE: str(exported.files[3]),  # files[i] is of class i for i < 10: 3 = cat
+        GUIDE_IMAGE: str(exported.files[3]),  # files[i] is of class i for i < 10: 3 = cat
         "/tmp/cifar10/test/ship/0000.jpg": str(exported.files[8]),
     }
     saved_model_block, = [b for b in blocks if 'signatures["serving_bytes"]' in b]
@@ -449,7 +446,7 @@ def test_readme_python_examples_run(exported, capsys):  # noqa: F811
     for block in (saved_model_block, tflite_block):
         for old, new in replacements.items():
             block = block.replace(old, new)
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "docs/serving.md", "exec"), {})
     lines = capsys.readouterr().out.strip().splitlines()
     names = [CLASSES[i] for i in exported.expected.argmax(axis=1)]
     assert lines[0].startswith(str(np.array([names[3].encode(), names[8].encode()], dtype=object)))

@@ -129,13 +129,12 @@ class MomentumBlock(TwoStreamLayer):
             on build, if the input rank is < 2, the size on `axis` is unknown or odd, or F does not
             keep the half's shape; on call, if the input is not floating point.
 
-    Example:
-
-    >>> from tf_revnet.layers import BasicResidualFunction, MomentumBlock, ReversibleSequence
-    >>> blocks = [MomentumBlock(BasicResidualFunction(16), gamma=0.9) for _ in range(4)]
-    >>> x = keras.random.normal((2, 8, 8, 32))          # [position, velocity], 16 channels each
-    >>> y = ReversibleSequence(blocks)(x, training=True)
-    >>> x_rebuilt = blocks[0].inverse(blocks[0](x, training=True), training=True)
+    Examples:
+        >>> from tf_revnet.layers import BasicResidualFunction, MomentumBlock, ReversibleSequence
+        >>> blocks = [MomentumBlock(BasicResidualFunction(16), gamma=0.9) for _ in range(4)]
+        >>> x = keras.random.normal((2, 8, 8, 32))          # [position, velocity], 16 channels each
+        >>> y = ReversibleSequence(blocks)(x, training=True)
+        >>> x_rebuilt = blocks[0].inverse(blocks[0](x, training=True), training=True)
 
     References:
         Sander et al., "Momentum Residual Neural Networks", ICML 2021, Section 3, Eq. 4-5.
@@ -187,7 +186,8 @@ class MomentumBlock(TwoStreamLayer):
         """Eq. 4 on the streams: returns `(x', v')`.
 
         Args:
-            x, v: float tensors of the half shape, e.g. `(N, H, W, C/2)`, in `stream_dtype`.
+            x: float tensor of the half shape, e.g. `(N, H, W, C/2)`, in `stream_dtype`.
+            v: float tensor of the same shape and dtype as `x` (the velocity).
             training: bool or None, passed to F.
         """
         return self.step(x, v, self.f(x, training=training))

@@ -40,11 +40,10 @@ class PatchEmbedding(keras.layers.Layer):
         ValueError: if `patch_size` or `embed_dim` is not a positive int, `dropout` outside
             [0, 1), or, on build, H or W unknown or not divisible by `patch_size`.
 
-    Example:
-
-    >>> embed = PatchEmbedding(patch_size=4, embed_dim=16)
-    >>> keras.ops.shape(embed(keras.ops.ones((2, 32, 32, 3))))
-    (2, 64, 16)
+    Examples:
+        >>> embed = PatchEmbedding(patch_size=4, embed_dim=16)
+        >>> keras.ops.shape(embed(keras.ops.ones((2, 32, 32, 3))))
+        (2, 64, 16)
 
     References:
         Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, Section 3.1 (Eq. 1);

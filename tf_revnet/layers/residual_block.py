@@ -54,11 +54,10 @@ class ResidualBlock(keras.layers.Layer):
         ValueError: if an argument is invalid (naming it and the received value), or if a `"pad"`
             shortcut would have to drop channels.
 
-    Example:
-
-    >>> block = ResidualBlock(64, strides=2)
-    >>> keras.ops.shape(block(keras.ops.ones((2, 32, 32, 32))))
-    (2, 16, 16, 64)
+    Examples:
+        >>> block = ResidualBlock(64, strides=2)
+        >>> keras.ops.shape(block(keras.ops.ones((2, 32, 32, 32))))
+        (2, 16, 16, 64)
 
     References:
         He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016 (arXiv:1603.05027).

@@ -187,13 +187,12 @@ class BasicResidualFunction(_PreActivationResidualFunction):
         ValueError: if `filters` or `strides` is not a positive integer, `preactivate` not a bool,
             or the channel dimension of the input is unknown when the layer is built.
 
-    Example:
-
-    >>> f = BasicResidualFunction()
-    >>> keras.ops.shape(f(keras.ops.ones((2, 8, 8, 16))))
-    (2, 8, 8, 16)
-    >>> keras.ops.shape(BasicResidualFunction(filters=32, strides=2)(keras.ops.ones((2, 8, 8, 16))))
-    (2, 4, 4, 32)
+    Examples:
+        >>> f = BasicResidualFunction()
+        >>> keras.ops.shape(f(keras.ops.ones((2, 8, 8, 16))))
+        (2, 8, 8, 16)
+        >>> keras.ops.shape(BasicResidualFunction(filters=32, strides=2)(keras.ops.ones((2, 8, 8, 16))))
+        (2, 4, 4, 32)
 
     References:
         - Gomez et al., "The Reversible Residual Network: Backpropagation Without Storing
@@ -245,11 +244,10 @@ class BottleneckResidualFunction(_PreActivationResidualFunction):
         ValueError: if `filters` is not a positive multiple of 4 (with `filters=None`: if the input
             channels are not), `strides` not a positive integer or `preactivate` not a bool.
 
-    Example:
-
-    >>> g = BottleneckResidualFunction()
-    >>> keras.ops.shape(g(keras.ops.ones((2, 8, 8, 64))))
-    (2, 8, 8, 64)
+    Examples:
+        >>> g = BottleneckResidualFunction()
+        >>> keras.ops.shape(g(keras.ops.ones((2, 8, 8, 64))))
+        (2, 8, 8, 64)
 
     References:
         - Gomez et al., "The Reversible Residual Network: Backpropagation Without Storing

@@ -74,13 +74,12 @@ class ReversibleBlock(TwoStreamLayer):
             does not return the shape the coupling needs (e.g. a strided convolution; unknown spatial
             sizes are checked with a probe size of 8); on call, if the input is not floating point.
 
-    Example:
-
-    >>> from tf_revnet.layers import BasicResidualFunction, ReversibleBlock
-    >>> block = ReversibleBlock(BasicResidualFunction(16), BasicResidualFunction(16))
-    >>> x = keras.random.normal((2, 8, 8, 32))
-    >>> y = block(x, training=True)
-    >>> x_rebuilt = block.inverse(y, training=True)   # equal to x up to float rounding
+    Examples:
+        >>> from tf_revnet.layers import BasicResidualFunction, ReversibleBlock
+        >>> block = ReversibleBlock(BasicResidualFunction(16), BasicResidualFunction(16))
+        >>> x = keras.random.normal((2, 8, 8, 32))
+        >>> y = block(x, training=True)
+        >>> x_rebuilt = block.inverse(y, training=True)   # equal to x up to float rounding
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.1, Eq. 1-2, Algorithm 1.
@@ -183,7 +182,8 @@ class ReversibleBlock(TwoStreamLayer):
         """Eq. 1 on halves: returns `(y1, y2)` with `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)`.
 
         Args:
-            x1, x2: float tensors of the half shape, e.g. `(N, H, W, C/2)`, in `stream_dtype`.
+            x1: float tensor of the half shape, e.g. `(N, H, W, C/2)`, in `stream_dtype`.
+            x2: float tensor of the same shape and dtype as `x1`.
             training: bool or None, passed to F and G.
         """
         x1, x2 = self.coupling.quantize(x1), self.coupling.quantize(x2)

@@ -53,14 +53,13 @@ class ReversibleBlockStack(TwoStreamLayer):
             positive integer (any integer type); on build, what `ReversibleBlock.build` raises
             (odd channels, a strided F or G).
 
-    Example:
-
-    >>> from tf_revnet.layers import BasicResidualFunction, ReversibleBlock, ReversibleBlockStack
-    >>> stack = ReversibleBlockStack(
-    ...     ReversibleBlock(BasicResidualFunction(16), BasicResidualFunction(16)), depth=18)
-    >>> y = stack(keras.random.normal((2, 8, 8, 32)), training=True)
-    >>> [tuple(v.shape) for v in stack.trainable_variables if "conv1" in v.name][:1]
-    [(18, 3, 3, 16, 16)]
+    Examples:
+        >>> from tf_revnet.layers import BasicResidualFunction, ReversibleBlock, ReversibleBlockStack
+        >>> stack = ReversibleBlockStack(
+        ...     ReversibleBlock(BasicResidualFunction(16), BasicResidualFunction(16)), depth=18)
+        >>> y = stack(keras.random.normal((2, 8, 8, 32)), training=True)
+        >>> [tuple(v.shape) for v in stack.trainable_variables if "conv1" in v.name][:1]
+        [(18, 3, 3, 16, 16)]
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3, Table 1, Algorithm 1.

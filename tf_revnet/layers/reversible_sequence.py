@@ -130,18 +130,17 @@ class ReversibleSequence(keras.layers.Layer):
             unreplayable random op; on call, if the input is not floating point; on `inverse`, if a
             unit is not invertible.
 
-    Example:
-
-    >>> from tf_revnet.layers import BasicResidualFunction, ReversibleBlock, ReversibleSequence
-    >>> blocks = [
-    ...     ReversibleBlock(BasicResidualFunction(16), BasicResidualFunction(16)) for _ in range(8)
-    ... ]
-    >>> stack = ReversibleSequence(blocks)
-    >>> x = keras.random.normal((4, 16, 16, 32))
-    >>> with tf.GradientTape() as tape:
-    ...     tape.watch(x)
-    ...     loss = tf.reduce_sum(stack(x, training=True) ** 2)
-    >>> grads = tape.gradient(loss, [x] + stack.trainable_variables)
+    Examples:
+        >>> from tf_revnet.layers import BasicResidualFunction, ReversibleBlock, ReversibleSequence
+        >>> blocks = [
+        ...     ReversibleBlock(BasicResidualFunction(16), BasicResidualFunction(16)) for _ in range(8)
+        ... ]
+        >>> stack = ReversibleSequence(blocks)
+        >>> x = keras.random.normal((4, 16, 16, 32))
+        >>> with tf.GradientTape() as tape:
+        ...     tape.watch(x)
+        ...     loss = tf.reduce_sum(stack(x, training=True) ** 2)
+        >>> grads = tape.gradient(loss, [x] + stack.trainable_variables)
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Sections 3.2-3.3, Algorithm 1.

@@ -60,10 +60,9 @@ class StageTransition(TwoStreamLayer):
         ValueError: if an argument is invalid (naming it), `filters` or the input channels are odd, or a
             `"pad"` shortcut would drop channels.
 
-    Example:
-
-    >>> keras.ops.shape(StageTransition(64, strides=2)(keras.ops.ones((2, 32, 32, 32))))
-    (2, 16, 16, 64)
+    Examples:
+        >>> keras.ops.shape(StageTransition(64, strides=2)(keras.ops.ones((2, 32, 32, 32))))
+        (2, 16, 16, 64)
 
     References:
         Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.3 and Table 1; the

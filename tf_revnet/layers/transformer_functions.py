@@ -147,11 +147,10 @@ class AttentionResidualFunction(_TokenResidualFunction):
         ValueError: if `num_heads` or `key_dim` is not a positive int, a rate is outside [0, 1),
             or, on build, C is unknown or not divisible by `num_heads` (with `key_dim=None`).
 
-    Example:
-
-    >>> f = AttentionResidualFunction(num_heads=2)
-    >>> keras.ops.shape(f(keras.ops.ones((2, 5, 8))))
-    (2, 5, 8)
+    Examples:
+        >>> f = AttentionResidualFunction(num_heads=2)
+        >>> keras.ops.shape(f(keras.ops.ones((2, 5, 8))))
+        (2, 5, 8)
 
     References:
         - Mangalam et al., "Reversible Vision Transformers", CVPR 2022, Section 3.2 (F = attention).
@@ -249,11 +248,10 @@ class MLPResidualFunction(_TokenResidualFunction):
         ValueError: if `mlp_ratio` is not positive, `hidden_units` not a positive int, a rate
             outside [0, 1), or C unknown on build.
 
-    Example:
-
-    >>> g = MLPResidualFunction(mlp_ratio=2.0)
-    >>> keras.ops.shape(g(keras.ops.ones((2, 5, 8))))
-    (2, 5, 8)
+    Examples:
+        >>> g = MLPResidualFunction(mlp_ratio=2.0)
+        >>> keras.ops.shape(g(keras.ops.ones((2, 5, 8))))
+        (2, 5, 8)
 
     References:
         - Mangalam et al., "Reversible Vision Transformers", CVPR 2022, Section 3.2 (G = MLP).

@@ -344,7 +344,8 @@ class LoopUnit(Unit):
     Args:
         template: `BlockUnit`. The structure every block has; its variables are mapped to slices.
         depth: int. The number of blocks `n`.
-        trainable, state: lists of Keras variables, as described above.
+        trainable: list of Keras variables, as described above.
+        state: list of Keras variables, as described above.
         stacked: bool. Whether the variables hold stacked values (a stack) or one block's each.
         layer: the Keras layer the unit stands for (the stack, or the first block).
         names: list of `n` block names (for diagnostics).

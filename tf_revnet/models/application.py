@@ -293,11 +293,10 @@ _BUILDER_DOC = """Instantiates {title}, {role}.
     Raises:
         ValueError: if an argument is invalid (see `{generic}`).
 
-    Example:
-
-    >>> model = tf_revnet.models.{name}(input_shape=(None, None, 3))
-    >>> model.count_params()
-    {params}
+    Examples:
+        >>> model = tf_revnet.models.{name}(input_shape=(None, None, 3))
+        >>> model.count_params()
+        {params}
 
     References:
         Gomez et al., "The Reversible Residual Network: Backpropagation Without Storing

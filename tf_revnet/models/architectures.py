@@ -25,16 +25,14 @@ class Architecture:
         reversible: bool. RevNet (`True`) or its ResNet baseline (`False`).
         units: tuple of int. Residual units per stage.
         widths: tuple of int. `[stem, stage 1, stage 2, ...]` channels; a bottleneck stage outputs 4
-        times
-            its width.
+            times its width.
         residual_function: str. `"basic"` or `"bottleneck"`.
         strides: tuple of int. Stride of the first unit of each stage.
         stem: str. `"cifar"` (3x3 convolution) or `"imagenet"` (7x7 stride-2 convolution, max
-        pooling).
+            pooling).
         paper_params: float or None. Parameters in the paper's Table 1, in millions.
         paper_errors: dict. The paper's error (%), keyed by dataset: `"cifar10"`, `"cifar100"`
-        (Table 2)
-            or `"imagenet"` (top-1, Table 3).
+            (Table 2) or `"imagenet"` (top-1, Table 3).
         params: int. `count_params()` of our model with `classes` classes (BatchNorm moving
             statistics included); the tests check it.
         trainable_params: int. Its trainable parameters.

@@ -25,10 +25,9 @@ def decode_predictions(preds, class_names=CIFAR10_CLASSES, top=5):
     Raises:
         ValueError: if `preds` is not 2-D, or its number of classes differs from `len(class_names)`.
 
-    Example:
-
-    >>> decode_predictions([[0.1, 0.7, 0.2]], ["cat", "dog", "frog"], top=2)
-    [[(1, 'dog', 0.7), (2, 'frog', 0.2)]]
+    Examples:
+        >>> decode_predictions([[0.1, 0.7, 0.2]], ["cat", "dog", "frog"], top=2)
+        [[(1, 'dog', 0.7), (2, 'frog', 0.2)]]
     """
     preds = np.asarray(preds)
     if preds.ndim != 2:

@@ -13,10 +13,9 @@ def list_models():
         list of str: `["revnet38", "revnet110", "revnet164", "revnet56", "revnet104", "resnet32",
         "resnet110", "resnet164", "resnet101", "revvitsmall", "revvitbase", "revvitcifar"]`.
 
-    Example:
-
-    >>> "revnet38" in tf_revnet.models.list_models()
-    True
+    Examples:
+        >>> "revnet38" in tf_revnet.models.list_models()
+        True
     """
     return [name.lower() for name in (*ARCHITECTURES, *VIT_ARCHITECTURES)]
 
@@ -36,9 +35,8 @@ def get(name):
     Raises:
         ValueError: if `name` is not a model of the zoo; the message lists the valid names.
 
-    Example:
-
-    >>> model = tf_revnet.models.get("revnet38")(input_shape=(32, 32, 3), classes=10)
+    Examples:
+        >>> model = tf_revnet.models.get("revnet38")(input_shape=(32, 32, 3), classes=10)
     """
     key = name.lower().replace("-", "").replace("_", "") if isinstance(name, str) else None
     for arch_name, arch in ARCHITECTURES.items():

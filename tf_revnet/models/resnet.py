@@ -67,9 +67,10 @@ def ResNet(
         include_preprocessing: bool. Whether the model takes raw RGB pixels in [0, 255] and
             standardizes them in its first layer (`f"{name}_preprocessing"`), as Keras' newer
             applications do. Defaults to `False`.
-        preprocessing_mean, preprocessing_std: per-channel sequences on the 0-255 scale, with
-            `include_preprocessing`. Default to the CIFAR-10 training set's (CIFAR stem) or
+        preprocessing_mean: per-channel sequence on the 0-255 scale, with
+            `include_preprocessing`. Defaults to the CIFAR-10 training set's (CIFAR stem) or
             ImageNet's (ImageNet stem).
+        preprocessing_std: per-channel sequence on the 0-255 scale, likewise.
 
     Input shape:
         `(batch_size, height, width, channels)` (NHWC) float images, in the floatx dtype.
@@ -84,11 +85,10 @@ def ResNet(
     Raises:
         ValueError: if an argument is invalid (the message names it and the received value).
 
-    Example:
-
-    >>> model = ResNet(units=[2, 2], widths=[16, 16, 32])
-    >>> keras.ops.shape(model(keras.ops.ones((1, 32, 32, 3))))
-    (1, 10)
+    Examples:
+        >>> model = ResNet(units=[2, 2], widths=[16, 16, 32])
+        >>> keras.ops.shape(model(keras.ops.ones((1, 32, 32, 3))))
+        (1, 10)
 
     References:
         - He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016 (arXiv:1603.05027).

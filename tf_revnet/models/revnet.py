@@ -93,9 +93,10 @@ def RevNet(
         include_preprocessing: bool. Whether the model takes raw RGB pixels in [0, 255] and
             standardizes them in its first layer (`f"{name}_preprocessing"`), as Keras' newer
             applications do. Defaults to `False`.
-        preprocessing_mean, preprocessing_std: per-channel sequences on the 0-255 scale, with
-            `include_preprocessing`. Default to the CIFAR-10 training set's (CIFAR stem) or
+        preprocessing_mean: per-channel sequence on the 0-255 scale, with
+            `include_preprocessing`. Defaults to the CIFAR-10 training set's (CIFAR stem) or
             ImageNet's (ImageNet stem).
+        preprocessing_std: per-channel sequence on the 0-255 scale, likewise.
         stack_blocks: bool. Store each stage's identical reversible blocks as one
             `ReversibleBlockStack` (stacked weights). `False` makes one `ReversibleBlock` layer, with
             its own variables, per block (graph and variable count then grow with depth). The
@@ -120,11 +121,10 @@ def RevNet(
             example `weights` not `None`, `len(widths) != len(units) + 1`, an odd width, an unknown
             `residual_function`, `stem` or `pooling`.
 
-    Example:
-
-    >>> model = RevNet(units=[2, 2], widths=[16, 16, 32], classes=10)
-    >>> keras.ops.shape(model(keras.ops.ones((1, 32, 32, 3))))
-    (1, 10)
+    Examples:
+        >>> model = RevNet(units=[2, 2], widths=[16, 16, 32], classes=10)
+        >>> keras.ops.shape(model(keras.ops.ones((1, 32, 32, 3))))
+        (1, 10)
 
     References:
         Gomez et al., "The Reversible Residual Network: Backpropagation Without Storing

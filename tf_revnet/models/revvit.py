@@ -98,8 +98,9 @@ def RevViT(
             `False` makes one `ReversibleBlock` layer per block. Defaults to `True`.
         include_preprocessing: bool. Whether the model takes raw RGB pixels in [0, 255] and
             standardizes them first. Defaults to `False`.
-        preprocessing_mean, preprocessing_std: per-channel sequences on the 0-255 scale, with
-            `include_preprocessing`. Default to CIFAR-10's for 32x32 inputs, ImageNet's otherwise.
+        preprocessing_mean: per-channel sequence on the 0-255 scale, with
+            `include_preprocessing`. Defaults to CIFAR-10's for 32x32 inputs, ImageNet's otherwise.
+        preprocessing_std: per-channel sequence on the 0-255 scale, likewise.
 
     Input shape:
         `(batch_size, height, width, channels)` (NHWC) float images.
@@ -116,12 +117,11 @@ def RevViT(
             `weights` not `None`, `embed_dim` not divisible by `num_heads`, an image side not
             divisible by `patch_size`, an unknown `pooling`.
 
-    Example:
-
-    >>> model = RevViT(patch_size=4, embed_dim=32, depth=2, num_heads=2, input_shape=(16, 16, 3),
-    ...                classes=10)
-    >>> keras.ops.shape(model(keras.ops.ones((1, 16, 16, 3))))
-    (1, 10)
+    Examples:
+        >>> model = RevViT(patch_size=4, embed_dim=32, depth=2, num_heads=2, input_shape=(16, 16, 3),
+        ...                classes=10)
+        >>> keras.ops.shape(model(keras.ops.ones((1, 16, 16, 3))))
+        (1, 10)
 
     References:
         Mangalam et al., "Reversible Vision Transformers", CVPR 2022, Sections 3.1-3.2 and Table 1;
@@ -223,11 +223,10 @@ _BUILDER_DOC = """Instantiates {title}: {role}.
     Raises:
         ValueError: if an argument is invalid (see `RevViT`).
 
-    Example:
-
-    >>> model = tf_revnet.models.{name}()
-    >>> model.count_params()
-    {params}
+    Examples:
+        >>> model = tf_revnet.models.{name}()
+        >>> model.count_params()
+        {params}
 
     References:
         Mangalam et al., "Reversible Vision Transformers", CVPR 2022, Section 3 and Table 1.
