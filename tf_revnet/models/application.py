@@ -278,8 +278,10 @@ _BUILDER_DOC = """Instantiates {title}, {role}.
         classifier_activation: str or callable; `None` returns logits. Defaults to `"softmax"`.
         use_custom_gradient: bool. {custom_gradient} Defaults to `True`.
         name: str. Model name and layer-name prefix. Defaults to `"{default_name}"`.
-        **kwargs: further arguments of `{generic}` (`include_preprocessing`, `preprocessing_mean`,
-            `preprocessing_std`, `kernel_regularizer`, `batch_norm_momentum`, `batch_norm_epsilon`).
+
+    The further keyword-only arguments are `{generic}`'s (`include_preprocessing`,
+    `preprocessing_mean`, `preprocessing_std`, `kernel_regularizer`, `batch_norm_momentum`,
+    `batch_norm_epsilon`, ...), documented there; the signature lists them.
 
     Input shape:
         `(batch_size, height, width, 3)` (NHWC) float images, in the floatx dtype.

@@ -208,8 +208,10 @@ _BUILDER_DOC = """Instantiates {title}: {role}.
         use_custom_gradient: bool. `False` runs ordinary autodiff on the same architecture and
             weights. Defaults to `True`.
         name: str. Model name and layer-name prefix. Defaults to `"{default_name}"`.
-        **kwargs: further arguments of `RevViT` (`dropout_rate`, `attention_dropout_rate`,
-            `drop_path_rate`, `kernel_regularizer`, `stack_blocks`, `include_preprocessing`, ...).
+
+    The further keyword-only arguments are `RevViT`'s (`dropout_rate`, `attention_dropout_rate`,
+    `drop_path_rate`, `kernel_regularizer`, `stack_blocks`, `include_preprocessing`, ...),
+    documented there; the signature lists them.
 
     Input shape:
         `(batch_size, height, width, 3)` (NHWC) float images.
