@@ -84,3 +84,4 @@ def cifar10_small_dir(cifar10_archive, tmp_path_factory):
         cifar10_archive, tmp_path_factory.mktemp("cifar10_small"), {"train": 60, "test": 20}
     )
     return target
+
