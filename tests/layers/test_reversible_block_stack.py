@@ -26,6 +26,7 @@ from tf_revnet.layers import (
     ReversibleSequence,
     StageTransition,
 )
+from tf_revnet.layers.reversible_block_stack import StackedVariable
 
 
 def make_block(kind="basic", half=4, dtype="float64", coupling="additive"):
@@ -449,6 +450,63 @@ def test_freeze_and_unfreeze_between_fits_matches_plain_autodiff(stack_blocks):
     np.testing.assert_allclose([h[0] for h in history], [h[0] for h in history_ref], rtol=1e-5)
     for got, want in zip(weights, weights_ref):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_trainable_flags_follow_the_template_and_reading_changes_nothing():
+    """A stacked variable's flag IS its template variable's: it changes when the template's does,
+    with no property read in between, and reading `variables`/`weights` changes no flag."""
+    stack = ReversibleBlockStack(make_block(dtype="float32"), depth=3)
+    stack.build((None, 4, 4, 8))
+    f_stacked = [stack.stacked_variable(v) for v in stack.block.f.trainable_variables]
+    g_stacked = [stack.stacked_variable(v) for v in stack.block.g.trainable_variables]
+    assert f_stacked and all(isinstance(v, StackedVariable) and v.trainable for v in f_stacked)
+    stack.block.f.trainable = False
+    assert [v.trainable for v in f_stacked] == [False] * len(f_stacked)  # nothing read yet
+    assert all(v.trainable for v in g_stacked)
+    flags = [v.trainable for v in stack.stacked_variables]
+    _ = stack.variables, stack.weights, stack.trainable_variables, stack.non_trainable_weights
+    assert [v.trainable for v in stack.stacked_variables] == flags
+    assert {id(v) for v in stack.trainable_variables} == {id(v) for v in g_stacked}
+    # The whole stack: Keras' semantics of a parent's flag (it sets its sub-layers').
+    stack.trainable = False
+    assert not stack.block.trainable and stack.trainable_variables == []
+    stack.trainable = True
+    assert stack.block.trainable and stack.block.f.trainable
+    assert len(stack.trainable_variables) == len(f_stacked) + len(g_stacked)
+    # Setting a stacked variable's flag sets its template variable's.
+    f_stacked[0].trainable = False
+    assert not f_stacked[0].template.trainable
+    # A stack made frozen (e.g. from a config) freezes its template.
+    frozen = ReversibleBlockStack.from_config(
+        {**stack.get_config(), "trainable": False, "name": "frozen_stack"})
+    frozen.build((None, 4, 4, 8))
+    assert not frozen.block.trainable and frozen.trainable_variables == []
+    assert len(frozen.non_trainable_weights) == len(frozen.weights) > 0
+
+
+def test_unfrozen_stack_trains_with_an_optimizer_built_before_any_call():
+    """Unfreeze after `compile` built the optimizer of a frozen model, recompile, and the first
+    step trains the stacked weights (the optimizer sees them without a call in between)."""
+    import tf_revnet.models
+
+    x = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype("float32")
+    y = np.arange(4) % 3
+    model = tf_revnet.models.RevNet(units=(3, 3), widths=(8, 8, 16), input_shape=(8, 8, 3),
+                                    classes=3)
+    stack = [u for u in model.get_layer("revnet_body").units
+             if isinstance(u, ReversibleBlockStack)][0]
+    stack.trainable = False
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    assert not {id(v) for v in stack.stacked_variables} & {
+        id(v) for v in model.trainable_variables}
+    stack.trainable = True
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)  # as `fit` does, before its first call
+    trained = [v for v in stack.stacked_variables if v.trainable]
+    before = [v.numpy().copy() for v in trained]
+    model.fit(x, y, batch_size=4, verbose=0)
+    assert trained and all(not np.array_equal(b, v.numpy()) for b, v in zip(before, trained))
 
 
 @pytest.mark.parametrize("frozen", ["f"])  # G: the same code path

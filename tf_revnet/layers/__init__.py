@@ -10,7 +10,7 @@ from tf_revnet.layers.patch_embedding import PatchEmbedding
 from tf_revnet.layers.residual_block import ResidualBlock
 from tf_revnet.layers.residual_functions import BasicResidualFunction, BottleneckResidualFunction
 from tf_revnet.layers.reversible_block import ReversibleBlock
-from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
+from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack, StackedVariable
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.shortcut import Shortcut
 from tf_revnet.layers.stage_transition import StageTransition
@@ -41,6 +41,7 @@ __all__ = [
     "LoopUnit",
     "MLPResidualFunction",
     "MomentumBlock",
+    "StackedVariable",
     "MomentumUnit",
     "PatchEmbedding",
     "ResidualBlock",

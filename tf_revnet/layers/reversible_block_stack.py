@@ -19,6 +19,40 @@ from tf_revnet.layers.two_stream import TwoStreamLayer
 from tf_revnet.layers.utils import build_sublayer, check_positive_int, no_autocast
 
 
+class StackedVariable(keras.Variable):
+    """A variable of a `ReversibleBlockStack`: one template variable's values for every block.
+
+    Shape `(depth,) + template.shape`, the template's dtype; slice `[i]` is block `i`'s value. It is
+    trainable exactly when its template variable is: the flag is read from the template (never
+    copied), so freezing the stack, its template or a sub-layer of the template (e.g.
+    `stack.block.f.trainable = False`) changes every list of trainable variables at once, before
+    any call (an optimizer built after `compile` sees it); setting the flag here sets the template's.
+
+    Args:
+        template: the template block's `keras.Variable` it stacks.
+        *args: positional arguments of `keras.Variable`.
+        **kwargs: keyword arguments of `keras.Variable` (`initializer`, `shape`, `dtype`, ...).
+    """
+
+    def __init__(self, *args, template, **kwargs):
+        self._template = template
+        super().__init__(*args, **kwargs)
+
+    @property
+    def template(self):
+        """The template block's variable that this variable stacks."""
+        return self._template
+
+    @property
+    def trainable(self):
+        """Whether the variable trains: its template variable's flag."""
+        return self._template.trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        self._template.trainable = bool(value)
+
+
 @keras.saving.register_keras_serializable(package="tf_revnet")
 class ReversibleBlockStack(TwoStreamLayer):
     """`depth` reversible blocks of one structure, applied in order, with stacked weights.
@@ -78,8 +112,11 @@ class ReversibleBlockStack(TwoStreamLayer):
         super().__init__(axis=block.axis, **kwargs)
         self.depth = depth
         # The template is not a tracked sublayer: its variables belong to no checkpoint or optimizer;
-        # the loop maps them to slices of the stacked variables.
+        # the loop maps them to slices of the stacked variables (whose `trainable` flags read the
+        # template's, and the `trainable` setter passes the stack's flag on to the template).
         object.__setattr__(self, "_block", block)
+        if not self.trainable:  # `trainable=False` given to the constructor (or a config)
+            block.trainable = False
 
     @property
     def block(self):
@@ -108,21 +145,22 @@ class ReversibleBlockStack(TwoStreamLayer):
 
 
     @property
-    def variables(self):
-        """Keras' `variables`, after the stacked variables took the template's trainable flags.
+    def trainable(self):
+        """Settable bool: whether the stack trains; the template block follows it.
 
-        Keras derives every variable list (`trainable_variables`, a model's included) from
-        `variables` and `weights`, so a sub-layer of `block` frozen on its own
-        (`stack.block.f.trainable = False`) freezes its stacked weights at once.
+        As for a tracked sub-layer (`keras.layers.Wrapper`), setting it sets the template's flag
+        (a frozen BatchNorm of the template normalises with its moving statistics) and, through it,
+        every stacked variable's (a `StackedVariable` is trainable exactly when its template
+        variable is, so `stack.block.f.trainable = False` freezes F's stacked weights at once).
         """
-        self._sync_trainable()
-        return super().variables
+        return keras.layers.Layer.trainable.fget(self)
 
-    @property
-    def weights(self):
-        """Keras' `weights`, after the stacked variables took the template's trainable flags."""
-        self._sync_trainable()
-        return super().weights
+    @trainable.setter
+    def trainable(self, value):
+        keras.layers.Layer.trainable.fset(self, value)
+        block = self.__dict__.get("_block")
+        if block is not None:
+            block.trainable = value
 
     @property
     def coupling(self):
@@ -147,8 +185,8 @@ class ReversibleBlockStack(TwoStreamLayer):
             for values, v in zip(initial, copy.trainable_variables + copy.non_trainable_variables):
                 values.append(v.value)
             del copy
-        # id(template variable) -> its stacked variable. Untracked: the variables are tracked by
-        # `add_weight`, and a tracked dict with int keys cannot be written to a SavedModel.
+        # id(template variable) -> its stacked variable. Untracked: a tracked dict with int keys
+        # cannot be written to a SavedModel; the variables are tracked as `stacked_variables`.
         object.__setattr__(self, "_stacked", {})
         names = set()
         for v, values in zip(template, initial):
@@ -157,22 +195,30 @@ class ReversibleBlockStack(TwoStreamLayer):
             while name in names:
                 name += "_"
             names.add(name)
-            self._stacked[id(v)] = self.add_weight(
+            self._stacked[id(v)] = self._stacked_variable(v, value, name)
+        # Assigning the list tracks them (Keras' attribute tracking, as for `Conv2D.kernel`), in
+        # template order; `tf.saved_model.save` and `tf.train.Checkpoint` see them by name.
+        self.stacked_variables = list(self._stacked.values())
+        self.input_spec = block.input_spec
+        self.built = True
+
+    def _stacked_variable(self, v, value, name):
+        """The `StackedVariable` of template variable `v`, initialised to `value` (all blocks')."""
+        with keras.name_scope(self.name, caller=self):  # the path `add_weight` would give
+            stacked = StackedVariable(
+                template=v,
+                initializer=lambda shape, dtype, value=value: tf.cast(value, dtype),
                 shape=tuple(value.shape),
                 dtype=v.dtype,
-                initializer=lambda shape, dtype, value=value: tf.cast(value, dtype),
                 trainable=v.trainable,
-                regularizer=self._per_block_regularizer(v, value),
-                constraint=PerBlockConstraint(v.constraint) if v.constraint is not None else None,
                 autocast=v._autocast,  # no public getter (keras.Variable(autocast=...) only)
                 aggregation=v.aggregation,
                 name=name,
             )
-        # The stacked variables as a tracked attribute too (as `Conv2D.kernel` is), so that
-        # `tf.saved_model.save` and `tf.train.Checkpoint` see them by name.
-        self.stacked_variables = list(self._stacked.values())
-        self.input_spec = block.input_spec
-        self.built = True
+        # What `add_weight` sets on its variables.
+        stacked.regularizer = self._per_block_regularizer(v, value)
+        stacked.constraint = PerBlockConstraint(v.constraint) if v.constraint is not None else None
+        return stacked
 
     def _per_block_regularizer(self, variable, value):
         """`variable.regularizer` applied to each block's slice (None without one).
@@ -197,25 +243,7 @@ class ReversibleBlockStack(TwoStreamLayer):
 
     def reversible_unit(self):
         """The stack as a unit of `ReversibleSequence`: `tf_revnet.layers.unit.LoopUnit.for_stack`."""
-        self._sync_trainable()
         return unit_lib.LoopUnit.for_stack(self)
-
-    def _sync_trainable(self):
-        """The template follows the stack's `trainable` flag, the stacked variables the template's.
-
-        As a tracked sublayer would, the template follows the stack (a frozen BatchNorm normalises with
-        its moving statistics); the stacked variables follow the template's (a sub-layer of `block`
-        frozen on its own, `stack.block.f.trainable = False`, freezes its stacked weights).
-        """
-        if not getattr(self, "built", False):
-            return
-        if self._block.trainable != self.trainable:
-            self._block.trainable = self.trainable
-        if self.trainable:  # a sub-layer of the template frozen on its own (e.g. `block.f`)
-            for v in self._block.variables:
-                stacked = self._stacked.get(id(v))
-                if stacked is not None and stacked.trainable != v.trainable:
-                    stacked.trainable = v.trainable
 
     def _copy_block(self):
         """A new block of the template's structure, F and G rebuilt from their configs."""
