@@ -278,6 +278,23 @@ def _load(args):
     return model, config, source, class_names
 
 
+def _compute_dtypes(layer):
+    dtypes = {layer.dtype_policy.compute_dtype}
+    for sub in getattr(layer, "layers", ()):
+        dtypes |= _compute_dtypes(sub)
+    return dtypes
+
+
+def _check_tflite_precision(model, args):
+    """TFLite's built-in ops take float32: a model that computes in (b)float16 is refused."""
+    low = sorted(_compute_dtypes(model) & {"bfloat16", "float16"})
+    if low:
+        source = ("--keras-file holds a model" if args.keras_file is not None else "the model")
+        raise StageError("format", "tflite", f"{source} that computes in {', '.join(low)} (a "
+                         "--mixed-precision run); TFLite's built-in ops need float32: export the "
+                         "run with --model-dir RUN_DIR instead, which rebuilds it in float32")
+
+
 def run(argv=None):
     """Parses `argv` and exports. Returns the `ExportResult`.
 
@@ -288,6 +305,8 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     _check_options(args)
     model, config, source, class_names = _load(args)
+    if args.format == "tflite":
+        _check_tflite_precision(model, args)
     model_name = config.get("model") or model.name
     max_image_pixels = (args.max_image_pixels or config.get("max_image_pixels")
                         or DEFAULT_MAX_IMAGE_PIXELS)

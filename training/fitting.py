@@ -20,6 +20,7 @@ import keras
 import tf_revnet.callbacks
 from training import data as data_lib
 from training import replica_sync
+from training import report as report_lib
 from training.checkpoint import ExactBackup
 from training.errors import StageError
 from training.run_dir import atomic_write
@@ -158,6 +159,17 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
         self.total_epochs = total_epochs
         self.validation_steps, self.validation_name = validation_steps, validation_name
         self._bar = self._validation_bar = None
+        self._tracing, self._traced = None, False
+
+    def end_tracing(self):
+        """Stops the heartbeat of the first step (if it runs)."""
+        if self._tracing is not None:
+            self._tracing.__exit__(None, None, None)
+            self._tracing, self._traced = None, True
+
+    def on_train_end(self, logs=None):
+        self.end_tracing()  # a run stopped in its first step
+        super().on_train_end(logs)
 
     def set_params(self, params):
         super().set_params(params)
@@ -173,7 +185,13 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
         self._bar = keras.utils.Progbar(self.target, verbose=self.verbose, unit_name="step")
         self._seen = 0
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.verbose and self._tracing is None and not self._traced:  # the run's first step
+            self._tracing = report_lib.heartbeat(self.report, "tracing the training graph")
+            self._tracing.__enter__()
+
     def on_train_batch_end(self, batch, logs=None):
+        self.end_tracing()
         self._seen = batch + 1
         if self.verbose == 1:
             self._bar.update(self._seen, list((logs or {}).items()))
@@ -304,8 +322,11 @@ def fit(model, config, datasets, test_ds, plan, step, callbacks, strategy, repor
     """
     try:
         with replica_sync.reporting_lost_workers(strategy):
-            history = _fit_segments(model, config, datasets.train_split, test_ds, plan, step,
-                                    callbacks)
+            try:
+                history = _fit_segments(model, config, datasets.train_split, test_ds, plan, step,
+                                        callbacks)
+            finally:  # stopped in the first step: no more heartbeat lines
+                callbacks.progress.end_tracing()
     except KeyboardInterrupt:
         done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
         if done > step and not replica_sync.is_multi_worker(strategy):

@@ -74,7 +74,7 @@ def plot_training_curves(csv_path, png_path, title=None):
             ax.plot(epochs, log[key], marker="o", label="train")
         if f"val_{key}" in log:
             ax.plot(epochs, log[f"val_{key}"], marker="o", label="test")
-        if key == "learning_rate":
+        if key == "learning_rate" and min(log[key]) > 0:  # a schedule may end at 0
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)

@@ -10,13 +10,45 @@ their ratio (why a RevNet).
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
+import threading
+import time
 
-__all__ = ["Reporter", "summarize", "memory_estimate_mb", "peak_memory_mb", "left_out_lines",
+__all__ = ["Reporter", "heartbeat", "summarize", "memory_estimate_mb", "peak_memory_mb", "left_out_lines",
            "optimizer_text"]
 
 MAX_REPORTED_FILES = 5
+HEARTBEAT_SECONDS = 8.0  # no phase of a run is silent longer than this
+
+
+@contextlib.contextmanager
+def heartbeat(report, what, every=None):
+    """Writes `f"  ... {what} ({n} s)"` through `report` every `every` seconds until the block ends.
+
+    For a phase that prints nothing on its own (tracing the first training step, the export), so
+    that no phase is silent for more than `every` seconds.
+
+    Args:
+        report: callable str -> None (e.g. `Reporter.line`).
+        what: str. The phase, e.g. "tracing the training graph".
+        every: float or None. Seconds between lines; None: `HEARTBEAT_SECONDS`.
+    """
+    every = HEARTBEAT_SECONDS if every is None else every
+    done, start = threading.Event(), time.monotonic()
+
+    def beat():
+        while not done.wait(every):
+            report(f"  ... {what} ({time.monotonic() - start:.0f} s)")
+
+    thread = threading.Thread(target=beat, name="tf_revnet-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def left_out_lines(datasets):
@@ -94,7 +126,7 @@ def optimizer_text(recipe):
 
 def _memory_lines(summary):
     gpu = f", {summary['peak_gpu_mb']:.0f} MB GPU" if summary["peak_gpu_mb"] else ""
-    lines = [f"Peak memory: {summary['peak_rss_mb']:.0f} MB resident (whole process){gpu}"]
+    lines = [f"Peak memory: {summary['peak_rss_mb']:.0f} MB resident (whole process, while training){gpu}"]
     if summary["estimate_plain_mb"]:
         used = "reversible" if summary["use_custom_gradient"] else "plain backprop"
         lines.append(

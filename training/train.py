@@ -240,8 +240,11 @@ def _save_and_export(model, config, datasets, record, reporter):
         return None
     reporter.line(f"Exporting a new version of {config.export_dir} (SavedModel with three "
                   "serving signatures; this takes a while)")
-    return export.export_saved_model(model, config.export_dir, datasets.class_names,
-                                     run_info=record, max_image_pixels=config.max_image_pixels)
+    from training import report
+
+    with report.heartbeat(reporter.line, "exporting"):
+        return export.export_saved_model(model, config.export_dir, datasets.class_names,
+                                         run_info=record, max_image_pixels=config.max_image_pixels)
 
 
 def _finish(model, config, role, datasets, fit_result, record, callbacks, reporter):

@@ -173,6 +173,14 @@ def test_strided_residual_function_raises():
         block.build((None, 8, 8, 8))
 
 
+@pytest.mark.parametrize("kwargs", [{"strides": 2}, {"filters": 32}, {"strides": (2, 2)}])
+def test_stride_or_filters_of_the_block_raise_naming_stage_transition(kwargs):
+    [(name, value)] = kwargs.items()
+    with pytest.raises(ValueError, match=rf"`{name}` is not an argument of ReversibleBlock.*"
+                                         rf"Received: {name}={value!r}.*StageTransition"):
+        ReversibleBlock(BasicResidualFunction(4), BasicResidualFunction(4), **kwargs)
+
+
 def test_channel_changing_residual_function_raises():
     block = ReversibleBlock(BasicResidualFunction(4), BasicResidualFunction(6))
     with pytest.raises(ValueError, match=r"Residual function G"):

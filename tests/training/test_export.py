@@ -557,6 +557,27 @@ def test_cli_exports_a_keras_file(dense_run, tmp_path, capsys):
         "ant", "bee", "cow"]  # --class-names wins over the config.json beside the file
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_tflite_of_a_mixed_precision_keras_file_is_one_line_naming_model_dir(policy, tmp_path,
+                                                                           capsys):
+    """The `.keras` file of a `--mixed-precision` run computes in (b)float16, which TFLite's
+    built-in ops refuse (a 1,000-line converter dump): one line, the fix, no version left."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = _dense_classifier(classes=3)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    model.save(tmp_path / "model.keras")
+    base = tmp_path / "served"
+    err = _error(["--keras-file", str(tmp_path / "model.keras"), "--export-dir", str(base),
+                  "--class-names", "a,b,c", "--format", "tflite"], capsys)
+    low = policy.split("_")[1]
+    assert f"--format tflite: --keras-file holds a model that computes in {low}" in err
+    assert "--model-dir" in err and "float32" in err
+    assert not base.exists() or not any(base.iterdir())
+
+
 def _error(argv, capsys):
     assert export.main(argv) == 2
     err = capsys.readouterr().err.strip()

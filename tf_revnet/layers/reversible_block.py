@@ -70,7 +70,7 @@ class ReversibleBlock(TwoStreamLayer):
 
     Raises:
         ValueError: if `f` or `g` is not a Keras layer; if `coupling` is unknown; if `axis` is not an
-            int; on build, if the input rank is < 2, the size on `axis` is unknown or odd, or F or G
+            int; if `strides` or `filters` is given (use a `StageTransition`); on build, if the input rank is < 2, the size on `axis` is unknown or odd, or F or G
             does not return the shape the coupling needs (e.g. a strided convolution; unknown spatial
             sizes are checked with a probe size of 8); on call, if the input is not floating point.
 
@@ -88,6 +88,14 @@ class ReversibleBlock(TwoStreamLayer):
     invertible = True
 
     def __init__(self, f, g, coupling="additive", axis=-1, **kwargs):
+        for shape_arg in ("strides", "filters"):
+            if shape_arg in kwargs:
+                raise ValueError(
+                    f"`{shape_arg}` is not an argument of ReversibleBlock: a reversible block keeps "
+                    f"the shape of its input (Eq. 1-2), so that it can be inverted. Received: "
+                    f"{shape_arg}={kwargs[shape_arg]!r}. Fix: change the stride or the channels "
+                    "with a tf_revnet.StageTransition(filters, strides=...) before the blocks."
+                )
         super().__init__(axis=axis, **kwargs)
         for arg, layer in (("f", f), ("g", g)):
             if not isinstance(layer, keras.layers.Layer):
