@@ -1,5 +1,7 @@
 """Tests of tf_revnet/layers/reversible_block.py (Eq. 1-2), coupling.py and invertibility.py."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -177,7 +179,7 @@ def test_strided_residual_function_raises():
 def test_stride_or_filters_of_the_block_raise_naming_stage_transition(kwargs):
     [(name, value)] = kwargs.items()
     with pytest.raises(ValueError, match=rf"`{name}` is not an argument of ReversibleBlock.*"
-                                         rf"Received: {name}={value!r}.*StageTransition"):
+                                         rf"Received: {re.escape(f'{name}={value!r}')}.*StageTransition"):
         ReversibleBlock(BasicResidualFunction(4), BasicResidualFunction(4), **kwargs)
 
 

@@ -70,9 +70,10 @@ class ReversibleBlock(TwoStreamLayer):
 
     Raises:
         ValueError: if `f` or `g` is not a Keras layer; if `coupling` is unknown; if `axis` is not an
-            int; if `strides` or `filters` is given (use a `StageTransition`); on build, if the input rank is < 2, the size on `axis` is unknown or odd, or F or G
-            does not return the shape the coupling needs (e.g. a strided convolution; unknown spatial
-            sizes are checked with a probe size of 8); on call, if the input is not floating point.
+            int; if `strides` or `filters` is given (use a `StageTransition`); on build, if the
+            input rank is < 2, the size on `axis` is unknown or odd, or F or G does not return the
+            shape the coupling needs (e.g. a strided convolution; unknown spatial sizes are checked
+            with a probe size of 8); on call, if the input is not floating point.
 
     Examples:
         >>> from tf_revnet.layers import BasicResidualFunction, ReversibleBlock
