@@ -35,8 +35,9 @@ setup(
         "matplotlib",
     ],
     # tensorflow-serving-api: the gRPC client of the README's Serving section, run in its test.
+    # jax[cpu]: the JAX pass of the suite (tests/jax/, run by tests/test_jax_backend_run.py).
     extras_require={
-        "test": ["pytest", "ruff", "tensorflow-serving-api"],
+        "test": ["pytest", "ruff", "tensorflow-serving-api", "jax[cpu]"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
