@@ -8,7 +8,7 @@ _SCRIPT = """
 import sys
 sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError, as if not installed
 import tf_revnet
-model = tf_revnet.models.RevNet38(input_shape=(16, 16, 3), classes=10)
+model = tf_revnet.models.RevNet(units=[1, 1], widths=[8, 8, 16], input_shape=(8, 8, 3), classes=3)
 print(tf_revnet.layers.backend.BACKEND, model.count_params())
 """
 

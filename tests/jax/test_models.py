@@ -90,3 +90,27 @@ def test_tensorflow_only_tools_raise_one_line():
         tf_revnet.memory.estimate(model, batch_size=2)
     with pytest.raises(NotImplementedError, match="tf_revnet.diagnostics needs"):
         tf_revnet.diagnostics.reconstruction_error(model, _x((2, 8, 8, 3), "float32"))
+
+
+def test_mixed_bfloat16_with_the_fixed_point_stream_equals_plain_autodiff():
+    """F and G in bfloat16, the float32 stream on the fixed-point grid: the rebuild is exact."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = _tiny_revnet(coupling="fixed_point")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x, y = _x((4, 8, 8, 3), "float32"), keras.utils.to_categorical(np.arange(4) % 3, 3)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable):
+        p, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+        return keras.losses.categorical_crossentropy(y, p).mean()
+
+    grads = []
+    for custom in (True, False):
+        for sequence in _sequences(model):
+            sequence.use_custom_gradient = custom
+        grads.append(jax.jit(jax.grad(loss))(trainable))
+    for g, p in zip(*grads, strict=True):
+        assert _relative(g, p) <= F32
