@@ -113,6 +113,7 @@ class ReversibleSequence(keras.layers.Layer):
     ... ]
     >>> stack = ReversibleSequence(blocks)
     >>> x = keras.random.normal((4, 16, 16, 32))
+    >>> import tensorflow as tf  # the TensorFlow backend (on JAX: jax.grad of stateless_call)
     >>> with tf.GradientTape() as tape:
     ...     tape.watch(x)
     ...     loss = tf.reduce_sum(stack(x, training=True) ** 2)
