@@ -36,9 +36,10 @@ setup(
     ],
     # tensorflow-serving-api: the gRPC client of docs/serving.md, run in its test. MkDocs,
     # mkdocstrings and pymdown-extensions: tests/test_docs.py builds the docs with `mkdocs build --strict`.
+    # jax[cpu]: the JAX pass of the suite (tests/jax/, run by tests/test_jax_backend_run.py).
     extras_require={
         "test": ["pytest", "pytest-xdist", "ruff", "tensorflow-serving-api", "mkdocs>=1.6",
-                 "mkdocstrings[python]>=0.26", "pymdown-extensions"],
+                 "mkdocstrings[python]>=0.26", "pymdown-extensions", "jax[cpu]"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

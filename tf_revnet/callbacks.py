@@ -5,9 +5,15 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tf_revnet import diagnostics
+from tf_revnet.layers import backend
+
+if backend.BACKEND == "tensorflow":
+    import tensorflow as tf
+else:
+    tf = backend.tensorflow_only(
+        "tf_revnet.callbacks", "they run tf_revnet.diagnostics and write tf.summary scalars")
 
 __all__ = ["ReversibleNumericsMonitor", "StreamRangeMonitor"]
 

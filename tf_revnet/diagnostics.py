@@ -24,14 +24,20 @@ import typing
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.momentum import MomentumBlock
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
 from tf_revnet.layers.utils import no_autocast
+
+if backend.BACKEND == "tensorflow":
+    import tensorflow as tf
+else:
+    tf = backend.tensorflow_only(
+        "tf_revnet.diagnostics", "its passes run under tf.GradientTape")
 
 #: The layers measured: sequences, and blocks or stacks used on their own.
 _REVERSIBLE = (ReversibleSequence, ReversibleBlock, ReversibleBlockStack, MomentumBlock)

@@ -17,10 +17,16 @@ import dataclasses
 import math
 
 import keras
-import tensorflow as tf
 
+from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.utils import no_autocast
+
+if backend.BACKEND == "tensorflow":
+    import tensorflow as tf
+else:
+    tf = backend.tensorflow_only(
+        "tf_revnet.footprint", "it reads what a call stores from its traced TensorFlow graph")
 
 __all__ = ["DynamicShapeError", "Footprint", "nbytes", "trace_layer", "trace_unit"]
 

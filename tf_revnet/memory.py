@@ -37,11 +37,17 @@ import sys
 import warnings
 
 import keras
-import tensorflow as tf
 
 from tf_revnet import footprint as footprint_lib
+from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
+
+if backend.BACKEND == "tensorflow":
+    import tensorflow as tf
+else:
+    tf = backend.tensorflow_only(
+        "tf_revnet.memory.estimate", "it traces the model's TensorFlow graph to count what each step stores")
 
 __all__ = ["MemoryEstimate", "estimate", "configure_allocator"]
 

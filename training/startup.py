@@ -72,7 +72,19 @@ def import_tensorflow_quietly():
 
     Returns:
         The `tensorflow` module.
+
+    Raises:
+        SystemExit: with one line, under another Keras backend (`KERAS_BACKEND=jax`): the entry points
+            need TensorFlow (tf.data pipelines, TensorFlow checkpoints, SavedModel export).
     """
+    keras = sys.modules.get("keras")
+    backend = keras.backend.backend() if keras else os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend != "tensorflow":
+        raise SystemExit(
+            f"python -m training: error: the training/ entry points need KERAS_BACKEND=tensorflow "
+            f"(tf.data pipelines, TensorFlow checkpoints, SavedModel export); received "
+            f"KERAS_BACKEND={backend!r}. On JAX, train tf_revnet's models with model.fit in a script."
+        )
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
         import tensorflow as tf
 

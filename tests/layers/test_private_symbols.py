@@ -89,3 +89,12 @@ def test_variable_autocast_flag_is_readable():
     """keras.Variable._autocast: a stacked weight keeps its block weight's autocast (no getter)."""
     assert keras.Variable(1.0, autocast=False)._autocast is False
     assert keras.Variable(1.0)._autocast is True
+
+
+def test_in_stateless_scope_tells_whether_a_stateless_scope_is_active():
+    """keras.src.backend.common.stateless_scope.in_stateless_scope: `unit.assign_rng` on JAX."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    assert not in_stateless_scope()
+    with keras.StatelessScope():
+        assert in_stateless_scope()

@@ -18,7 +18,7 @@ instance (`AffineCoupling(clamp=3.0)`), and saves it in its config.
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 #: Significand bits (with the implicit bit) of the stream dtypes a fixed-point grid can use.
 _SIGNIFICAND_BITS = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
@@ -157,7 +157,7 @@ class AdditiveCoupling(Coupling):
             ValueError: if `dtype` is not float32 or float64, or `max_abs` leaves fewer than 1 or
                 more than 40 bits of fraction.
         """
-        name = tf.as_dtype(dtype).name
+        name = keras.backend.standardize_dtype(dtype)
         if name not in FIXED_POINT_RANGE:
             raise ValueError(
                 "A fixed-point stream needs a float32 or float64 stream dtype (under mixed precision "
@@ -183,7 +183,7 @@ class AdditiveCoupling(Coupling):
         """
         if self.grid_bits is None:
             return math.inf
-        return float(2.0 ** (_SIGNIFICAND_BITS[tf.as_dtype(dtype).name] - self.grid_bits))
+        return float(2.0 ** (_SIGNIFICAND_BITS[keras.backend.standardize_dtype(dtype)] - self.grid_bits))
 
     def residual_size(self, half_size):
         return half_size
@@ -193,13 +193,13 @@ class AdditiveCoupling(Coupling):
         if self.grid_bits is None:
             return x
         scale = float(2**self.grid_bits)
-        return x + tf.stop_gradient(tf.round(x * scale) / scale - x)
+        return x + ops.stop_gradient(ops.round(x * scale) / scale - x)
 
     def couple(self, x, h, axis=-1):
-        return x + self.quantize(tf.cast(h, x.dtype))
+        return x + self.quantize(ops.cast(h, x.dtype))
 
     def uncouple(self, y, h, axis=-1):
-        return y - self.quantize(tf.cast(h, y.dtype))
+        return y - self.quantize(ops.cast(h, y.dtype))
 
     def get_config(self):
         return {"grid_bits": self.grid_bits, "check_range": self.check_range}
@@ -235,16 +235,16 @@ class AffineCoupling(Coupling):
         return 2 * half_size
 
     def _scale_and_shift(self, h, dtype, axis):
-        raw_scale, shift = tf.split(tf.cast(h, dtype), 2, axis=axis)
-        return self.clamp * tf.tanh(raw_scale / self.clamp), shift
+        raw_scale, shift = ops.split(ops.cast(h, dtype), 2, axis=axis)
+        return self.clamp * ops.tanh(raw_scale / self.clamp), shift
 
     def couple(self, x, h, axis=-1):
         s, t = self._scale_and_shift(h, x.dtype, axis)
-        return x * tf.exp(s) + t
+        return x * ops.exp(s) + t
 
     def uncouple(self, y, h, axis=-1):
         s, t = self._scale_and_shift(h, y.dtype, axis)
-        return (y - t) * tf.exp(-s)
+        return (y - t) * ops.exp(-s)
 
     def get_config(self):
         return {"clamp": self.clamp}

@@ -29,8 +29,9 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_block import _shapes_match
 from tf_revnet.layers.two_stream import TwoStreamLayer
@@ -174,13 +175,13 @@ class MomentumBlock(TwoStreamLayer):
 
     def step(self, x, v, h):
         """Eq. 4 given `h = F(x)`: returns `(x', v')` in the dtype of `x`."""
-        v_new = self.gamma * v + (1.0 - self.gamma) * tf.cast(h, v.dtype)
+        v_new = self.gamma * v + (1.0 - self.gamma) * ops.cast(h, v.dtype)
         return x + v_new, v_new
 
     def unstep(self, y, v_new, h):
         """Eq. 5's velocity given the rebuilt `x`'s `h = F(x)`: `v = (v' - (1 - gamma) h) / gamma`."""
         del y
-        return (v_new - (1.0 - self.gamma) * tf.cast(h, v_new.dtype)) / self.gamma
+        return (v_new - (1.0 - self.gamma) * ops.cast(h, v_new.dtype)) / self.gamma
 
     def forward(self, x, v, training=None):
         """Eq. 4 on the streams: returns `(x', v')`.
@@ -220,7 +221,7 @@ class MomentumBlock(TwoStreamLayer):
         Returns:
             The rebuilt inputs, same shape and dtype as `outputs`.
         """
-        outputs = self.check_input(tf.convert_to_tensor(outputs))
+        outputs = self.check_input(backend.read(outputs))
         with keras.StatelessScope():
             return self.merge(*self.inverse_halves(*self.split(outputs), training=training))
 
@@ -279,24 +280,21 @@ class MomentumUnit(unit_lib.Unit):
         block, gamma = self.layer, self.layer.gamma
         (x_new, v_new), (dx_new, dv_new) = y, dy
         # Rebuild only once the gradient from above exists (else a graph runs every rebuild at once).
-        with tf.control_dependencies([dx_new, dv_new]):
-            x_new, v_new = tf.identity(x_new), tf.identity(v_new)
-        x = tf.stop_gradient(x_new - v_new)
+        x_new, v_new = backend.after([dx_new, dv_new], (x_new, v_new))
+        x = x_new - v_new  # a primal of the vjp below (no stop_gradient: gradients of gradients)
         pre = values.replace(state=record.state, rng=record.rng)
         # dL/dv' in total: directly, and through x' = x + v'.
         dv_total = dv_new + dx_new
-        with self.scope(pre), tf.GradientTape() as tape:
-            tape.watch(x)
-            tape.watch(pre.weights)
-            h = block.f(x, training=training)
-            # Eq. 5's velocity, from the recomputed F(x) (no gradient flows through the rebuild).
-            v = tf.stop_gradient(block.unstep(x_new, v_new, h))
-            h_stream = tf.cast(h, v_new.dtype)
-        dx_through_f, *dweights = tape.gradient(
-            h_stream, [x, *pre.weights], output_gradients=(1.0 - gamma) * dv_total,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+
+        def residual(x, weights):
+            with self.scope(pre.replace(weights=weights)):
+                return block.f(x, training=training)
+
+        h, pullback = backend.vjp(residual, x, tuple(pre.weights))
+        # Eq. 5's velocity, from the recomputed F(x) (no gradient flows through the rebuild).
+        v = block.unstep(x_new, v_new, h)
+        dx_through_f, dweights = pullback(ops.cast((1.0 - gamma) * dv_total, h.dtype))
         # x' = x + v', v' = gamma v + (1 - gamma) F(x).
-        dx = dx_new + tf.cast(dx_through_f, x.dtype)
+        dx = dx_new + ops.cast(dx_through_f, x.dtype)
         dv = gamma * dv_total
-        return (x, v), (dx, dv), dweights
+        return (x, v), (dx, dv), list(dweights)

@@ -6,8 +6,9 @@ Algorithm 1 (the backward step of one block, `tf_revnet.layers.unit.BlockUnit.ba
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from tf_revnet.layers import backend
 from tf_revnet.layers import coupling as coupling_lib
 from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.two_stream import TwoStreamLayer
@@ -180,8 +181,8 @@ class ReversibleBlock(TwoStreamLayer):
                 training is False):
             return
         limit = self.coupling.exact_range(self.stream_dtype)
-        peak = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(t)) for t in streams]))
-        out = tf.cast(tf.logical_not(peak < limit), "float32")
+        peak = ops.max(ops.stack([ops.max(ops.abs(t)) for t in streams]))
+        out = ops.cast(ops.logical_not(peak < limit), "float32")
         self.stream_out_of_range.assign(self.stream_out_of_range + out)
 
     # ----------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class ReversibleBlock(TwoStreamLayer):
         Returns:
             The rebuilt inputs, same shape and dtype as `outputs`.
         """
-        outputs = self.check_input(tf.convert_to_tensor(outputs))
+        outputs = self.check_input(backend.read(outputs))
         with keras.StatelessScope():
             return self.merge(*self.inverse_halves(*self.split(outputs), training=training))
 

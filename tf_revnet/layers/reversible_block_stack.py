@@ -5,14 +5,15 @@ Table 1: every stage of a RevNet repeats one reversible block structure `n` time
 
 `ReversibleBlockStack(block, depth)` holds the weights of `depth` copies of `block` as ONE variable per
 weight of the block, with a leading axis of size `depth` (a conv kernel `(3, 3, C, C)` becomes
-`(depth, 3, 3, C, C)`), and runs them with one `tf.while_loop`. Nothing in the traced graph, the
-optimizer or the checkpoint grows with `depth`: one read, one gradient and one optimizer update per
-weight of the block, instead of one per weight of every block.
+`(depth, 3, 3, C, C)`), and runs them with one loop (`tf.while_loop`, `jax.lax.scan`). Nothing in the
+traced graph, the optimizer or the checkpoint grows with `depth`: one read, one gradient and one
+optimizer update per weight of the block, instead of one per weight of every block.
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.two_stream import TwoStreamLayer
@@ -190,7 +191,7 @@ class ReversibleBlockStack(TwoStreamLayer):
         object.__setattr__(self, "_stacked", {})
         names = set()
         for v, values in zip(template, initial):
-            value = tf.stack(values)
+            value = ops.stack(values)
             name = _relative_name(v.path, block.name)
             while name in names:
                 name += "_"
@@ -207,7 +208,7 @@ class ReversibleBlockStack(TwoStreamLayer):
         with keras.name_scope(self.name, caller=self):  # the path `add_weight` would give
             stacked = StackedVariable(
                 template=v,
-                initializer=lambda shape, dtype, value=value: tf.cast(value, dtype),
+                initializer=lambda shape, dtype, value=value: ops.cast(value, dtype),
                 shape=tuple(value.shape),
                 dtype=v.dtype,
                 trainable=v.trainable,
@@ -231,7 +232,7 @@ class ReversibleBlockStack(TwoStreamLayer):
         if regularizer is None:
             return None
         try:
-            regularizer(tf.cast(value[0], variable.dtype))
+            regularizer(ops.cast(value[0], variable.dtype))
         except Exception as error:  # noqa: BLE001 - whatever the user's regularizer raises
             raise ValueError(
                 f"ReversibleBlockStack '{self.name}': the regularizer of weight '{variable.path}' "
@@ -295,7 +296,7 @@ class ReversibleBlockStack(TwoStreamLayer):
         unit = self.reversible_unit()
         with no_autocast():
             values = unit.pack(unit_lib.read_values(unit, training=bool(training)))
-        y, after = unit.run(values, self.split(tf.cast(inputs, self.stream_dtype)), training)
+        y, after = unit.run(values, self.split(ops.cast(inputs, self.stream_dtype)), training)
         for variable, value in zip(unit.state, after.state):
             variable.assign(value)
         if training:
@@ -325,7 +326,7 @@ class ReversibleBlockStack(TwoStreamLayer):
         Returns:
             The rebuilt inputs, same shape and dtype as `outputs`.
         """
-        outputs = self.check_input(tf.convert_to_tensor(outputs))
+        outputs = self.check_input(backend.read(outputs))
         with keras.StatelessScope():
             return self.merge(*self.inverse_halves(*self.split(outputs), training=training))
 
@@ -376,8 +377,7 @@ class PerBlockConstraint(keras.constraints.Constraint):
         self.constraint = keras.constraints.get(constraint)
 
     def __call__(self, w):
-        w = tf.convert_to_tensor(w)
-        return tf.map_fn(self.constraint, w, fn_output_signature=w.dtype)
+        return backend.map_slices(self.constraint, w)
 
     def get_config(self):
         return {"constraint": keras.saving.serialize_keras_object(self.constraint)}
@@ -402,10 +402,9 @@ class PerBlockRegularizer(keras.regularizers.Regularizer):
         self.regularizer = keras.regularizers.get(regularizer)
 
     def __call__(self, w):
-        w = tf.convert_to_tensor(w)
-        penalties = tf.map_fn(lambda block: tf.cast(self.regularizer(block), w.dtype), w,
-                              fn_output_signature=w.dtype)
-        return tf.reduce_sum(penalties)
+        w = backend.read(w)
+        penalties = backend.map_slices(lambda block: ops.cast(self.regularizer(block), w.dtype), w)
+        return ops.sum(penalties)
 
     def get_config(self):
         return {"regularizer": keras.saving.serialize_keras_object(self.regularizer)}

@@ -2,13 +2,14 @@
 
 Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.2-3.3 and Algorithm 1.
 
-The whole sequence runs under ONE `tf.custom_gradient`. The forward pass keeps only the sequence's output
+The whole sequence runs under ONE custom gradient (`tf.custom_gradient` on TensorFlow, `jax.custom_vjp`
+on JAX: `tf_revnet.layers.backend`). The forward pass keeps only the sequence's output
 and the inputs of its non-invertible units (stage transitions, a stem); the gradient function walks the
 units backwards, rebuilding each `ReversibleBlock`'s inputs from its outputs (Eq. 2) and recomputing every
 unit under `tf.GradientTape`s. A custom gradient per block would save nothing, because block k's output
 is block k+1's input and stays referenced.
 
-How it is exact and memory-flat in TensorFlow (see the project's NOTES):
+How it is exact and memory-flat (see the project's NOTES; items 1, 4 and 5 are TensorFlow's):
 
 1. The forward pass runs with gradient recording stopped, so an outer eager `GradientTape` does not keep
    every activation alive (`tf.recompute_grad` does the same).
@@ -32,43 +33,17 @@ How it is exact and memory-flat in TensorFlow (see the project's NOTES):
 import collections
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.utils import (
     build_sublayer,
     global_seed_state,
     higher_order_possible,
+    is_float_dtype,
     no_autocast,
-    stop_recording,
-)
-
-#: TensorFlow ops that draw from a hidden, stateful generator: their draws cannot be replayed.
-_STATEFUL_RANDOM_OPS = frozenset(
-    {
-        "RandomUniform",
-        "RandomUniformInt",
-        "RandomStandardNormal",
-        "TruncatedNormal",
-        "ParameterizedTruncatedNormal",
-        "RandomShuffle",
-        "RandomCrop",
-        "Multinomial",
-        "RandomGamma",
-        "RandomGammaGrad",
-        "RandomPoisson",
-        "RandomPoissonV2",
-        "StatefulUniform",
-        "StatefulUniformInt",
-        "StatefulUniformFullInt",
-        "StatefulStandardNormal",
-        "StatefulStandardNormalV2",
-        "StatefulTruncatedNormal",
-        "StatefulRandomBinomial",
-        "RngSkip",
-        "RngReadAndSkip",
-    }
 )
 
 
@@ -137,6 +112,7 @@ class ReversibleSequence(keras.layers.Layer):
         ... ]
         >>> stack = ReversibleSequence(blocks)
         >>> x = keras.random.normal((4, 16, 16, 32))
+        >>> import tensorflow as tf  # the TensorFlow backend (on JAX: jax.grad of stateless_call)
         >>> with tf.GradientTape() as tape:
         ...     tape.watch(x)
         ...     loss = tf.reduce_sum(stack(x, training=True) ** 2)
@@ -215,7 +191,7 @@ class ReversibleSequence(keras.layers.Layer):
         return shapes[-1] if self.taps is None else [shapes[i + 1] for i in self.taps]
 
     def compute_output_spec(self, inputs, training=None):
-        if not tf.as_dtype(keras.backend.standardize_dtype(inputs.dtype)).is_floating:
+        if not is_float_dtype(inputs.dtype):
             raise ValueError(
                 f"Layer '{self.name}' expects floating point inputs. Received: dtype={inputs.dtype}. "
                 "Fix: cast the inputs, e.g. with keras.ops.cast(x, 'float32')."
@@ -227,11 +203,12 @@ class ReversibleSequence(keras.layers.Layer):
         return outputs[-1] if self.taps is None else [outputs[i] for i in self.taps]
 
     def call(self, inputs, training=None):
-        inputs = tf.convert_to_tensor(inputs)
-        if not inputs.dtype.is_floating:
+        inputs = backend.read(inputs)
+        if not is_float_dtype(inputs.dtype):
             raise ValueError(
                 f"Layer '{self.name}' expects floating point inputs. Received: dtype="
-                f"{inputs.dtype.name}. Fix: cast the inputs, e.g. with keras.ops.cast(x, 'float32')."
+                f"{keras.backend.standardize_dtype(inputs.dtype)}. Fix: cast the inputs, e.g. with "
+                "keras.ops.cast(x, 'float32')."
             )
         if self.use_custom_gradient and training:
             plan = self._get_plan()
@@ -270,7 +247,7 @@ class ReversibleSequence(keras.layers.Layer):
                     f"`units[{index}]` (layer '{unit.name}') is not invertible: only a sequence of "
                     "ReversibleBlocks (and ReversibleBlockStacks) has an inverse."
                 )
-        outputs = self.units[0].check_input(tf.convert_to_tensor(outputs))
+        outputs = self.units[0].check_input(backend.read(outputs))
         plan = self._get_plan(check=False)
         with no_autocast():
             values = [unit.pack(unit_lib.read_values(unit, bool(training))) for unit in plan.units]
@@ -301,37 +278,14 @@ class ReversibleSequence(keras.layers.Layer):
         return self._plan
 
     def _reversible_call(self, inputs, values):
-        """Algorithm 1 under one `tf.custom_gradient` whose inputs are `inputs` and every weight value."""
+        """Algorithm 1 under one custom gradient whose inputs are `inputs` and every value.
+
+        `backend.sequence_gradient` (`tf.custom_gradient` or `jax.custom_vjp`) runs the plan and returns
+        the state after the forward pass, assigned here once.
+        """
         plan = self._plan
-        sizes, n_taps = [len(unit_values.weights) for unit_values in values], len(plan.tap_units)
-
-        @tf.custom_gradient
-        def reversible_forward(x, *weights):
-            unit_values = [v.replace(weights=w) for v, w in zip(values, _split(weights, sizes))]
-            # Pitfall 1: no tape may record the forward activations.
-            with stop_recording():
-                taps, records, states, rng = plan.forward(x, unit_values)
-            outputs = [*taps, rng, *[t for state in states for t in state]]
-
-            def grad_fn(*output_grads, variables=None):
-                if variables:
-                    names = ", ".join(v.name for v in variables)
-                    raise ValueError(
-                        f"Layer '{self.name}': a unit reads variables it does not track ({names}); "
-                        "create them in the unit's build() so that Keras tracks them."
-                    )
-                # Only the tapped outputs, the records (stored inputs of non-invertible units, replay
-                # state) and the weights are captured.
-                with no_autocast():
-                    dx, dweights = plan.backward(taps, output_grads[:n_taps], unit_values, records)
-                return [dx] + [g for unit_grads in dweights for g in unit_grads]
-
-            return outputs, grad_fn
-
-        weights = [w for unit_values in values for w in unit_values.weights]
-        outputs = reversible_forward(inputs, *weights)
-        taps, rng, states = outputs[:n_taps], outputs[n_taps], outputs[n_taps + 1:]
-        plan.assign_state(_split(states, [len(v.state) for v in values]))
+        taps, states, rng = backend.sequence_gradient(plan, inputs, values, self.name)
+        plan.assign_state(states)
         unit_lib.assign_rng(rng)
         return taps[0] if self.taps is None else list(taps)
 
@@ -358,7 +312,7 @@ class ReversibleSequence(keras.layers.Layer):
 
 def _read(variable):
     """The value of a Keras variable as a tensor, in its own dtype (the caller does not autocast)."""
-    return tf.convert_to_tensor(variable.value)
+    return backend.read(variable.value)
 
 
 class _Plan:
@@ -407,7 +361,7 @@ class _Plan:
     def check_replayable(self, shapes):
         """Raises `ValueError` if a unit draws from a random op whose state cannot be replayed."""
         for unit, index in zip(self.units, self.layer_index):
-            found = sorted(_traced_op_types(unit.layer, shapes[index]) & _STATEFUL_RANDOM_OPS)
+            found = backend.unreplayable_random_ops(unit.layer, shapes[index])
             if found:
                 raise ValueError(
                     f"`units[{index}]` (layer '{unit.layer.name}') draws random numbers with "
@@ -437,7 +391,7 @@ class _Plan:
             if unit.invertible:
                 layer = unit.layer
                 y, record, after = unit.forward(unit_values,
-                                                layer.split(tf.cast(x, layer.stream_dtype)))
+                                                layer.split(ops.cast(x, layer.stream_dtype)))
                 y = layer.merge(*y)
             else:
                 y, record, after = unit.forward(unit_values, x)
@@ -461,19 +415,19 @@ class _Plan:
         for u, g in zip(self.tap_units, tap_grads):
             incoming[u] = incoming[u] + g if u in incoming else g
         top = max(self.tap_units)
-        grads = [[tf.zeros_like(w) for w in v.weights] for v in values[top + 1:]]
+        grads = [[ops.zeros_like(w) for w in v.weights] for v in values[top + 1:]]
         x, dx = exact[top], None
         for index in reversed(range(top + 1)):
             unit, unit_values, (record, in_dtype) = self.units[index], values[index], records[index]
             if index in exact:
-                x, grad = exact[index], tf.cast(incoming[index], exact[index].dtype)
-                dx = grad if dx is None else dx + tf.cast(grad, dx.dtype)
+                x, grad = exact[index], ops.cast(incoming[index], exact[index].dtype)
+                dx = grad if dx is None else dx + ops.cast(grad, dx.dtype)
             if unit.invertible:
                 layer = unit.layer
-                halves = layer.split(tf.cast(x, layer.stream_dtype))
-                grad_halves = layer.split(tf.cast(dx, layer.stream_dtype))
+                halves = layer.split(ops.cast(x, layer.stream_dtype))
+                grad_halves = layer.split(ops.cast(dx, layer.stream_dtype))
                 x, dx, dweights = unit.backward(unit_values, record, halves, grad_halves)
-                x, dx = tf.cast(layer.merge(*x), in_dtype), tf.cast(layer.merge(*dx), in_dtype)
+                x, dx = ops.cast(layer.merge(*x), in_dtype), ops.cast(layer.merge(*dx), in_dtype)
             else:
                 x, dx, dweights = unit.backward(unit_values, record, x, dx)
             grads.insert(0, list(dweights))
@@ -484,15 +438,6 @@ class _Plan:
         for unit, state in zip(self.units, states):
             for variable, value in zip(unit.state, unit.unpack_state(state)):
                 variable.assign(value)
-
-
-def _split(items, sizes):
-    """`items` cut into consecutive tuples of `sizes`."""
-    out, start = [], 0
-    for size in sizes:
-        out.append(tuple(items[start:start + size]))
-        start += size
-    return out
 
 
 def _invertible(layer):
@@ -553,23 +498,6 @@ def _check_taps(taps, n_units):
 def _disjoint(run, unit):
     ids = {id(v) for member in run for v in member.trainable + member.state}
     return not any(id(v) in ids for v in unit.trainable + unit.state)
-
-
-def _traced_op_types(layer, input_shape):
-    """The op types of `layer`'s training-mode call traced on `input_shape` (nested functions too)."""
-    dtype = layer.input_dtype if hasattr(layer, "input_dtype") else "float32"
-    spec = tf.TensorSpec([None if d is None else d for d in input_shape], dtype)
-
-    def probe(x):
-        with keras.StatelessScope():
-            return layer(x, training=True)
-
-    with tf.init_scope():
-        graph_def = tf.function(probe).get_concrete_function(spec).graph.as_graph_def()
-    types = {node.op for node in graph_def.node}
-    for function in graph_def.library.function:
-        types.update(node.op for node in function.node_def)
-    return types
 
 
 def _serialize_units(units):

@@ -19,7 +19,7 @@ and recomputes it, Section 3.3).
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_revnet.layers.utils import is_float_dtype
 
@@ -97,20 +97,21 @@ class TwoStreamLayer(keras.layers.Layer):
 
     def check_input(self, x):
         """Raises `ValueError` unless `x` is a floating point tensor; returns it."""
-        if not x.dtype.is_floating:
+        if not is_float_dtype(x.dtype):
             raise ValueError(
-                f"Layer '{self.name}' expects floating point inputs. Received: dtype={x.dtype.name}. "
+                f"Layer '{self.name}' expects floating point inputs. Received: dtype="
+                f"{keras.backend.standardize_dtype(x.dtype)}. "
                 "Fix: cast the inputs, e.g. with keras.ops.cast(x, 'float32')."
             )
         return x
 
     def split(self, inputs):
         """Splits `inputs` on `axis` into the halves `(x1, x2)`."""
-        return tuple(tf.split(inputs, 2, axis=self.axis))
+        return tuple(ops.split(inputs, 2, axis=self.axis))
 
     def merge(self, x1, x2):
         """Concatenates halves on `axis`; the inverse of `split`."""
-        return tf.concat([x1, x2], axis=self.axis)
+        return ops.concatenate([x1, x2], axis=self.axis)
 
     def get_config(self):
         config = super().get_config()

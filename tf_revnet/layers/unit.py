@@ -4,9 +4,9 @@ Gomez et al., "The Reversible Residual Network", NeurIPS 2017, Section 3.2-3.3 a
 
 A `ReversibleSequence` drives a list of units, and a unit is the one place that knows its own math. A
 unit owns no variable: it names the Keras variables it reads (`trainable`, `state`), and its methods
-take their values explicitly (`UnitValues`), so the sequence can run it under one `tf.custom_gradient`
-(the variables are explicit inputs), inside a `tf.while_loop` over stacked values, or side-effect free
-(`tf_revnet.diagnostics`):
+take their values explicitly (`UnitValues`), so the sequence can run it under one custom gradient
+(`tf.custom_gradient`, `jax.custom_vjp`: the variables are explicit inputs), inside a loop over
+stacked values (`tf.while_loop`, `jax.lax.scan`), or side-effect free (`tf_revnet.diagnostics`):
 
     forward(values, x, training)          -> (y, record, values_after)
     backward(values, record, y, dy, training) -> (x, dx, dweights)
@@ -21,23 +21,29 @@ residual stream, a pair of halves `(x1, x2)`, to `(y1, y2)`; the others map tens
 
 The kinds, one class each:
 
-- `StoredInputUnit`: any Keras layer. Keeps its input and recomputes it under a tape in the backward
-  pass (as `tf.recompute_grad` does): stem, stage transitions, your own non-invertible layers.
+- `StoredInputUnit`: any Keras layer. Keeps its input and recomputes it with its vector-Jacobian
+  product in the backward pass (as `tf.recompute_grad` does): stem, stage transitions, your own
+  non-invertible layers.
 - `BlockUnit`: a `ReversibleBlock` (Eq. 1 forward, Eq. 2 rebuild, Algorithm 1 backward).
-- `LoopUnit`: `n` units of one structure over their stacked values, one `tf.while_loop` forward and
-  backward; a `ReversibleBlockStack` (values stored stacked) and a sequence's run of identical blocks
-  (values stacked at each call) run through it.
+- `LoopUnit`: `n` units of one structure over their stacked values, one loop forward and backward
+  (`tf.while_loop`, `jax.lax.scan`); a `ReversibleBlockStack` (values stored stacked) and a sequence's
+  run of identical blocks (values stacked at each call) run through it.
 
 A layer chooses its unit with a `reversible_unit()` method; a layer without one runs as a
 `StoredInputUnit`. `keras.StatelessScope` mappings are built in one place, `Unit.scope`.
+
+The units are written in `keras.ops`; the recompute and its vector-Jacobian product (`backend.vjp`),
+the ordering of the backward pass (`backend.after`) and the loop (`backend.scan`) come from
+`tf_revnet.layers.backend`, one small module per Keras backend.
 """
 
 import dataclasses
 import typing
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from tf_revnet.layers import backend
 from tf_revnet.layers.utils import global_seed_state, strip_names
 
 __all__ = [
@@ -66,7 +72,8 @@ class UnitValues:
         state: tuple of tensors, aligned with `unit.state` (BatchNorm statistics, seed states, frozen
             weights).
         rng: int tensor `(2,)`. The state of Keras' global `SeedGenerator` (unseeded `keras.random`
-            calls draw from it); any `(2,)` tensor where that generator does not exist.
+            calls draw from it); any `(2,)` tensor of the backend's seed dtype where that generator
+            does not exist.
     """
 
     weights: tuple
@@ -110,10 +117,22 @@ class LoopRecord:
 
 
 def assign_rng(value):
-    """Assigns `value` to Keras' global seed state (where that generator exists)."""
+    """Assigns `value` to Keras' global seed state (where that generator exists).
+
+    Skipped for a JAX tracer outside a `keras.StatelessScope` (a `jax.jit` of a direct call):
+    unseeded `keras.random` cannot run under `jax.jit`, so the state is unchanged there.
+    """
     rng_variable = global_seed_state()
-    if rng_variable is not None:
-        rng_variable.assign(value)
+    if rng_variable is None or (backend.is_tracer(value) and not _in_stateless_scope()):
+        return
+    rng_variable.assign(value)
+
+
+def _in_stateless_scope():
+    # Keras exports `keras.StatelessScope` but no public "is one active" query.
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return in_stateless_scope()
 
 
 def read_rng(training=True):
@@ -123,15 +142,15 @@ def read_rng(training=True):
     reading the generator would make every exported inference function capture it).
     """
     rng_variable = global_seed_state() if training else None
-    return (tf.convert_to_tensor(rng_variable.value) if rng_variable is not None
-            else tf.zeros((2,), "int64"))
+    return (backend.read(rng_variable.value) if rng_variable is not None
+            else ops.zeros((2,), backend.RNG_DTYPE))
 
 
 def read_values(unit, training=True):
     """The current values of `unit`'s variables (as their own dtype: the caller disables autocast)."""
     return UnitValues(
-        tuple(tf.convert_to_tensor(v.value) for v in unit.trainable),
-        tuple(tf.convert_to_tensor(v.value) for v in unit.state),
+        tuple(backend.read(v.value) for v in unit.trainable),
+        tuple(backend.read(v.value) for v in unit.state),
         read_rng(training),
     )
 
@@ -220,17 +239,16 @@ class Unit:
                 "UnitValues as the record of forward()."
             )
         values = values.replace(state=record.state, rng=record.rng)
-        with tf.control_dependencies(tf.nest.flatten(dy)):
-            x = tuple(tf.stop_gradient(t) for t in self.inverse(values, y, training))
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            tape.watch(values.weights)
-            y_recomputed, _, _ = self.forward(values, x, training)
-        dx, dweights = tape.gradient(
-            y_recomputed, [list(x), list(values.weights)], output_gradients=list(dy),
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        return x, tuple(dx), dweights
+        # No stop_gradient: `x` enters the vjp as a primal, and gradients of gradients (JAX) must see
+        # how the rebuilt input depends on `y`.
+        x = tuple(self.inverse(values, backend.after(dy, y), training))
+
+        def recompute(x, weights):
+            return tuple(self.forward(values.replace(weights=weights), x, training)[0])
+
+        _, pullback = backend.vjp(recompute, x, tuple(values.weights))
+        dx, dweights = pullback(tuple(dy))
+        return x, tuple(dx), list(dweights)
 
     def inverse(self, values, y, training=None):
         """Rebuilds the input from the output (invertible units only)."""
@@ -238,7 +256,7 @@ class Unit:
 
 
 class StoredInputUnit(Unit):
-    """Any Keras layer as a unit: keeps its input, recomputes it under a tape (`tf.recompute_grad`).
+    """Any Keras layer as a unit: keeps its input, recomputes it in the backward pass (`tf.recompute_grad`).
 
     Section 3.3: layers that cannot be inverted (stride-2 or channel-changing transitions, the stem)
     store their input; their activations are recomputed from it in the backward pass.
@@ -252,18 +270,16 @@ class StoredInputUnit(Unit):
 
     def backward(self, values, record, y, dy, training=True):
         # Recompute only once the gradient from above exists (else a graph runs it at once).
-        with tf.control_dependencies([dy]):
-            x = tf.identity(record.x)
+        x = backend.after([dy], record.x)
         values = values.replace(state=record.state, rng=record.rng)
-        with self.scope(values), tf.GradientTape() as tape:
-            tape.watch(x)
-            tape.watch(values.weights)
-            out = self.layer(x, training=training)
-        dx, *dweights = tape.gradient(
-            out, [x, *values.weights], output_gradients=tf.cast(dy, out.dtype),
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        return x, dx, dweights
+
+        def recompute(x, weights):
+            with self.scope(values.replace(weights=weights)):
+                return self.layer(x, training=training)
+
+        out, pullback = backend.vjp(recompute, x, tuple(values.weights))
+        dx, dweights = pullback(ops.cast(dy, out.dtype))
+        return x, dx, list(dweights)
 
 
 class BlockUnit(Unit):
@@ -298,8 +314,7 @@ class BlockUnit(Unit):
         block = self.layer
         (y1, y2), (dy1, dy2) = y, dy
         # Rebuild only once the gradient from above exists (else a graph runs every rebuild at once).
-        with tf.control_dependencies([dy1, dy2]):
-            y1, y2 = tf.identity(y1), tf.identity(y2)
+        y1, y2 = backend.after([dy1, dy2], (y1, y2))
         mid = values.replace(state=record.mid_state, rng=record.mid_rng)
         pre = values.replace(state=record.state, rng=record.rng)
         # Algorithm 1: z1 <- y1; recompute G(z1) and rebuild x2 = y2 - G(z1).
@@ -317,22 +332,23 @@ class BlockUnit(Unit):
         Returns `(x, dL/dz through R, dL/dx, [dL/dw for w in values.weights])`.
         """
         coupling, axis = self.layer.coupling, self.layer.axis
-        with self.scope(values), tf.GradientTape() as tape:
-            tape.watch(z)
-            tape.watch(values.weights)
-            h = residual_function(z, training=training)
-            x = tf.stop_gradient(coupling.uncouple(y, h, axis))
-            tape.watch(x)
-            y_recomputed = coupling.couple(x, h, axis)
-        dz, dx, *dweights = tape.gradient(
-            y_recomputed, [z, x, *values.weights], output_gradients=dy,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        return x, dz, dx, dweights
+
+        def residual(z, weights):
+            with self.scope(values.replace(weights=weights)):
+                return residual_function(z, training=training)
+
+        h, residual_pullback = backend.vjp(residual, z, tuple(values.weights))
+        # No stop_gradient: `x` enters the coupling's vjp as a primal, and gradients of gradients
+        # (JAX differentiates this backward pass) must see how the rebuilt `x` depends on `y`.
+        x = coupling.uncouple(y, h, axis)
+        _, coupling_pullback = backend.vjp(lambda x, h: coupling.couple(x, h, axis), x, h)
+        dx, dh = coupling_pullback(dy)
+        dz, dweights = residual_pullback(dh)
+        return x, dz, dx, list(dweights)
 
 
 class LoopUnit(Unit):
-    """`n` reversible units of one structure over stacked values, run by one `tf.while_loop`.
+    """`n` reversible units of one structure over stacked values, run by one loop (`backend.scan`).
 
     The traced graph holds one block (`template`) whatever `n` is. Two ways in, one loop:
 
@@ -381,7 +397,7 @@ class LoopUnit(Unit):
     # Values of the blocks, stacked by position of the template's variables, and back.
 
     def _columns(self, values, width):
-        return tuple(tf.stack(values[p::width]) for p in range(width))
+        return tuple(ops.stack(values[p::width]) for p in range(width))
 
     def pack(self, values):
         """Stacks the values of separate blocks by position (`(n,) + shape` each); a stack's as given."""
@@ -396,7 +412,7 @@ class LoopUnit(Unit):
     def unpack_state(self, state):
         if self.stacked:
             return tuple(state)
-        columns = [tf.unstack(s, num=self.depth) for s in state]
+        columns = [ops.unstack(s, num=self.depth) for s in state]
         return tuple(column[i] for i in range(self.depth) for column in columns)
 
     def _slice(self, values, i, rng):
@@ -408,78 +424,73 @@ class LoopUnit(Unit):
                 for i in range(self.depth)]
 
     def forward(self, values, x, training=True):
-        n, template, state = self.depth, self.template, values.state
+        template, state = self.template, tuple(values.state)
 
-        def body(i, x1, x2, rng, rng_ta, mid_rng_ta, mid_tas, new_tas):
-            y, record, after = template.forward(self._slice(values, i, rng), (x1, x2), training)
-            return (i + 1, *y, after.rng, rng_ta.write(i, rng), mid_rng_ta.write(i, record.mid_rng),
-                    [ta.write(i, v) for ta, v in zip(mid_tas, record.mid_state)],
-                    [ta.write(i, v) for ta, v in zip(new_tas, after.state)])
+        def body(carry, xs):
+            x1, x2, rng = carry
+            y, record, after = template.forward(UnitValues(*xs, rng), (x1, x2), training)
+            return (*y, after.rng), (rng, record.mid_rng, tuple(record.mid_state),
+                                     tuple(after.state))
 
-        rng_tas = _arrays([tf.expand_dims(values.rng, 0)] * 2, n)
-        _, y1, y2, rng, rng_ta, mid_rng_ta, mid_tas, new_tas = tf.while_loop(
-            lambda i, *_: i < n, body,
-            (tf.constant(0), *x, values.rng, *rng_tas, _arrays(state, n), _arrays(state, n)),
-            parallel_iterations=1, maximum_iterations=n,
+        slices = tuple(_like(s) for s in state)
+        (y1, y2, rng), (rngs, mid_rngs, mid_state, new_state) = backend.scan(
+            body, (*x, values.rng), (tuple(values.weights), state), self.depth,
+            ys_like=(_like(values.rng, 0), _like(values.rng, 0), slices, slices),
         )
-        record = LoopRecord(BlockRecord(tuple(state), rng_ta.stack(),
-                                        tuple(ta.stack() for ta in mid_tas), mid_rng_ta.stack()))
-        after = values.replace(state=tuple(ta.stack() for ta in new_tas), rng=rng)
-        return (y1, y2), record, after
+        record = LoopRecord(BlockRecord(state, rngs, mid_state, mid_rngs))
+        return (y1, y2), record, values.replace(state=new_state, rng=rng)
 
     def backward(self, values, record, y, dy, training=True):
-        n, template, blocks, weights = self.depth, self.template, record.blocks, values.weights
+        template, blocks, weights = self.template, record.blocks, tuple(values.weights)
 
-        def body(k, y1, y2, dy1, dy2, grad_tas):
-            i = n - 1 - k
-            unit_record = BlockRecord(tuple(s[i] for s in blocks.state), blocks.rng[i],
-                                      tuple(s[i] for s in blocks.mid_state), blocks.mid_rng[i])
-            block_values = UnitValues(tuple(w[i] for w in weights), (), blocks.rng[i])
-            x, dx, dweights = template.backward(block_values, unit_record, (y1, y2), (dy1, dy2),
-                                                training)
-            return (k + 1, *x, *dx, [ta.write(i, g) for ta, g in zip(grad_tas, dweights)])
+        def body(carry, xs):
+            y1, y2, dy1, dy2 = carry
+            block_weights, state, rng, mid_state, mid_rng = xs
+            x, dx, dweights = template.backward(
+                UnitValues(block_weights, (), rng), BlockRecord(state, rng, mid_state, mid_rng),
+                (y1, y2), (dy1, dy2), training)
+            return (*x, *dx), tuple(dweights)
 
-        _, x1, x2, dx1, dx2, grad_tas = tf.while_loop(
-            lambda k, *_: k < n, body, (tf.constant(0), *y, *dy, _arrays(weights, n)),
-            parallel_iterations=1, maximum_iterations=n,
+        (x1, x2, dx1, dx2), grads = backend.scan(
+            body, (*y, *dy),
+            (weights, tuple(blocks.state), blocks.rng, tuple(blocks.mid_state), blocks.mid_rng),
+            self.depth, ys_like=tuple(_like(w) for w in weights), reverse=True,
         )
-        return (x1, x2), (dx1, dx2), [ta.stack() for ta in grad_tas]
+        return (x1, x2), (dx1, dx2), list(grads)
 
     def inverse(self, values, y, training=None):
-        def body(k, y1, y2):
-            block_values = self._slice(values, self.depth - 1 - k, values.rng)
-            return (k + 1, *self.template.inverse(block_values, (y1, y2), training))
+        def body(carry, xs):
+            return tuple(self.template.inverse(UnitValues(*xs, values.rng), carry, training)), ()
 
-        _, x1, x2 = tf.while_loop(lambda k, *_: k < self.depth, body, (tf.constant(0), *y),
-                                  maximum_iterations=self.depth)
+        (x1, x2), _ = backend.scan(body, tuple(y), (tuple(values.weights), tuple(values.state)),
+                                   self.depth, reverse=True, sequential=False)
         return x1, x2
 
     def run(self, values, x, training=None):
         """Eq. 1 through the blocks as an ordinary differentiable loop (autodiff stores activations).
 
-        For inference and plain autodiff. The stacked weights are read through `TensorArray`s, so that
-        the loop's gradient with respect to them is written slice by slice (linear in `n`) rather than
-        as `n` full-size slice gradients. Returns `(y, values_after)`.
+        For inference and plain autodiff. On TensorFlow the stacked values are read through
+        `TensorArray`s, so that the loop's gradient with respect to them is written slice by slice
+        (linear in `n`) rather than as `n` full-size slice gradients. Returns `(y, values_after)`.
         """
-        n, template, weights, state = self.depth, self.template, values.weights, values.state
-        weight_tas = [ta.unstack(w) for ta, w in zip(_arrays(weights, n), weights)]
+        template, state = self.template, tuple(values.state)
 
-        def body(i, x1, x2, rng, new_tas):
-            block_values = UnitValues(tuple(ta.read(i) for ta in weight_tas),
-                                      tuple(s[i] for s in state), rng)
-            y, _, after = template.forward(block_values, (x1, x2), training)
-            return (i + 1, *y, after.rng, [ta.write(i, v) for ta, v in zip(new_tas, after.state)])
+        def body(carry, xs):
+            x1, x2, rng = carry
+            y, _, after = template.forward(UnitValues(*xs, rng), (x1, x2), training)
+            return (*y, after.rng), tuple(after.state)
 
-        _, y1, y2, rng, new_tas = tf.while_loop(
-            lambda i, *_: i < n, body, (tf.constant(0), *x, values.rng, _arrays(state, n)),
-            maximum_iterations=n,
+        (y1, y2, rng), new_state = backend.scan(
+            body, (*x, values.rng), (tuple(values.weights), state), self.depth,
+            ys_like=tuple(_like(s) for s in state), sequential=False, differentiable=True,
         )
-        return (y1, y2), values.replace(state=tuple(ta.stack() for ta in new_tas), rng=rng)
+        return (y1, y2), values.replace(state=new_state, rng=rng)
 
 
-def _arrays(values, n):
-    """One `TensorArray` of `n` slices per stacked value (slices of `value.shape[1:]`)."""
-    return [tf.TensorArray(v.dtype, size=n, element_shape=v.shape[1:]) for v in values]
+def _like(stacked, axis=1):
+    """A `keras.KerasTensor` of one slice of `stacked` (`axis=0`: of `stacked` itself)."""
+    return keras.KerasTensor(tuple(stacked.shape[axis:]), dtype=keras.backend.standardize_dtype(
+        stacked.dtype))
 
 
 def as_unit(layer):

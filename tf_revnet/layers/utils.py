@@ -5,26 +5,13 @@ import math
 import operator
 
 import keras
-import tensorflow as tf
 
-# Private symbols (tests/layers/test_private_symbols.py fails if one moves or changes behaviour).
-try:  # The switch `tf.recompute_grad` uses to stop every tape on this thread; no public API pauses
-    # recording for all tapes at once (`GradientTape.stop_recording` pauses one known tape).
-    from tensorflow.python.eager.record import stop_recording
-except ImportError:  # pragma: no cover - a future TF without it: correct, eager memory not flat.
-    stop_recording = contextlib.nullcontext
-try:  # What `tf.function` asks to decide whether a backward pass must itself be differentiable; no
-    # public API tells how many tapes watch a tensor.
-    from tensorflow.python.ops.gradients_util import (
-        PossibleTapeGradientTypes as _possible_gradient_types,
-    )
-except ImportError:  # pragma: no cover
-    _possible_gradient_types = None
-try:  # The tangents that active `tf.autodiff.ForwardAccumulator`s track for some tensors; no public
-    # API asks whether any accumulator is active.
-    from tensorflow.python.eager.forwardprop_util import pack_tangents as _pack_tangents
-except ImportError:  # pragma: no cover
-    _pack_tangents = None
+from tf_revnet.layers import backend
+
+# The TensorFlow private symbols behind these live in `tf_revnet.layers.backend.tensorflow`
+# (tests/layers/test_private_symbols.py fails if one moves or changes behaviour).
+stop_recording = backend.stop_recording
+higher_order_possible = backend.higher_order_possible
 
 
 @contextlib.contextmanager
@@ -49,8 +36,8 @@ def no_autocast():
 
 
 def is_float_dtype(dtype):
-    """Whether `dtype` (a string, `tf.DType` or Keras dtype) is a floating point type."""
-    return tf.as_dtype(keras.backend.standardize_dtype(dtype)).is_floating
+    """Whether `dtype` (a string, `tf.DType`, NumPy or Keras dtype) is a floating point type."""
+    return "float" in keras.backend.standardize_dtype(dtype)
 
 
 def check_positive_int(name, value, allow_none=False):
@@ -109,20 +96,6 @@ def build_sublayer(layer, input_shape, dtype):
     return layer(keras.KerasTensor(tuple(input_shape), dtype=dtype))
 
 
-def higher_order_possible(tensors):
-    """True if `tensors` may be differentiated other than by one reverse-mode tape.
-
-    That is: two or more tapes watch them (gradients of gradients; `tf.function` asks the same question
-    to decide whether to record a differentiable backward pass), or a `tf.autodiff.ForwardAccumulator`
-    tracks them (forward mode, which a custom gradient cannot serve).
-    """
-    if _possible_gradient_types is not None and _possible_gradient_types(tensors) == 2:
-        return True
-    if _pack_tangents is not None:
-        return bool(_pack_tangents(tensors).tangents)
-    return False
-
-
 def add_gradients(total, key, grad):
     """Adds `grad` into `total[key]` (a dict), summing where a variable is used more than once."""
     if grad is None:
@@ -148,7 +121,7 @@ def global_seed_state(create=False):
     if not create:
         return None
     try:
-        with tf.init_scope():
+        with backend.init_scope():
             return seed_generator.global_seed_generator().state
     except (ValueError, RuntimeError):
         return None

@@ -1,0 +1,116 @@
+"""tf_revnet's zoo on the JAX backend: gradients equal plain autodiff; what needs TensorFlow says so."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import keras
+import numpy as np
+import pytest
+
+import tf_revnet
+from tests.jax.test_reversible_layers import F32, _relative, _x
+from tf_revnet.layers import ReversibleSequence
+
+
+def _sequences(model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, ReversibleSequence)]
+
+
+def _tiny_revnet(**kwargs):
+    keras.utils.set_random_seed(11)
+    return tf_revnet.models.RevNet(units=[2, 2], widths=[8, 8, 16], input_shape=(8, 8, 3),
+                                   classes=3, name="tiny", **kwargs)
+
+
+def test_revnet_gradients_under_jit_equal_plain_autodiff():
+    model = _tiny_revnet()
+    x, y = _x((4, 8, 8, 3), "float32"), keras.utils.to_categorical(np.arange(4) % 3, 3)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable):
+        p, after = model.stateless_call(trainable, non_trainable, x, training=True)
+        return keras.losses.categorical_crossentropy(y, p).mean(), after
+
+    results = []
+    for custom in (True, False):
+        for sequence in _sequences(model):
+            sequence.use_custom_gradient = custom
+        (value, after), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+        results.append((value, grads, after))
+    (value, grads, after), (plain_value, plain_grads, plain_after) = results
+    assert _relative(value, plain_value) <= F32
+    errors = [_relative(g, p) for g, p in zip(grads, plain_grads, strict=True)]
+    assert max(errors) <= F32, max(errors)
+    for a, p in zip(after, plain_after, strict=True):  # BatchNorm statistics, updated once
+        np.testing.assert_allclose(np.asarray(a), np.asarray(p), rtol=F32, atol=1e-6)
+
+
+_LOAD_UNDER_TENSORFLOW = """
+import sys
+import keras
+import numpy as np
+import tf_revnet  # registers the layers
+model = keras.saving.load_model(sys.argv[1])
+x, expected = np.load(sys.argv[2]), np.load(sys.argv[3])
+print(keras.backend.backend(), float(np.max(np.abs(model.predict(x, verbose=0) - expected))))
+"""
+
+
+def test_revnet_fit_then_keras_file_loads_under_jax_and_tensorflow(tmp_path):
+    """A `.keras` file of a model trained on JAX predicts the same on JAX and on TensorFlow (1e-5)."""
+    model = _tiny_revnet()
+    model.compile("sgd", "categorical_crossentropy")
+    x, y = _x((4, 8, 8, 3), "float32"), keras.utils.to_categorical(np.arange(4) % 3, 3)
+    model.fit(x, y, epochs=1, batch_size=2, verbose=0)
+    path = tmp_path / "tiny.keras"
+    model.save(path)
+    expected = model.predict(x, verbose=0)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
+    pytest.importorskip("tensorflow")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "expected.npy", expected)
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_UNDER_TENSORFLOW, str(path), str(tmp_path / "x.npy"),
+         str(tmp_path / "expected.npy")],
+        env=dict(os.environ, KERAS_BACKEND="tensorflow"), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    backend, difference = result.stdout.split()[-2:]
+    assert backend == "tensorflow" and float(difference) <= 1e-5, result.stdout
+
+
+def test_tensorflow_only_tools_raise_one_line():
+    model = _tiny_revnet()
+    with pytest.raises(NotImplementedError, match="tf_revnet.memory.estimate needs "
+                                                  "KERAS_BACKEND=tensorflow"):
+        tf_revnet.memory.estimate(model, batch_size=2)
+    with pytest.raises(NotImplementedError, match="tf_revnet.diagnostics needs"):
+        tf_revnet.diagnostics.reconstruction_error(model, _x((2, 8, 8, 3), "float32"))
+
+
+def test_mixed_bfloat16_with_the_fixed_point_stream_equals_plain_autodiff():
+    """F and G in bfloat16, the float32 stream on the fixed-point grid: the rebuild is exact."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = _tiny_revnet(coupling="fixed_point")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x, y = _x((4, 8, 8, 3), "float32"), keras.utils.to_categorical(np.arange(4) % 3, 3)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable):
+        p, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+        return keras.losses.categorical_crossentropy(y, p).mean()
+
+    grads = []
+    for custom in (True, False):
+        for sequence in _sequences(model):
+            sequence.use_custom_gradient = custom
+        grads.append(jax.jit(jax.grad(loss))(trainable))
+    for g, p in zip(*grads, strict=True):
+        assert _relative(g, p) <= F32
