@@ -83,6 +83,53 @@ def test_revnet_fit_then_keras_file_loads_under_jax_and_tensorflow(tmp_path):
     assert backend == "tensorflow" and float(difference) <= 1e-5, result.stdout
 
 
+_TRAIN_AND_SAVE_UNDER_TENSORFLOW = """
+import sys
+import keras
+import numpy as np
+import tf_revnet
+keras.utils.set_random_seed(11)
+model = tf_revnet.models.RevNet(units=[2, 2], widths=[8, 8, 16], input_shape=(8, 8, 3), classes=3,
+                                name="tiny")
+model.compile("sgd", "categorical_crossentropy")
+x = np.random.default_rng(3).normal(size=(4, 8, 8, 3)).astype("float32")
+model.fit(x, keras.utils.to_categorical(np.arange(4) % 3, 3), batch_size=2, verbose=0)
+model.save(sys.argv[1])
+np.save(sys.argv[2], x)
+np.save(sys.argv[3], model.predict(x, verbose=0))
+print(keras.backend.backend())
+"""
+
+
+def test_keras_file_trained_under_tensorflow_loads_under_jax_and_back(tmp_path):
+    """The other direction: a `.keras` file trained and saved on TensorFlow predicts the same on
+    JAX (1e-5), trains on, and the file JAX saves loads on TensorFlow again with JAX's predictions."""
+    pytest.importorskip("tensorflow")
+    path, x_path, expected_path = tmp_path / "tf.keras", tmp_path / "x.npy", tmp_path / "tf.npy"
+    result = subprocess.run(
+        [sys.executable, "-c", _TRAIN_AND_SAVE_UNDER_TENSORFLOW, str(path), str(x_path),
+         str(expected_path)],
+        env=dict(os.environ, KERAS_BACKEND="tensorflow"), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "tensorflow", (
+        result.stderr[-3000:])
+    x, expected = np.load(x_path), np.load(expected_path)
+    model = keras.saving.load_model(path)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)
+    model.fit(x, keras.utils.to_categorical(np.arange(4) % 3, 3), batch_size=2, verbose=0)
+    again, jax_expected = tmp_path / "jax.keras", tmp_path / "jax.npy"
+    model.save(again)
+    np.save(jax_expected, model.predict(x, verbose=0))
+    assert not np.allclose(np.load(jax_expected), expected, atol=1e-4)  # it did train on
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_UNDER_TENSORFLOW, str(again), str(x_path), str(jax_expected)],
+        env=dict(os.environ, KERAS_BACKEND="tensorflow"), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    backend, difference = result.stdout.split()[-2:]
+    assert backend == "tensorflow" and float(difference) <= 1e-5, result.stdout
+
+
 def test_tensorflow_only_tools_raise_one_line():
     model = _tiny_revnet()
     with pytest.raises(NotImplementedError, match="tf_revnet.memory.estimate needs "
