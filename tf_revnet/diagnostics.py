@@ -27,11 +27,11 @@ import numpy as np
 
 from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
+from tf_revnet.layers.autocast import no_autocast
 from tf_revnet.layers.momentum import MomentumBlock
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.reversible_block_stack import ReversibleBlockStack
 from tf_revnet.layers.reversible_sequence import ReversibleSequence
-from tf_revnet.layers.utils import no_autocast
 
 if backend.BACKEND == "tensorflow":
     import tensorflow as tf

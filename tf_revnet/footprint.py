@@ -20,7 +20,7 @@ import keras
 
 from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
-from tf_revnet.layers.utils import no_autocast
+from tf_revnet.layers.autocast import no_autocast
 
 if backend.BACKEND == "tensorflow":
     import tensorflow as tf

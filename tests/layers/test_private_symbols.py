@@ -8,7 +8,7 @@ gradients elsewhere. The comment at each use in tf_revnet/ names the public API 
 import keras
 import tensorflow as tf
 
-from tf_revnet.layers import utils
+from tf_revnet.layers import autocast, utils
 
 
 def test_stop_recording_hides_ops_from_an_outer_tape():
@@ -63,7 +63,7 @@ def test_autocast_scope_is_a_global_attribute_that_no_autocast_clears():
         def call(self, x):
             seen["scope"] = global_state.get_global_attribute("autocast_scope")
             seen["autocast"] = self.w.value.dtype
-            with utils.no_autocast():
+            with autocast.no_autocast():
                 seen["cleared"] = global_state.get_global_attribute("autocast_scope")
                 seen["master"] = self.w.value.dtype
             return x

@@ -15,9 +15,10 @@ from keras import ops
 
 from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
+from tf_revnet.layers.autocast import no_autocast
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.two_stream import TwoStreamLayer
-from tf_revnet.layers.utils import build_sublayer, check_positive_int, no_autocast
+from tf_revnet.layers.utils import build_sublayer, check_positive_int
 
 
 class StackedVariable(keras.Variable):

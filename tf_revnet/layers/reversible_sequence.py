@@ -37,13 +37,13 @@ from keras import ops
 
 from tf_revnet.layers import backend
 from tf_revnet.layers import unit as unit_lib
+from tf_revnet.layers.autocast import no_autocast
 from tf_revnet.layers.reversible_block import ReversibleBlock
 from tf_revnet.layers.utils import (
     build_sublayer,
     global_seed_state,
     higher_order_possible,
     is_float_dtype,
-    no_autocast,
 )
 
 

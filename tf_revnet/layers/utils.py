@@ -1,6 +1,5 @@
 """Private helpers shared by the layers of `tf_revnet.layers` (not public API)."""
 
-import contextlib
 import math
 import operator
 
@@ -12,27 +11,6 @@ from tf_revnet.layers import backend
 # (tests/layers/test_private_symbols.py fails if one moves or changes behaviour).
 stop_recording = backend.stop_recording
 higher_order_possible = backend.higher_order_possible
-
-
-@contextlib.contextmanager
-def no_autocast():
-    """A scope in which Keras variables read as their own dtype (float32 under mixed precision).
-
-    `Layer.__call__` of a layer whose compute and variable dtypes differ enters an autocast scope even
-    with `autocast=False`; the reversible engine reads and maps the master weights. The scope is cleared,
-    not replaced by `AutocastScope(None)`: under that, `Variable.dtype` reports `floatx()` and
-    `keras.StatelessScope` would cast mapped float64 weights to float32, cutting their gradients.
-    Sublayers called inside still open their own autocast scopes.
-    """
-    # Keras has no public way to leave the autocast scope that `Layer.__call__` entered.
-    from keras.src.backend.common import global_state
-
-    previous = global_state.get_global_attribute("autocast_scope")
-    global_state.set_global_attribute("autocast_scope", None)
-    try:
-        yield
-    finally:
-        global_state.set_global_attribute("autocast_scope", previous)
 
 
 def is_float_dtype(dtype):

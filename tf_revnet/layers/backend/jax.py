@@ -19,6 +19,8 @@ import dataclasses
 import jax
 import numpy as np
 
+from tf_revnet.layers.autocast import no_autocast
+
 #: The dtype of a Keras seed state on this backend.
 RNG_DTYPE = "uint32"
 
@@ -90,8 +92,6 @@ def sequence_gradient(plan, inputs, values, name):
         `(taps, states, rng)`: the tapped outputs, each unit's packed state after the forward pass,
         and the global seed state after it (the caller assigns both, once).
     """
-    from tf_revnet.layers.utils import no_autocast
-
     sizes = [len(v.weights) for v in values]
     state_sizes = [len(v.state) for v in values]
     box = {}

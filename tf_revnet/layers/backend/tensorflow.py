@@ -12,6 +12,8 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from tf_revnet.layers.autocast import no_autocast
+
 # Private symbols (tests/layers/test_private_symbols.py fails if one moves or changes behaviour).
 try:  # The switch `tf.recompute_grad` uses to stop every tape on this thread; no public API pauses
     # recording for all tapes at once (`GradientTape.stop_recording` pauses one known tape).
@@ -182,8 +184,6 @@ def sequence_gradient(plan, inputs, values, name):
         and the global seed state after it (the caller assigns both, once).
     """
     sizes, n_taps = [len(unit_values.weights) for unit_values in values], len(plan.tap_units)
-    from tf_revnet.layers.utils import no_autocast
-
     @tf.custom_gradient
     def reversible_forward(x, *weights):
         unit_values = [v.replace(weights=w) for v, w in zip(values, _split(weights, sizes))]
