@@ -169,8 +169,8 @@ class Reporter:
 
     __call__ = line
 
-    def start(self, config, model, datasets, plan, replicas, precision_line):
-        """The start-up lines: model, precision, data, recipe, run directory."""
+    def start(self, config, model, datasets, plan, replicas):
+        """The lines after the model is built: model, data, recipe, run directory."""
         import keras
 
         from training import recipes
@@ -184,11 +184,11 @@ class Reporter:
             f"Model {config.model}: {model.count_params():,} parameters ({decay}); "
             f"dtype policy {keras.config.dtype_policy().name}; "
             f"{replicas} replica(s) ({config.distribution})\n"
-            f"Precision: {precision_line}\n"
             f"Data {datasets.source}: {datasets.num_train} train / {datasets.num_test} "
             f"{datasets.test_name} images, {datasets.num_classes} classes, model input "
             f"{image_shape}\n"
-            f"Recipe {recipe.name}: {recipe.epochs} epochs x {plan.steps_per_epoch} steps of "
+            f"Recipe {recipe.name}: {recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''} x "
+            f"{plan.steps_per_epoch} steps of "
             f"batch {recipe.batch_size} = {plan.total_steps} steps; {optimizer_text(recipe)}\n"
             f"Run dir {config.model_dir}")
 

@@ -293,6 +293,8 @@ def _train(config, extra_callbacks):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = _strategy(config, reporter)
+    reporter.line("Precision: " + precision.advice(
+        config.mixed_precision, len(tf.config.list_logical_devices("GPU"))))
     fingerprint = _fingerprint(config)
     replica_sync.check_same_values(strategy, command_line.shared_options(config, fingerprint,
                                                                          role.run_dir))
@@ -301,9 +303,7 @@ def _train(config, extra_callbacks):
         record = _config_record(config, datasets, plan, strategy, fingerprint)
         reporter.line("Building and compiling the model (normalization adapted on the data)")
         model = classifier.build_and_compile(config, datasets, strategy, plan.total_steps)
-        reporter.start(config, model, datasets, plan, strategy.num_replicas_in_sync,
-                       precision.advice(config.mixed_precision,
-                                        len(tf.config.list_logical_devices("GPU"))))
+        reporter.start(config, model, datasets, plan, strategy.num_replicas_in_sync)
         backup, step = _restore(config, role, model, strategy, reporter, plan)
         if not run.resuming:
             run_dir.write_json(run.path / "config.json", record)
