@@ -166,3 +166,43 @@ def test_graph_blocks_counts_nodes_per_block():
     rows, summary = _benchmark("graph_blocks").main(["--depths", "2", "3", "--channels", "8"])
     assert [r["blocks"] for r in rows] == [2, 3]
     assert 0 < summary["nodes_per_variable"] <= 3
+
+
+def test_gpu_check_quick(tmp_path):
+    """`benchmarks/gpu/run.py --quick` (the GPU check's three sections, tiny, on CPU JAX): every section
+    has positive, finite figures, and a reversible block adds less memory than a plain one."""
+    pytest.importorskip("jax")
+    import math
+    import os
+
+    from tests.conftest import CIFAR10_ARCHIVE
+
+    output = tmp_path / "gpu_check.json"
+    command = [sys.executable, str(BENCHMARKS / "gpu" / "run.py"), "--quick", "--output", str(output)]
+    if CIFAR10_ARCHIVE.is_file():
+        command += ["--data", str(CIFAR10_ARCHIVE)]
+    result = subprocess.run(command, env=dict(os.environ, KERAS_BACKEND="jax"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    check = json.loads(output.read_text())
+    assert check["errors"] == [] and check["machine"]["platform"] == "cpu"
+
+    def positive(*values):
+        return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+    blocks = check["per_block"]
+    assert len(blocks["runs"]) == 4
+    assert all(positive(r["step_peak_mb"], r["xla_temp_mb"]) for r in blocks["runs"])
+    assert positive(blocks["plain_mb_per_block"], blocks["plain_xla_temp_mb_per_block"])
+    assert blocks["reversible_mb_per_block"] < blocks["plain_mb_per_block"]
+    assert blocks["reversible_xla_temp_mb_per_block"] < blocks["plain_xla_temp_mb_per_block"]
+    model = check["model"]
+    assert [r["method"] for r in model["runs"]] == ["reversible", "plain"]
+    assert all(positive(r["step_peak_mb"], r["step_s"], r["compile_s"]) for r in model["runs"])
+    assert positive(model["step_peak_mb_ratio"], model["step_s_ratio"])
+    cifar = check["cifar10"]
+    assert [r["model"] for r in cifar["runs"]] == ["tiny_revnet", "tiny_resnet"]
+    for r in cifar["runs"]:
+        assert r["epochs_done"] == r["epochs_planned"] == len(r["test_accuracy"]) == 1
+        assert positive(r["epoch_s"], r["train_loss"][0]) and 0 <= r["test_accuracy"][0] <= 1
+    assert "per block" in result.stdout and "CIFAR-10" in result.stdout
