@@ -337,13 +337,9 @@ class BlockUnit(Unit):
             with self.scope(values.replace(weights=weights)):
                 return residual_function(z, training=training)
 
-        h, residual_pullback = backend.vjp(residual, z, tuple(values.weights))
-        # No stop_gradient: `x` enters the coupling's vjp as a primal, and gradients of gradients
-        # (JAX differentiates this backward pass) must see how the rebuilt `x` depends on `y`.
-        x = coupling.uncouple(y, h, axis)
-        _, coupling_pullback = backend.vjp(lambda x, h: coupling.couple(x, h, axis), x, h)
-        dx, dh = coupling_pullback(dy)
-        dz, dweights = residual_pullback(dh)
+        x, dz, dx, dweights = backend.rebuild_half(
+            residual, lambda x, h: coupling.couple(x, h, axis),
+            lambda y, h: coupling.uncouple(y, h, axis), z, tuple(values.weights), y, dy)
         return x, dz, dx, list(dweights)
 
 

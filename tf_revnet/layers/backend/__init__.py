@@ -13,6 +13,9 @@ names (as `keras/src/backend/{jax,tensorflow}/` do):
 - `vjp(fn, *primals) -> (outputs, pullback)`: a unit's recompute and its vector-Jacobian product
   (`tf.GradientTape` / `jax.vjp`); `pullback(cotangents)` returns one gradient per primal, zeros where
   unconnected.
+- `rebuild_half(residual, couple, uncouple, z, weights, y, dy) -> (x, dz, dx, dweights)`: half a
+  step of Algorithm 1 (one tape with the rebuilt input cut on TensorFlow, for eager memory; two vjps
+  on JAX, for gradients of gradients).
 - `after(deps, tensors)`: `tensors`, read only once `deps` exist (control dependencies in a TF graph,
   so that each recompute waits for the gradient from above; JAX's XLA schedules by data flow).
 - `read`, `stop_recording`, `higher_order_possible`, `init_scope`, `map_slices`,

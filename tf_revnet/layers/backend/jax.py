@@ -57,6 +57,20 @@ def after(deps, tensors):
     return tensors
 
 
+def rebuild_half(residual, couple, uncouple, z, weights, y, dy):
+    """Half a step of Algorithm 1 for `y = couple(x, R(z))`: `(x, dL/dz, dL/dx, dL/dweights)`.
+
+    Two vjps (R, then the coupling) and no cut: JAX may differentiate this backward pass itself
+    (gradients of gradients), which must see how the rebuilt `x` depends on `y`.
+    """
+    h, residual_pullback = vjp(residual, z, weights)
+    x = uncouple(y, h)
+    _, coupling_pullback = vjp(couple, x, h)
+    dx, dh = coupling_pullback(dy)
+    dz, dweights = residual_pullback(dh)
+    return x, dz, dx, tuple(dweights)
+
+
 def vjp(fn, *primals):
     """`(fn(*primals), pullback)` from `jax.vjp`; `pullback(cotangents)` is a tuple per primal."""
     outputs, pullback = jax.vjp(fn, *primals)
