@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from tf_revnet.layers.autocast import no_autocast
+from tf_revnet.layers.backend.common import split
 
 #: The dtype of a Keras seed state on this backend.
 RNG_DTYPE = "uint32"
@@ -112,7 +113,7 @@ def sequence_gradient(plan, inputs, values, name):
 
     def unit_values(weights, states, rng):
         return [v.replace(weights=w, state=s, rng=rng) for v, w, s in
-                zip(values, _split(weights, sizes), _split(states, state_sizes))]
+                zip(values, split(weights, sizes), split(states, state_sizes))]
 
     @jax.custom_vjp
     def reversible(x, weights, states, rng):
@@ -138,20 +139,13 @@ def sequence_gradient(plan, inputs, values, name):
     weights = tuple(w for v in values for w in v.weights)
     states = tuple(s for v in values for s in v.state)
     taps, new_states, rng = reversible(inputs, weights, states, values[0].rng)
-    return list(taps), _split(new_states, state_sizes), rng
+    return list(taps), split(new_states, state_sizes), rng
 
 
 def _flat(states):
     return tuple(s for state in states for s in state)
 
 
-def _split(items, sizes):
-    """`items` cut into consecutive tuples of `sizes`."""
-    out, start = [], 0
-    for size in sizes:
-        out.append(tuple(items[start:start + size]))
-        start += size
-    return out
 
 
 def _zero_cotangent(value):

@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from tf_revnet.layers.autocast import no_autocast
+from tf_revnet.layers.backend.common import split
 
 # Private symbols (tests/layers/test_private_symbols.py fails if one moves or changes behaviour).
 try:  # The switch `tf.recompute_grad` uses to stop every tape on this thread; no public API pauses
@@ -206,7 +207,7 @@ def sequence_gradient(plan, inputs, values, name):
     sizes, n_taps = [len(unit_values.weights) for unit_values in values], len(plan.tap_units)
     @tf.custom_gradient
     def reversible_forward(x, *weights):
-        unit_values = [v.replace(weights=w) for v, w in zip(values, _split(weights, sizes))]
+        unit_values = [v.replace(weights=w) for v, w in zip(values, split(weights, sizes))]
         # Pitfall 1: no tape may record the forward activations.
         with stop_recording():
             taps, records, states, rng = plan.forward(x, unit_values)
@@ -230,13 +231,4 @@ def sequence_gradient(plan, inputs, values, name):
     weights = [w for unit_values in values for w in unit_values.weights]
     outputs = reversible_forward(inputs, *weights)
     taps, rng, states = outputs[:n_taps], outputs[n_taps], outputs[n_taps + 1:]
-    return list(taps), _split(states, [len(v.state) for v in values]), rng
-
-
-def _split(items, sizes):
-    """`items` cut into consecutive tuples of `sizes`."""
-    out, start = [], 0
-    for size in sizes:
-        out.append(tuple(items[start:start + size]))
-        start += size
-    return out
+    return list(taps), split(states, [len(v.state) for v in values]), rng
