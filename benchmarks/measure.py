@@ -120,3 +120,58 @@ def run_child(command, env, timeout, key):
             return result
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {**key, "error": " | ".join(tail)}
+
+
+def measure_fit(model, x, y, batch_size, warmup, steps):
+    """`model.fit` on `warmup + steps` copies of the batch `(x, y)`, measuring each step after the
+    warm-up with the meter of this machine (`AllocatorMeter` on a GPU, else `CpuMeter`).
+
+    Returns:
+        dict: `meter` (its name), `peaks_mb` and `times_s` (one per measured step), `first_step_s`
+        (the warm-up, tracing included), `graph_mb` (what stays resident after the warm-up above
+        the built model) and `process_mb` (the process' peak RSS above the built model).
+    """
+    import gc
+    import resource
+    import time
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    meter = AllocatorMeter(tf, "GPU:0") if tf.config.list_physical_devices("GPU") else CpuMeter()
+    total = warmup + steps
+    xs, ys = np.concatenate([x] * total), np.concatenate([y] * total)
+    gc.collect()
+    malloc_trim()
+    rss_built = proc_status_bytes("VmRSS")
+    record = {"meter": meter.name, "peaks_mb": [], "times_s": []}
+
+    class Measure(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t_begin = time.perf_counter()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch >= warmup:
+                gc.collect()
+                meter.start()
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            float(logs["loss"])
+            now = time.perf_counter()
+            if batch == warmup - 1:
+                record["first_step_s"] = now - self.t_begin
+                gc.collect()
+                malloc_trim()
+                record["graph_mb"] = (proc_status_bytes("VmRSS") - rss_built) / MIB
+            if batch >= warmup:
+                peak, _ = meter.stop()
+                record["peaks_mb"].append(peak / MIB)
+                record["times_s"].append(now - self.t0)
+
+    model.fit(xs, ys, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Measure()])
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record["process_mb"] = (peak_rss - rss_built) / MIB
+    return record

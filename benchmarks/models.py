@@ -64,9 +64,8 @@ import json
 import os
 import statistics
 import sys
-import time
 
-from measure import MIB, AllocatorMeter, CpuMeter, malloc_trim, proc_status_bytes, run_child
+from measure import MIB, measure_fit, run_child
 
 REVNETS = {"revnet38": "resnet32", "revnet110": "resnet110", "revnet164": "resnet164",
            "revnet104": "resnet101", "revnet56": None, "deep": None,
@@ -239,17 +238,12 @@ def _wrap_units_in_recompute_grad(sequence, tf):
 
 
 def measure_child(args):
-    import gc
-    import resource
-
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import tf_revnet
 
     keras.utils.set_random_seed(0)
-    meter = AllocatorMeter(tf, "GPU:0") if tf.config.list_physical_devices("GPU") else CpuMeter()
     model = build_model(args.model, args.method, args.image_size, quick=args.quick,
                         deep_units=args.deep_units)
     classes = model.output_shape[-1]
@@ -260,57 +254,25 @@ def measure_child(args):
         jit_compile=args.jit_compile,
     )
     rng = np.random.default_rng(0)
-    steps = args.warmup + args.steps
     shape = tuple(model.input_shape[1:])
     x = rng.uniform(0, 1, (args.batch_size, *shape)).astype("float32")
     y = rng.integers(0, classes, (args.batch_size,))
-    xs, ys = np.concatenate([x] * steps), np.concatenate([y] * steps)
-    gc.collect()
-    malloc_trim()
-    rss_built = proc_status_bytes("VmRSS")
-    record = {"peaks": [], "times": []}
-
-    class Measure(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.t_begin = time.perf_counter()
-
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch >= args.warmup:
-                gc.collect()
-                meter.start()
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])
-            now = time.perf_counter()
-            if batch == args.warmup - 1:
-                record["first_step_s"] = now - self.t_begin
-                gc.collect()
-                malloc_trim()
-                record["graph_mb"] = (proc_status_bytes("VmRSS") - rss_built) / MIB
-            if batch >= args.warmup:
-                peak, _ = meter.stop()
-                record["peaks"].append(peak / MIB)
-                record["times"].append(now - self.t0)
-
-    model.fit(xs, ys, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0,
-              callbacks=[Measure()])
-    process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_built
+    record = measure_fit(model, x, y, args.batch_size, args.warmup, args.steps)
     result = {
         "model": args.model,
         "method": args.method,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "jit_compile": args.jit_compile,
-        "meter": meter.name,
+        "meter": record["meter"],
         "params": int(model.count_params()),
         "layers_deep": _depth(model, tf_revnet),
-        "step_peak_mb": statistics.median(record["peaks"]),
-        "step_peaks_mb": record["peaks"],
+        "step_peak_mb": statistics.median(record["peaks_mb"]),
+        "step_peaks_mb": record["peaks_mb"],
         "graph_mb": record.get("graph_mb"),
-        "process_mb": process / MIB,
+        "process_mb": record["process_mb"],
         "first_step_s": record.get("first_step_s"),
-        "step_s": statistics.median(record["times"]),
+        "step_s": statistics.median(record["times_s"]),
         "estimate_mb": {k: v / MIB for k, v in estimate.as_dict().items()},
     }
     print("RESULT " + json.dumps(result), flush=True)

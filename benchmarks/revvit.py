@@ -34,9 +34,8 @@ import json
 import os
 import statistics
 import sys
-import time
 
-from measure import MIB, AllocatorMeter, CpuMeter, malloc_trim, proc_status_bytes, run_child
+from measure import measure_fit, run_child
 from models import _wrap_units_in_recompute_grad
 
 METHODS = ("reversible", "plain", "recompute")
@@ -60,62 +59,26 @@ def build_model(args, method, depth):
 
 
 def measure_child(args):
-    import gc
-    import resource
-
     import keras
     import numpy as np
-    import tensorflow as tf
 
     keras.utils.set_random_seed(0)
-    meter = AllocatorMeter(tf, "GPU:0") if tf.config.list_physical_devices("GPU") else CpuMeter()
     model = build_model(args, args.method, args.depth)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss="sparse_categorical_crossentropy")
     rng = np.random.default_rng(0)
-    steps = 1 + args.steps
     x = rng.uniform(0, 1, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
     y = rng.integers(0, 10, (args.batch_size,))
-    xs, ys = np.concatenate([x] * steps), np.concatenate([y] * steps)
-    gc.collect()
-    malloc_trim()
-    rss_built = proc_status_bytes("VmRSS")
-    record = {"peaks": [], "times": []}
-
-    class Measure(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.t_begin = time.perf_counter()
-
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch >= 1:
-                gc.collect()
-                meter.start()
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])
-            now = time.perf_counter()
-            if batch == 0:
-                record["first_step_s"] = now - self.t_begin
-                gc.collect()
-                malloc_trim()
-                record["graph_mb"] = (proc_status_bytes("VmRSS") - rss_built) / MIB
-            else:
-                peak, _ = meter.stop()
-                record["peaks"].append(peak / MIB)
-                record["times"].append(now - self.t0)
-
-    model.fit(xs, ys, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0,
-              callbacks=[Measure()])
-    process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_built
+    record = measure_fit(model, x, y, args.batch_size, warmup=1, steps=args.steps)
     result = {
         "method": args.method, "depth": args.depth, "batch_size": args.batch_size,
         "embed_dim": args.embed_dim, "num_heads": args.num_heads, "patch_size": args.patch_size,
-        "image_size": args.image_size, "meter": meter.name, "params": int(model.count_params()),
-        "step_peak_mb": statistics.median(record["peaks"]), "step_peaks_mb": record["peaks"],
-        "graph_mb": record["graph_mb"], "process_mb": process / MIB,
-        "first_step_s": record["first_step_s"], "step_s": statistics.median(record["times"]),
-        "step_times_s": record["times"],
+        "image_size": args.image_size, "meter": record["meter"],
+        "params": int(model.count_params()),
+        "step_peak_mb": statistics.median(record["peaks_mb"]), "step_peaks_mb": record["peaks_mb"],
+        "graph_mb": record["graph_mb"], "process_mb": record["process_mb"],
+        "first_step_s": record["first_step_s"], "step_s": statistics.median(record["times_s"]),
+        "step_times_s": record["times_s"],
     }
     print("RESULT " + json.dumps(result), flush=True)
 
